@@ -1,0 +1,156 @@
+"""``dynamics train | runs``: flags generated from ``RunConfig``, parsed into a config.
+
+Every ``RunConfig`` field is a flag (``batch_size`` -> ``--batch-size``); ``--config FILE`` reads a
+TOML file of the same keys and flags given on the command line win. Bad input prints one line
+naming the field and what is allowed, and exits with status 2, before anything is written.
+
+Exit status of ``train``: 0 completed, 1 failed, 2 bad input, 3 diverged, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from dynamics.config import ConfigError, ConfigWarning, RunConfig, config_fields, flag, read_toml
+
+EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 130}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not the usage block) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _help(f) -> str:
+    text = f.metadata["help"]
+    choices = f.metadata["choices"]
+    if choices and f.name != "model":
+        text += f"; one of: {', '.join(choices)}"
+    if f.default is not None and not isinstance(f.default, bool):
+        text += f" (default: {f.default})"
+    return text.replace("%", "%%")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; values stay strings (coerced and checked by RunConfig) and
+    absent flags stay absent (argparse.SUPPRESS), so we know which ones the user gave."""
+    for f in config_fields():
+        if f.type in ("bool", bool):
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=_help(f) + f" (default: {'on' if f.default else 'off'})")
+        else:
+            parser.add_argument(flag(f.name), metavar=f.name.upper(), default=argparse.SUPPRESS, help=_help(f))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="dynamics", description="Instrumented LoRA / LoRA-MGPO fine-tuning.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    train = commands.add_parser("train", help="run one instrumented training",
+                                description="Run (or resume) one instrumented training; writes runs/<run_id>/. "
+                                            "Exit status: 0 completed, 1 failed, 2 bad input, 3 diverged, 130 interrupted.")
+    train.add_argument("--config", metavar="FILE", help="TOML file of config keys (flags given here win)")
+    add_config_flags(train)
+
+    table = commands.add_parser("runs", help="table of runs under a folder")
+    table.add_argument("runs_dir", nargs="?", default="runs", help="folder of run folders (default: runs)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Flags given, over ``--config``, over the stored config of a run resumed by ``--run-id``."""
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    base = read_toml(args.config) if args.config else {}
+    values = {**{k.replace("-", "_"): v for k, v in base.items()}, **given}
+    if values.get("resume") in (True, "true") and values.get("run_id"):
+        stored = Path(values.get("runs_dir", "runs")) / values["run_id"] / "config.json"
+        if stored.exists():
+            from dynamics.runs import stored_config
+
+            experiment = stored_config(stored.parent).experiment_dict()
+            values = {**experiment, **values}
+    return RunConfig.from_dict(values, source=args.config or "flags")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dynamics import runs
+    from dynamics.loop import train
+
+    cfg = config_from_args(args)
+    plan = runs.plan_run(cfg.resolved())
+    if plan.mode == "done":
+        print(f"{plan.run_dir}: already {plan.status}; nothing to do", file=sys.stderr)
+    elif plan.mode == "resume":
+        steps = runs.checkpoint_steps(plan.run_dir)
+        where = f"from checkpoint step {steps[-1]}" if steps else "from the start (no checkpoint yet)"
+        print(f"{plan.run_dir}: resuming {where}", file=sys.stderr)
+    else:
+        print(f"{plan.run_dir}: new run", file=sys.stderr)
+    try:
+        run = train(cfg)
+    except KeyboardInterrupt:
+        print(f"{plan.run_dir}: interrupted", file=sys.stderr)
+        return EXIT_CODES["interrupted"]
+    print(describe(run))
+    return EXIT_CODES.get(run.summary.get("status"), 1)
+
+
+def describe(run) -> str:
+    """The run folder and its final numbers, a few lines for a terminal."""
+    summary = run.summary
+    lines = [f"run      {run.path}", f"status   {summary.get('status')} after {summary.get('steps_done')} "
+             f"of {summary.get('steps_total')} steps in {summary.get('wall_time_s', 0):.1f} s"]
+    if summary.get("final_loss") is not None:
+        lines.append(f"loss     {summary['final_loss']:.4f} (last step)")
+    final_eval = summary.get("final_eval") or {}
+    if final_eval:
+        parts = [f"{k} {v:.4f}" for k, v in final_eval.items() if k != "step"]
+        lines.append(f"eval     step {final_eval.get('step')}: " + ", ".join(parts))
+    if summary.get("error"):
+        lines.append(f"error    {summary['error']}")
+    return "\n".join(lines)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from dynamics.runs import load_runs
+
+    if not Path(args.runs_dir).is_dir():
+        raise ConfigError(f"runs_dir {args.runs_dir}: no such folder")
+    frame = load_runs(args.runs_dir)
+    if frame.empty:
+        print(f"no runs under {args.runs_dir}")
+        return 0
+    frame["steps"] = frame["steps_done"].astype("Int64").astype(str) + "/" + frame["steps"].astype(str)
+    columns = ["run_id", "method", "rank", "lr", "seed", "status", "steps", "final_loss", "eval_loss", "eval_metric"]
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(frame[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    return 0
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
+    warnings.simplefilter("always", ConfigWarning)
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "runs": cmd_runs}[args.command](args)
+    except ConfigError as error:
+        print(f"dynamics {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

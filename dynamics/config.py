@@ -1,0 +1,352 @@
+"""Run configuration: one frozen, typed dataclass, validated once at the boundary.
+
+Every field is a CLI flag (``batch_size`` -> ``--batch-size``), a key in a TOML config file and a
+grid axis. Values arriving as strings (CLI, grid files) are coerced here, so the CLI, TOML files,
+grids and the Python API share one path and one set of one-line error messages::
+
+    --lr abc: must be a positive number
+    --method lora+mgpo2: perturbation must be one of ...
+
+Fields whose default is ``None`` are resolved from the task (paper defaults: rho/mu/beta are the
+NLG values 0.01/0.8/0.8 for generation tasks, the NLU values 0.05/0.9/0.9 for classification).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ADAPTERS = ("full", "lora")
+PERTURBATIONS: tuple[str, ...] = ()
+BUILTIN_MODELS = ("smollm2-135m", "minilm-l6", "tiny-llama")
+TASKS = ("gsm", "bbc", "tiny")
+TASK_KIND = {"gsm": "causal_lm", "tiny": "causal_lm", "bbc": "classification"}
+# Model families by what they can do: an encoder has no causal LM head, tiny-llama has no tokenizer.
+ENCODER_MODELS = ("minilm-l6",)
+TOKENIZER_FREE_MODELS = ("tiny-llama",)
+STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
+
+# Paper defaults (Sec. 4, implementation details): NLU (T5-base, GLUE) and NLG (LLaMA-2-7B).
+PAPER_DEFAULTS = {
+    "classification": {"rho": 0.05, "mu": 0.9, "beta": 0.9},
+    "causal_lm": {"rho": 0.01, "mu": 0.8, "beta": 0.8},
+}
+DEFAULT_N_TRAIN = {"gsm": 2000, "tiny": 2048, "bbc": None}  # bbc: every article not held out
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the field and what is allowed."""
+
+
+class ConfigWarning(UserWarning):
+    """A setting that has no effect under the chosen method, model or task."""
+
+
+def _field(default: Any, help: str, choices: tuple | None = None, control: bool = False, **kw):
+    """A dataclass field with CLI metadata. ``control`` marks run-control fields (where and how to
+    run) that are not part of the experiment: they are left out of the run id and resume checks."""
+    metadata = {"help": help, "choices": choices, "control": control}
+    return field(default=default, metadata=metadata, **kw)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one training run. Units: steps are optimizer steps; lr per step."""
+
+    # What to train.
+    model: str = _field(
+        "smollm2-135m",
+        "base model: " + ", ".join(BUILTIN_MODELS) + ", a local folder, or a Hugging Face id org/name",
+        BUILTIN_MODELS,
+    )
+    task: str = _field("gsm", "training task", TASKS)
+    method: str = _field(
+        "lora", "ADAPTER or ADAPTER+PERTURBATION (see DESIGN.md); adapters: " + ", ".join(ADAPTERS)
+    )
+    rank: int = _field(8, "LoRA rank r (paper default 8)")
+    alpha: float = _field(16.0, "LoRA alpha; the update is scaled by alpha/r (paper default 16)")
+    lora_dropout: float = _field(0.0, "dropout on the LoRA input, in [0, 1)")
+    # Optimisation: AdamW, weight decay 0, cosine schedule, warm-up ratio 0.03 (paper Sec. 4).
+    lr: float = _field(2e-4, "peak learning rate")
+    steps: int = _field(400, "optimizer steps")
+    batch_size: int = _field(8, "examples per micro-batch")
+    grad_accum: int = _field(1, "micro-batches per optimizer step")
+    seq_len: int = _field(256, "maximum tokens per example (longer ones are truncated)")
+    weight_decay: float = _field(0.0, "AdamW decoupled weight decay")
+    warmup_ratio: float = _field(0.03, "fraction of steps with linear warm-up, in [0, 1)")
+    schedule: str = _field("cosine", "learning-rate schedule after warm-up", ("cosine", "linear", "constant"))
+    max_grad_norm: float = _field(1.0, "clip the global gradient norm to this value; 0 turns clipping off")
+    seed: int = _field(0, "seed for adapter init, data order and every other draw")
+    data_seed: int = _field(0, "seed of the train/eval split and of generated data (kept fixed across seeds)")
+    # MGPO / perturbation hyper-parameters (None: paper default for the task; see module doc).
+    rho: float | None = _field(None, "perturbation radius (default: 0.01 for gsm/tiny, 0.05 for bbc)")
+    mu: float | None = _field(None, "AdamW beta1, the momentum MGPO reuses (default: 0.8 for gsm/tiny, 0.9 for bbc)")
+    beta: float | None = _field(None, "EMA factor of gradient norms for APN (default: 0.8 for gsm/tiny, 0.9 for bbc)")
+    # Data sizes and evaluation.
+    n_train: int | None = _field(None, "training examples (default: 2000 for gsm, 2048 for tiny, all for bbc)")
+    n_eval: int = _field(64, "held-out examples for the eval loss / accuracy")
+    n_eval_generate: int = _field(16, "held-out gsm/tiny problems (the first of the eval set, at most n_eval) scored by greedy decoding (0: off)")
+    max_new_tokens: int = _field(256, "generation budget for exact-match evaluation")
+    eval_every: int = _field(50, "evaluate every N steps, and at the start and the end (0: start and end only)")
+    # Instrumentation and robustness.
+    checkpoint_every: int = _field(100, "checkpoint every N steps, and at the end (0: end only)")
+    keep_checkpoints: int = _field(3, "checkpoints kept on disk, newest first (0: keep all)")
+    layer_metrics_every: int = _field(10, "write per-layer rows to layers.parquet every N steps (0: off)")
+    instrument: bool = _field(True, "log norms (grad, param, update, momentum); off only to measure overhead")
+    # Numerics and hardware.
+    dtype: str = _field("auto", "weight dtype: auto is bf16 on a GPU that supports it, else fp32", ("auto", "fp32", "bf16"))
+    device: str = _field("auto", "compute device", ("auto", "cpu", "cuda"))
+    attn: str = _field("sdpa", "attention kernel; eager is needed for Hessian-vector products on CPU", ("sdpa", "eager"))
+    threads: int = _field(0, "CPU threads for torch (0: torch's default)", control=True)
+    # Run control: where and how, not what (not part of the run id).
+    runs_dir: str = _field("runs", "folder that holds run folders", control=True)
+    run_id: str | None = _field(None, "run folder name (default: method-rank-lr-seed-hash of the config)", control=True)
+    resume: bool = _field(False, "continue the run from its last checkpoint (starts it if it does not exist)", control=True)
+    overwrite: bool = _field(False, "replace an existing run folder", control=True)
+    progress: bool = _field(True, "show a progress bar", control=True)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name)))
+        _validate(self)
+
+    # --- derived views -------------------------------------------------------------------
+    @property
+    def adapter(self) -> str:
+        return self.method.split("+", 1)[0]
+
+    @property
+    def perturbation(self) -> str | None:
+        parts = self.method.split("+", 1)
+        return parts[1] if len(parts) == 2 else None
+
+    @property
+    def task_kind(self) -> str:
+        return TASK_KIND[self.task]
+
+    def resolved(self) -> RunConfig:
+        """The same config with every ``None`` default filled from the task (deterministic)."""
+        paper = PAPER_DEFAULTS[self.task_kind]
+        updates = {k: v for k, v in paper.items() if getattr(self, k) is None}
+        if self.n_train is None and DEFAULT_N_TRAIN[self.task] is not None:
+            updates["n_train"] = DEFAULT_N_TRAIN[self.task]
+        return dataclasses.replace(self, **updates) if updates else self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def experiment_dict(self) -> dict[str, Any]:
+        """The fields that define the experiment (run-control fields left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata["control"]}
+
+    def config_hash(self) -> str:
+        payload = json.dumps(self.resolved().experiment_dict(), sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:6]
+
+    def default_run_id(self) -> str:
+        """Short, readable and deterministic: ``lora-r8-lr0.0002-s0-1a2b3c``."""
+        rank = "" if self.adapter == "full" else f"-r{self.rank}"
+        return f"{self.method}{rank}-lr{self.lr:g}-s{self.seed}-{self.config_hash()}"
+
+    @property
+    def resolved_run_id(self) -> str:
+        return self.run_id or self.default_run_id()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.resolved_run_id
+
+    # --- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> RunConfig:
+        """Build from a mapping (TOML table, grid row, JSON). Keys may use dashes or underscores."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        normalised = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"unknown key '{key}' in {source}{hint}; see 'dynamics train --help'")
+            normalised[name] = value
+        return cls(**normalised)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """Read a TOML file of config keys; ``overrides`` (e.g. CLI flags) win."""
+        return cls.from_dict({**read_toml(path), **(overrides or {})}, source=str(path))
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--config {path}: not valid TOML ({err})") from None
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(RunConfig))
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_HINTS = None
+
+
+def _type_of(f: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, optional) of a field, from the dataclass annotations."""
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(RunConfig)
+    hint = _HINTS[f.name]
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Turn ``value`` (maybe a string from the CLI) into the field's type, or raise ConfigError."""
+    base, optional = _type_of(f)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
+        raise ConfigError(f"{flag(f.name)} {value!r}: must be {kind}") from None
+    raise TypeError(f"unsupported field type {base}")  # pragma: no cover - programming error
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{flag(name)} {value}: {allowed}")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def _validate(cfg: RunConfig) -> None:
+    _check(cfg.task in TASKS, "task", cfg.task, "must be one of " + ", ".join(TASKS))
+    parts = cfg.method.split("+")
+    _check(len(parts) in (1, 2) and all(parts), "method", cfg.method, "must be ADAPTER or ADAPTER+PERTURBATION")
+    _check(parts[0] in ADAPTERS, "method", cfg.method, "adapter must be one of " + ", ".join(ADAPTERS))
+    if len(parts) == 2:
+        allowed = ", ".join(PERTURBATIONS) if PERTURBATIONS else "none yet (use a plain adapter)"
+        _check(parts[1] in PERTURBATIONS, "method", cfg.method, "perturbation must be one of " + allowed)
+    model_ok = cfg.model in BUILTIN_MODELS or Path(cfg.model).is_dir() or bool(_HUB_ID.match(cfg.model))
+    _check(model_ok, "model", cfg.model, "must be one of " + ", ".join(BUILTIN_MODELS) + ", a local folder, or a Hugging Face id org/name")
+    if cfg.model in ENCODER_MODELS and cfg.task_kind == "causal_lm":
+        raise ConfigError(f"--model {cfg.model} --task {cfg.task}: an encoder cannot generate; use --task bbc")
+    if cfg.model in TOKENIZER_FREE_MODELS and cfg.task != "tiny":
+        raise ConfigError(f"--model {cfg.model} --task {cfg.task}: tiny-llama has no tokenizer; use --task tiny")
+
+    _check(cfg.rank >= 1, "rank", cfg.rank, "must be an integer >= 1")
+    _check(math.isfinite(cfg.alpha) and cfg.alpha > 0, "alpha", cfg.alpha, "must be a positive number")
+    _check(0 <= cfg.lora_dropout < 1, "lora_dropout", cfg.lora_dropout, "must be in [0, 1)")
+    _check(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a positive number")
+    _check(cfg.steps >= 1, "steps", cfg.steps, "must be an integer >= 1")
+    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be an integer >= 1")
+    _check(cfg.grad_accum >= 1, "grad_accum", cfg.grad_accum, "must be an integer >= 1")
+    _check(cfg.seq_len >= 8, "seq_len", cfg.seq_len, "must be an integer >= 8")
+    _check(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be a number >= 0")
+    _check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
+    _check(cfg.schedule in ("cosine", "linear", "constant"), "schedule", cfg.schedule, "must be one of cosine, linear, constant")
+    _check(math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max_grad_norm", cfg.max_grad_norm, "must be a number >= 0 (0: no clipping)")
+    _check(cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")
+    _check(cfg.data_seed >= 0, "data_seed", cfg.data_seed, "must be an integer >= 0")
+    if cfg.rho is not None:
+        _check(math.isfinite(cfg.rho) and cfg.rho >= 0, "rho", cfg.rho, "must be a number >= 0")
+    if cfg.mu is not None:
+        _check(0 <= cfg.mu < 1, "mu", cfg.mu, "must be in [0, 1)")
+    if cfg.beta is not None:
+        _check(0 <= cfg.beta < 1, "beta", cfg.beta, "must be in [0, 1)")
+    if cfg.n_train is not None:
+        _check(cfg.n_train >= 1, "n_train", cfg.n_train, "must be an integer >= 1")
+    _check(cfg.n_eval >= 0, "n_eval", cfg.n_eval, "must be an integer >= 0")
+    _check(cfg.n_eval_generate >= 0, "n_eval_generate", cfg.n_eval_generate, "must be an integer >= 0")
+    _check(cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "must be an integer >= 1")
+    for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "layer_metrics_every", "threads"):
+        _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be an integer >= 0")
+    for name in ("schedule", "dtype", "device", "attn"):
+        choices = next(f for f in dataclasses.fields(cfg) if f.name == name).metadata["choices"]
+        _check(getattr(cfg, name) in choices, name, getattr(cfg, name), "must be one of " + ", ".join(choices))
+    if cfg.run_id is not None:
+        _check(bool(re.fullmatch(r"[\w.+\-=]+", cfg.run_id)) and cfg.run_id not in (".", ".."), "run_id", cfg.run_id,
+               "must be a folder name of letters, digits and . _ - + =")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume --overwrite: choose one (continue the run, or replace it)")
+
+
+def ineffective_settings(cfg: RunConfig) -> list[str]:
+    """Fields set away from their default that have no effect here, as one-line messages."""
+    defaults = RunConfig.__dataclass_fields__
+    unused: dict[str, str] = {}
+    if cfg.adapter == "full":
+        for name in ("rank", "alpha", "lora_dropout"):
+            unused[name] = f"method {cfg.method}"
+    if cfg.perturbation is None:
+        for name in ("rho", "beta"):
+            unused[name] = f"method {cfg.method} (no perturbation)"
+    if cfg.task_kind == "classification":
+        for name in ("n_eval_generate", "max_new_tokens"):
+            unused[name] = f"task {cfg.task} (classification)"
+    messages = []
+    for name, why in unused.items():
+        value = getattr(cfg, name)
+        if value != defaults[name].default:
+            messages.append(f"{flag(name)} {value} has no effect under {why}")
+    return messages
+
+
+def warn_ineffective(cfg: RunConfig) -> None:
+    for message in ineffective_settings(cfg):
+        warnings.warn(message, ConfigWarning, stacklevel=3)
+
+
+def as_config(config: RunConfig | Mapping[str, Any]) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, Mapping):
+        return RunConfig.from_dict(config)
+    raise TypeError(f"config must be a RunConfig or a mapping, not {type(config).__name__}")

@@ -1,0 +1,362 @@
+"""The run folder ``runs/<run_id>/``: creation, summary, checkpoints, locking, and loading runs back.
+
+Layout (DESIGN.md)::
+
+    config.json         {"config": every resolved setting, "runtime": device/dtype/threads,
+                         "versions": ..., "git_commit": ..., "host": ..., "started_at": ...}
+    summary.json        status, steps done, wall time, final and best eval
+    metrics.parquet     one row per optimizer step      (dynamics.metrics.METRICS_SCHEMA)
+    layers.parquet      per-layer rows                  (dynamics.metrics.LAYERS_SCHEMA)
+    eval.parquet        one row per evaluation          (dynamics.metrics.EVAL_SCHEMA)
+    checkpoints/step_N/ weights.safetensors (+ adapter_config.json) and trainer_state.pt
+
+JSON files are written to a temporary file and renamed, so readers never see half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import fcntl
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dynamics.config import ConfigError, RunConfig, flag
+
+CHECKPOINT_PREFIX = "step_"
+
+
+def _mkdtemp_beside(target: Path) -> Path:
+    """A staging folder next to ``target`` with the permissions a plain mkdir would give."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    return staging
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def git_commit() -> str | None:
+    """The commit of the dynamics source tree (with ``+dirty`` when it has local changes)."""
+    source = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                               capture_output=True, text=True, timeout=5)
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_info() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    import dynamics
+
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "dynamics": dynamics.__version__,
+        },
+        "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "command": " ".join(sys.argv),
+        "started_at": now_iso(),
+    }
+
+
+# --- existence and resume checks --------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What ``train`` will do with the run folder: ``new``, ``resume`` or ``done`` (nothing)."""
+
+    mode: str
+    run_dir: Path
+    status: str | None = None
+
+
+def plan_run(cfg: RunConfig) -> RunPlan:
+    """Decide, before anything is written, whether the run starts, resumes or is already done.
+
+    Raises ConfigError when the folder exists and neither ``--resume`` nor ``--overwrite`` is given,
+    or when ``--resume`` finds a run whose experiment settings differ from ``cfg``.
+    """
+    run_dir = cfg.run_dir
+    if not run_dir.exists() or cfg.overwrite:
+        return RunPlan("new", run_dir)
+    if not (run_dir / "config.json").exists():
+        raise ConfigError(f"--run-id {run_dir.name}: {run_dir} exists but is not a run folder; choose another --run-id")
+    status = read_summary(run_dir).get("status", "running")
+    if not cfg.resume:
+        raise ConfigError(f"--run-id {run_dir.name}: {run_dir} exists (status {status}); "
+                          "pass --resume to continue it or --overwrite to replace it")
+    stored = stored_config(run_dir)
+    differences = config_differences(stored, cfg)
+    if differences:
+        raise ConfigError(f"--resume {run_dir.name}: settings differ from the stored run: {'; '.join(differences)}")
+    if status in ("completed", "diverged"):
+        return RunPlan("done", run_dir, status)
+    return RunPlan("resume", run_dir, status)
+
+
+def stored_config(run_dir: Path) -> RunConfig:
+    values = read_json(Path(run_dir) / "config.json")["config"]
+    return RunConfig.from_dict(values, source=str(Path(run_dir) / "config.json"))
+
+
+def config_differences(stored: RunConfig, requested: RunConfig) -> list[str]:
+    """``--field stored -> requested`` for each experiment field that differs."""
+    old, new = stored.resolved().experiment_dict(), requested.resolved().experiment_dict()
+    return [f"{flag(k)} {old[k]} -> {new[k]}" for k in old if old[k] != new[k]]
+
+
+# --- creation, lock, summary ---------------------------------------------------------------------
+def create_run_dir(cfg: RunConfig, runtime: dict[str, Any]) -> Path:
+    """Create ``cfg.run_dir`` with ``config.json`` and a ``running`` summary, in one rename.
+
+    With ``--overwrite`` the old folder is removed only now, after the new run has been set up.
+    """
+    run_dir = cfg.run_dir
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = _mkdtemp_beside(run_dir)
+    payload = {"config": cfg.resolved().to_dict(), "runtime": runtime, **environment_info()}
+    write_json_atomic(staging / "config.json", payload)
+    write_json_atomic(staging / "summary.json", {"status": "running", "steps_done": 0, "steps_total": cfg.steps,
+                                                 "updated_at": now_iso()})
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    staging.rename(run_dir)
+    return run_dir
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run_dir>/.lock``: one writer per run; released by the kernel
+    when the process dies, even by SIGKILL."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fh = None
+
+    def __enter__(self) -> RunLock:
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            raise ConfigError(f"--run-id {self.path.parent.name}: the run is being trained by another process") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "summary.json"
+    return read_json(path) if path.exists() else {}
+
+
+def update_summary(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    summary = {**read_summary(run_dir), **fields, "updated_at": now_iso()}
+    write_json_atomic(Path(run_dir) / "summary.json", summary)
+    return summary
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.exists():
+        return []
+    steps = []
+    for path in folder.iterdir():
+        match = re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", path.name)
+        if match and (path / "trainer_state.pt").exists():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Write ``checkpoints/step_N`` (weights as safetensors + ``trainer_state.pt``) atomically,
+    then drop all but the newest ``keep`` checkpoints (``keep=0`` keeps all)."""
+    import torch
+
+    target = checkpoint_dir(run_dir, step)
+    target.parent.mkdir(exist_ok=True)
+    staging = _mkdtemp_beside(target)
+    save_weights(model, staging)
+    torch.save(trainer_state, staging / "trainer_state.pt")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    if keep > 0:
+        for old in checkpoint_steps(run_dir)[:-keep]:
+            shutil.rmtree(checkpoint_dir(run_dir, old), ignore_errors=True)
+    return target
+
+
+def save_weights(model, folder: Path) -> None:
+    """Trainable weights only: the adapter (peft layout, loadable by ``PeftModel.from_pretrained``)
+    or, for full fine-tuning, the whole model (shared tensors such as tied embeddings saved once)."""
+    from safetensors.torch import save_model
+
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(folder)
+    else:
+        save_model(model, str(folder / "model.safetensors"))
+
+
+def load_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file, load_model
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        if result.unexpected_keys:
+            raise RuntimeError(f"checkpoint {folder} has unexpected adapter keys: {result.unexpected_keys[:3]}")
+    else:
+        load_model(model, str(folder / "model.safetensors"))
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    import torch
+
+    return torch.load(folder / "trainer_state.pt", weights_only=True)
+
+
+# --- reading runs back --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A run folder, read lazily: ``.config`` and ``.summary`` are dicts, ``.metrics``,
+    ``.evals`` and ``.layers`` pandas DataFrames (empty when the file does not exist yet)."""
+
+    path: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        return read_json(self.path / "config.json")["config"]
+
+    @cached_property
+    def info(self) -> dict[str, Any]:
+        """Everything in config.json besides the settings: runtime, versions, commit, host."""
+        return {k: v for k, v in read_json(self.path / "config.json").items() if k != "config"}
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return read_summary(self.path)
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        from dynamics.metrics import METRICS_SCHEMA
+
+        return _read_parquet(self.path / "metrics.parquet", METRICS_SCHEMA)
+
+    @property
+    def evals(self) -> pd.DataFrame:
+        from dynamics.metrics import EVAL_SCHEMA
+
+        return _read_parquet(self.path / "eval.parquet", EVAL_SCHEMA)
+
+    @property
+    def layers(self) -> pd.DataFrame:
+        from dynamics.metrics import LAYERS_SCHEMA
+
+        return _read_parquet(self.path / "layers.parquet", LAYERS_SCHEMA)
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        return [checkpoint_dir(self.path, s) for s in checkpoint_steps(self.path)]
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self.summary.get('status')!r})"
+
+
+def _read_parquet(path: Path, schema) -> pd.DataFrame:
+    if not path.exists():
+        return schema.empty_table().to_pandas()
+    return pd.read_parquet(path)
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a run folder (no config.json)")
+    return Run(path)
+
+
+RUN_TABLE_COLUMNS = ["run_id", "method", "model", "task", "rank", "alpha", "lr", "seed", "steps", "status",
+                     "steps_done", "final_loss", "eval_loss", "eval_metric", "wall_time_s", "path"]
+
+
+def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
+    """One row per run folder under ``root`` (searched recursively): settings, status and the
+    summary's final numbers. Columns: ``RUN_TABLE_COLUMNS`` then every other config field."""
+    root = Path(root)
+    rows = []
+    for config_path in sorted(root.rglob("config.json")) if root.exists() else []:
+        run_dir = config_path.parent
+        if any(part.startswith(".") for part in run_dir.relative_to(root).parts) or "checkpoints" in run_dir.parts:
+            continue
+        try:
+            config = read_json(config_path)["config"]
+        except (ValueError, KeyError):
+            continue
+        summary = read_summary(run_dir)
+        final_eval = summary.get("final_eval") or {}
+        settings = {k: v for k, v in config.items() if k not in ("run_id", "resume", "overwrite", "progress")}
+        rows.append({
+            **settings,
+            "run_id": run_dir.name,
+            "status": summary.get("status"),
+            "steps_done": summary.get("steps_done"),
+            "final_loss": summary.get("final_loss"),
+            "eval_loss": final_eval.get("loss"),
+            "eval_metric": final_eval.get("exact_match", final_eval.get("accuracy")),
+            "wall_time_s": summary.get("wall_time_s"),
+            "path": str(run_dir),
+        })
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=RUN_TABLE_COLUMNS)
+    ordered = [c for c in RUN_TABLE_COLUMNS if c in frame] + [c for c in frame if c not in RUN_TABLE_COLUMNS]
+    return frame[ordered]

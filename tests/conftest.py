@@ -1,0 +1,65 @@
+"""Shared fixtures: a seeded RNG for every test, tiny configs, and a tiny Llama saved as a local
+Hugging Face folder with a character-level tokenizer (for the from_pretrained path)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub; read by huggingface_hub at import
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dynamics.config import ConfigWarning  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", ConfigWarning)
+        yield
+
+
+def tiny_config(tmp_path, **overrides) -> dict:
+    """Settings of a tiny run: 2-layer random Llama on the synthetic task, a few ms per step."""
+    base = dict(model="tiny-llama", task="tiny", method="full", steps=12, batch_size=4, lr=3e-3,
+                n_train=64, n_eval=8, n_eval_generate=4, max_new_tokens=8, eval_every=6,
+                checkpoint_every=6, layer_metrics_every=3, runs_dir=str(tmp_path / "runs"), progress=False)
+    return {**base, **overrides}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return lambda **overrides: tiny_config(tmp_path, **overrides)
+
+
+CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer: ids 0 <pad>, 1 <s>, 2 </s>, 3 <unk>, then characters."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def local_model_folder(tmp_path_factory):
+    """A tiny Llama plus tokenizer saved with save_pretrained: a stand-in for a hub checkout."""
+    from dynamics.models import tiny_llama
+
+    folder = tmp_path_factory.mktemp("hf-model")
+    model = tiny_llama(seed=0, vocab_size=128)
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder

@@ -1,0 +1,212 @@
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import dynamics
+from dynamics import runs
+from dynamics.config import ConfigError, RunConfig
+from dynamics.loop import DataOrder, eval_mode, layer_name, macro_f1
+
+METRIC_COLUMNS = ["step", "epoch", "tokens", "loss", "loss_clean", "lr", "grad_norm", "param_norm", "update_norm",
+                  "momentum_norm", "grad_ema", "apn_scale", "perturb_norm", "step_time_s", "peak_mem_mb"]
+
+
+def assert_same_losses(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    np.testing.assert_array_equal(a["step"].to_numpy(), b["step"].to_numpy())
+    np.testing.assert_array_equal(a["loss"].to_numpy(), b["loss"].to_numpy())  # bit-identical
+
+
+def test_run_folder_holds_every_file_and_column(tiny):
+    run = dynamics.train(tiny(method="lora", steps=12))
+    assert run.summary["status"] == "completed" and run.summary["steps_done"] == 12
+    assert list(run.metrics.columns) == METRIC_COLUMNS
+    assert run.metrics["step"].tolist() == list(range(1, 13))
+    assert run.metrics[["loss", "grad_norm", "param_norm", "update_norm", "momentum_norm"]].notna().all().all()
+    assert run.metrics[["grad_ema", "apn_scale", "perturb_norm"]].isna().all().all()  # no perturbation
+    assert (run.metrics["loss_clean"] == run.metrics["loss"]).all()
+    assert run.metrics["tokens"].is_monotonic_increasing and run.metrics["epoch"].iloc[-1] == 12 * 4 / 64
+    assert run.evals["step"].tolist() == [0, 6, 12]
+    assert run.evals["exact_match"].between(0, 1).all() and run.evals["accuracy"].isna().all()
+    assert set(run.layers["step"]) == {3, 6, 9, 12}
+    assert run.layers["layer"].iloc[0] == "model.layers.0.self_attn.q_proj"
+    assert [p.name for p in run.checkpoints] == ["step_6", "step_12"]
+    assert (run.checkpoints[-1] / "adapter_model.safetensors").exists()
+    stored = json.loads((run.path / "config.json").read_text())
+    assert stored["config"]["mu"] == 0.8 and stored["config"]["rank"] == 8  # resolved settings
+    assert {"python", "torch", "transformers", "peft", "dynamics"} <= set(stored["versions"])
+    assert {"git_commit", "host", "started_at", "runtime"} <= set(stored)
+    assert stored["runtime"]["device"] == "cpu"
+
+
+def test_first_step_has_warmup_lr_and_schedule_is_cosine(tiny):
+    run = dynamics.train(tiny(steps=100, eval_every=0, checkpoint_every=0, layer_metrics_every=0, n_eval=0))
+    lr = run.metrics["lr"].to_numpy()
+    warmup = math.ceil(0.03 * 100)
+    assert lr[0] == 0.0 and lr[warmup] == pytest.approx(3e-3)
+    progress = (np.arange(100) - warmup) / (100 - warmup)
+    expected = 3e-3 * 0.5 * (1 + np.cos(np.pi * progress))
+    np.testing.assert_allclose(lr[warmup:], expected[warmup:], rtol=1e-9)
+
+
+@pytest.mark.parametrize(("method", "lr"), [("full", 3e-3), ("lora", 3e-2)])
+def test_loss_goes_down_on_the_tiny_task(tiny, method, lr):
+    run = dynamics.train(tiny(method=method, lr=lr, steps=60, batch_size=16, n_train=512, eval_every=0))
+    loss = run.metrics["loss"]
+    assert loss.tail(10).mean() < 0.85 * loss.head(5).mean()
+    assert run.evals["loss"].iloc[-1] < run.evals["loss"].iloc[0]
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny):
+    big = dynamics.train(tiny(batch_size=8, grad_accum=1, run_id="big", eval_every=0))
+    accumulated = dynamics.train(tiny(batch_size=4, grad_accum=2, run_id="acc", eval_every=0))
+    torch.testing.assert_close(torch.tensor(accumulated.metrics["loss"].to_numpy()),
+                               torch.tensor(big.metrics["loss"].to_numpy()), rtol=2e-5, atol=1e-6)
+    assert accumulated.metrics["tokens"].tolist() == big.metrics["tokens"].tolist()
+
+
+def test_resume_after_a_crash_reproduces_every_loss(tiny, tmp_path):
+    settings = tiny(method="lora", lr=3e-2, steps=12, checkpoint_every=4, keep_checkpoints=0, eval_every=4)
+    reference = dynamics.train(settings)
+    crashed = dynamics.train({**settings, "runs_dir": str(tmp_path / "crashed")})
+    # As if killed at step 10: rows up to 12 had been flushed, the last checkpoint is step 4 ...
+    for step in (8, 12):
+        runs.shutil.rmtree(runs.checkpoint_dir(crashed.path, step))
+    runs.update_summary(crashed.path, status="running")
+    resumed = dynamics.train({**settings, "runs_dir": str(tmp_path / "crashed"), "resume": True})
+    assert resumed.summary["status"] == "completed"
+    assert_same_losses(resumed.metrics, reference.metrics)  # ... no duplicate or missing step
+    pd.testing.assert_frame_equal(resumed.evals.drop(columns="eval_time_s"), reference.evals.drop(columns="eval_time_s"))
+    assert resumed.layers["step"].value_counts().eq(resumed.layers["layer"].nunique()).all()
+
+
+def test_resuming_a_finished_run_does_nothing(tiny):
+    run = dynamics.train(tiny())
+    before = run.metrics
+    again = dynamics.train(tiny(resume=True))
+    assert again.path == run.path
+    pd.testing.assert_frame_equal(again.metrics, before)
+
+
+def test_resume_refuses_different_settings(tiny):
+    dynamics.train(tiny(run_id="fixed"))
+    with pytest.raises(ConfigError, match=r"--resume fixed: settings differ from the stored run: --lr 0.003 -> 0.001"):
+        dynamics.train(tiny(run_id="fixed", lr=1e-3, resume=True))
+
+
+def test_existing_run_is_never_overwritten_silently(tiny):
+    first = dynamics.train(tiny())
+    stamp = (first.path / "metrics.parquet").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match="exists \\(status completed\\); pass --resume .* or --overwrite"):
+        dynamics.train(tiny())
+    assert (first.path / "metrics.parquet").stat().st_mtime_ns == stamp
+    replaced = dynamics.train(tiny(overwrite=True, steps=6))
+    assert replaced.summary["steps_done"] == 6 and len(replaced.metrics) == 6
+
+
+def test_bad_input_writes_nothing(tmp_path):
+    with pytest.raises(ConfigError):
+        dynamics.train(dict(model="tiny-llama", task="tiny", rank=0, runs_dir=str(tmp_path / "runs")))
+    with pytest.raises(ConfigError, match="--model no/such-model"):
+        dynamics.train(dict(model="no/such-model", task="tiny", runs_dir=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_non_finite_loss_marks_the_run_diverged_and_keeps_the_log(tiny):
+    run = dynamics.train(tiny(lr=1e5, max_grad_norm=0, steps=50, eval_every=0, checkpoint_every=0))
+    metrics = run.metrics
+    assert run.summary["status"] == "diverged"
+    assert 1 < len(metrics) < 50 and metrics["step"].tolist() == list(range(1, len(metrics) + 1))
+    last = metrics.iloc[-1]
+    assert not (math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"]))
+    assert metrics.iloc[:-1]["loss"].map(math.isfinite).all()
+
+
+def test_a_locked_run_cannot_be_trained_twice(tiny):
+    run = dynamics.train(tiny(steps=6))
+    runs.update_summary(run.path, status="interrupted")
+    with runs.RunLock(run.path), pytest.raises(ConfigError, match="being trained by another process"):
+        dynamics.train(tiny(steps=6, resume=True))
+
+
+def test_keep_checkpoints_prunes_old_ones(tiny):
+    run = dynamics.train(tiny(steps=12, checkpoint_every=2, keep_checkpoints=2))
+    assert [p.name for p in run.checkpoints] == ["step_10", "step_12"]
+
+
+def test_instrumentation_can_be_switched_off(tiny):
+    run = dynamics.train(tiny(instrument=False))
+    assert run.metrics[["update_norm", "param_norm", "momentum_norm"]].isna().all().all()
+    assert run.metrics["grad_norm"].notna().all()
+
+
+def test_update_norm_is_the_parameter_change(tiny):
+    run = dynamics.train(tiny(steps=1, warmup_ratio=0.0, eval_every=0))
+    initial = dynamics.models.tiny_llama(seed=0)
+    after = dynamics.models.tiny_llama(seed=0)
+    runs.load_weights(after, run.checkpoints[-1])
+    with torch.no_grad():
+        change = torch.cat([(a - b).double().flatten() for a, b in zip(after.parameters(), initial.parameters())])
+        weights = torch.cat([p.double().flatten() for p in after.parameters()])
+    # float32 norms of ~5e4 entries: agreement to 1e-4 relative
+    assert run.metrics["update_norm"].iloc[0] == pytest.approx(float(change.norm()), rel=1e-4)
+    assert run.metrics["param_norm"].iloc[0] == pytest.approx(float(weights.norm()), rel=1e-4)
+
+
+def test_training_leaves_the_callers_rng_alone(tiny):
+    state = torch.get_rng_state()
+    dynamics.train(tiny(method="lora", lora_dropout=0.1, steps=4))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_hugging_face_path_trains_from_a_local_folder(tmp_path, local_model_folder):
+    run = dynamics.train(dict(model=str(local_model_folder), task="gsm", method="lora", steps=3, batch_size=2,
+                              seq_len=512, n_train=8, n_eval=4, n_eval_generate=2, max_new_tokens=4,
+                              eval_every=0, runs_dir=str(tmp_path / "runs"), progress=False))
+    assert run.summary["status"] == "completed"
+    assert run.evals["exact_match"].notna().all() and run.metrics["loss"].map(math.isfinite).all()
+
+
+def test_data_order_is_stateless_and_covers_each_epoch():
+    order = DataOrder(n_examples=10, seed=3)
+    stream = order.indices(0, 30)
+    assert DataOrder(10, 3).indices(7, 9) == stream[7:16]
+    for epoch in range(3):
+        assert sorted(stream[10 * epoch : 10 * epoch + 10]) == list(range(10))
+    assert stream[:10] != stream[10:20]
+
+
+def test_layer_names_strip_peft_wrappers():
+    assert layer_name("base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight") == "model.layers.0.mlp.up_proj"
+    assert layer_name("model.layers.1.self_attn.q_proj.weight") == "model.layers.1.self_attn.q_proj"
+    assert layer_name("base_model.model.classifier.modules_to_save.default.bias") == "classifier"
+
+
+def test_macro_f1_against_hand_computed_values():
+    labels, predictions = [0, 0, 1, 1, 2], [0, 1, 1, 1, 0]
+    # class 0: tp 1 fp 1 fn 1 -> 0.5; class 1: tp 2 fp 1 fn 0 -> 0.8; class 2: tp 0 fn 1 -> 0
+    assert macro_f1(labels, predictions, 3) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_eval_mode_restores_training_flag():
+    module = torch.nn.Linear(2, 2)
+    with eval_mode(module):
+        assert not module.training
+    assert module.training
+
+
+def test_load_runs_tables_every_run(tiny, tmp_path):
+    dynamics.train(tiny(run_id="a"))
+    dynamics.train(tiny(run_id="b", lr=1e-3))
+    table = dynamics.load_runs(tmp_path / "runs")
+    assert sorted(table["run_id"]) == ["a", "b"]
+    assert set(table["status"]) == {"completed"} and table["final_loss"].notna().all()
+    assert dynamics.load_runs(tmp_path / "nothing-here").empty
+
+
+def test_config_object_and_dict_are_equivalent(tiny):
+    settings = tiny(run_id="x")
+    assert RunConfig.from_dict(settings) == RunConfig(**settings)
