@@ -334,7 +334,7 @@ def ineffective_settings(cfg: RunConfig) -> list[str]:
     messages = []
     for name, why in unused.items():
         value = getattr(cfg, name)
-        if value != defaults[name].default:
+        if value not in (defaults[name].default, PAPER_DEFAULTS[cfg.task_kind].get(name)):
             messages.append(f"{flag(name)} {value} has no effect under {why}")
     return messages
 

@@ -77,6 +77,7 @@ def test_settings_without_effect_are_reported():
     assert any(m.startswith("--rank 64 has no effect under method full") for m in messages)
     assert any(m.startswith("--rho 0.05 has no effect") for m in messages)
     assert ineffective_settings(RunConfig()) == []
+    assert ineffective_settings(RunConfig().resolved()) == []  # a stored, resolved config is not "set"
 
 
 def test_toml_round_trip(tmp_path):

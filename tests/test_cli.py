@@ -1,0 +1,84 @@
+import dataclasses
+
+import pytest
+
+import dynamics
+from dynamics.cli import main
+from dynamics.config import RunConfig, flag
+
+TINY = ["--model", "tiny-llama", "--task", "tiny", "--method", "full", "--steps", "6", "--batch-size", "4",
+        "--n-train", "32", "--n-eval", "4", "--n-eval-generate", "2", "--max-new-tokens", "4", "--no-progress"]
+
+
+def run_cli(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as exit:  # argparse usage errors and --help
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_every_field_with_default_and_choices(capsys):
+    code, out, _ = run_cli(capsys, "train", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    for f in dataclasses.fields(RunConfig):
+        assert flag(f.name) in text
+    assert "--schedule SCHEDULE learning-rate schedule after warm-up; one of: cosine, linear, constant (default: cosine)" in text
+    assert "smollm2-135m, minilm-l6, tiny-llama" in text
+    assert "--instrument, --no-instrument" in text
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--lr", "fast"], "dynamics train: --lr 'fast': must be a number"),
+    (["--rank", "0"], "dynamics train: --rank 0: must be an integer >= 1"),
+    (["--method", "lora+nope"], "dynamics train: --method lora+nope: perturbation must be one of"),
+    (["--task", "mnist"], "dynamics train: --task mnist: must be one of gsm, bbc, tiny"),
+    (["--frobnicate", "1"], "dynamics: unrecognized arguments: --frobnicate 1"),
+])
+def test_bad_flags_exit_2_with_one_line_and_write_nothing(capsys, tmp_path, argv, message):
+    runs_dir = tmp_path / "runs"
+    code, _, err = run_cli(capsys, "train", *TINY, "--runs-dir", str(runs_dir), *argv)
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(message)
+    assert not runs_dir.exists()
+
+
+def test_train_then_table_then_refuse_to_overwrite(capsys, tmp_path):
+    runs_dir = str(tmp_path / "runs")
+    code, out, err = run_cli(capsys, "train", *TINY, "--runs-dir", runs_dir, "--run-id", "demo")
+    assert code == 0
+    assert f"run      {runs_dir}/demo" in out and "status   completed after 6 of 6 steps" in out
+    assert "eval     step 6: loss" in out and "new run" in err
+    code, out, _ = run_cli(capsys, "runs", runs_dir)
+    assert code == 0 and "demo" in out and "completed" in out and "6/6" in out
+    code, _, err = run_cli(capsys, "train", *TINY, "--runs-dir", runs_dir, "--run-id", "demo")
+    assert code == 2 and "exists (status completed)" in err
+    code, _, err = run_cli(capsys, "train", "--run-id", "demo", "--runs-dir", runs_dir, "--resume")
+    assert code == 0 and "already completed; nothing to do" in err
+
+
+def test_config_file_with_flags_winning(capsys, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('model = "tiny-llama"\ntask = "tiny"\nmethod = "full"\nsteps = 4\nbatch-size = 4\n'
+                    'n_train = 16\nn_eval = 2\nlr = 1e-3\nprogress = false\n')
+    code, _, _ = run_cli(capsys, "train", "--config", str(path), "--lr", "2e-3", "--runs-dir", str(tmp_path / "r"),
+                         "--run-id", "x")
+    assert code == 0
+    run = dynamics.load_run(tmp_path / "r" / "x")
+    assert run.config["lr"] == 2e-3 and run.config["steps"] == 4
+    path.write_text('model = "tiny-llama"\nlearning_rate = 1e-3\n')
+    code, _, err = run_cli(capsys, "train", "--config", str(path))
+    assert code == 2 and "unknown key 'learning_rate'" in err
+
+
+def test_diverged_run_exits_3(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "train", *TINY, "--lr", "1e5", "--max-grad-norm", "0", "--steps", "50",
+                           "--runs-dir", str(tmp_path / "runs"))
+    assert code == 3 and "status   diverged" in out
+
+
+def test_runs_on_a_missing_folder_is_one_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "runs", str(tmp_path / "absent"))
+    assert code == 2 and "no such folder" in err

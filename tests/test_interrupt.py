@@ -1,0 +1,91 @@
+"""A killed or interrupted run resumes to exactly the losses of an uninterrupted one.
+
+These start ``dynamics train`` as a real process and signal it, so they take a few seconds each."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import dynamics
+from dynamics import runs
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = dict(model="tiny-llama", task="tiny", method="lora", lr=3e-2, steps=400, batch_size=8, n_train=256,
+                n_eval=8, n_eval_generate=0, eval_every=100, checkpoint_every=20, keep_checkpoints=2, threads=1,
+                layer_metrics_every=10, progress=False)
+
+
+def cli_args(settings: dict) -> list[str]:
+    args = []
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            args.append(("--" if value else "--no-") + key.replace("_", "-"))
+        else:
+            args += ["--" + key.replace("_", "-"), str(value)]
+    return args
+
+
+def start(settings: dict) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "dynamics.cli", "train", *cli_args(settings)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+
+
+def wait_for(predicate, process, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    return dynamics.train({**SETTINGS, "runs_dir": str(root), "run_id": "ref"})
+
+
+def assert_matches(run, reference):
+    metrics, expected = run.metrics, reference.metrics
+    assert metrics["step"].tolist() == list(range(1, SETTINGS["steps"] + 1))
+    np.testing.assert_array_equal(metrics["loss"].to_numpy(), expected["loss"].to_numpy())
+    np.testing.assert_array_equal(run.evals["loss"].to_numpy(), reference.evals["loss"].to_numpy())
+    assert not run.layers.duplicated(["step", "layer"]).any()
+
+
+def test_sigkill_then_resume_is_identical(tmp_path, reference):
+    settings = {**SETTINGS, "runs_dir": str(tmp_path), "run_id": "killed"}
+    process = start(settings)
+    run_dir = tmp_path / "killed"
+    wait_for(lambda: runs.checkpoint_steps(run_dir) if run_dir.exists() else False, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "running" and summary["steps_done"] < SETTINGS["steps"]
+    resumed = dynamics.train({**settings, "resume": True})
+    assert resumed.summary["status"] == "completed"
+    assert_matches(resumed, reference)
+
+
+def test_ctrl_c_checkpoints_exits_130_and_resumes_identically(tmp_path, reference):
+    settings = {**SETTINGS, "runs_dir": str(tmp_path), "run_id": "stopped"}
+    process = start(settings)
+    run_dir = tmp_path / "stopped"
+    wait_for(lambda: (run_dir / "metrics.parquet").exists(), process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert runs.checkpoint_steps(run_dir)[-1] == summary["steps_done"] < SETTINGS["steps"]
+    assert "status   interrupted" in out
+    resumed = dynamics.train({**settings, "resume": True})
+    assert_matches(resumed, reference)
