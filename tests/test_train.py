@@ -210,3 +210,13 @@ def test_load_runs_tables_every_run(tiny, tmp_path):
 def test_config_object_and_dict_are_equivalent(tiny):
     settings = tiny(run_id="x")
     assert RunConfig.from_dict(settings) == RunConfig(**settings)
+
+
+def test_bf16_keeps_base_weights_in_bf16_and_lora_in_fp32(tiny):
+    from dynamics.models import build_model
+
+    model = build_model(RunConfig(**tiny(method="lora", dtype="bf16")))
+    assert {p.dtype for _, p in model.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for _, p in model.named_parameters() if p.requires_grad} == {torch.float32}
+    run = dynamics.train(tiny(method="lora", dtype="bf16", steps=4))
+    assert run.summary["status"] == "completed" and run.info["runtime"]["dtype"] == "bfloat16"

@@ -1,0 +1,68 @@
+"""Seconds per optimizer step and the cost of instrumentation, measured in one process.
+
+Runs short trainings of the same config alternately with instrumentation on (defaults: global
+norms every step, per-layer rows every 10 steps) and off (``--no-instrument``, no layer rows),
+and reports the median step time of each (first step of every run dropped as warm-up), their ratio
+and the process's peak resident memory. Not a test: numbers depend on the machine.
+
+    .venv/bin/python benchmarks/step_time.py                     # SmolLM2-135M LoRA r=8, 8 x 128
+    .venv/bin/python benchmarks/step_time.py --model tiny-llama --task tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import statistics
+import tempfile
+import time
+
+import torch
+
+import dynamics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="gsm")
+    parser.add_argument("--method", default="lora")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=6, help="steps per run (the first is warm-up)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as runs_dir:
+        for repeat in range(args.repeats):
+            for instrument in (True, False):
+                run = dynamics.train(dict(
+                    model=args.model, task=args.task, method=args.method, rank=args.rank, alpha=2 * args.rank,
+                    lr=5e-4, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, n_train=256,
+                    n_eval=0, eval_every=0, checkpoint_every=0, instrument=instrument,
+                    layer_metrics_every=10 if instrument else 0, device=args.device, dtype=args.dtype,
+                    runs_dir=runs_dir, run_id=f"bench-{instrument}-{repeat}", progress=False))
+                times[instrument] += run.metrics["step_time_s"].iloc[1:].tolist()
+                device = run.info["runtime"]["device"]
+                dtype = run.info["runtime"]["dtype"]
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} device={device} dtype={dtype} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"# {args.model} {args.method} r={args.rank} batch {args.batch_size} x {args.seq_len} tokens, "
+          f"{args.repeats} x {args.steps - 1} timed steps per variant")
+    print(f"{'variant':<22}{'median s/step':>14}{'min':>8}{'max':>8}")
+    for label, instrument in (("instrumented", True), ("not instrumented", False)):
+        values = times[instrument]
+        print(f"{label:<22}{statistics.median(values):>14.3f}{min(values):>8.3f}{max(values):>8.3f}")
+    print(f"overhead ratio (instrumented / not): {on / off:.3f}")
+    print(f"peak resident memory of the process: {peak_rss_mb:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
