@@ -162,6 +162,19 @@ def momentum_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [s["exp_avg"] for s in optimizer.state.values() if "exp_avg" in s]
 
 
+def snapshot(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of the trainable parameters before the optimizer step (for ``update_norm``)."""
+    return [p.detach().clone() for p in params]
+
+
+def step_norms(params: Sequence[torch.Tensor], before: Sequence[torch.Tensor], optimizer) -> dict[str, float]:
+    """``update_norm`` = ||theta_t - theta_{t-1}||, ``param_norm`` = ||theta_t||, ``momentum_norm``
+    = ||exp_avg|| (AdamW's first moment), global L2 norms over the trainable parameters; one sync."""
+    deltas = torch._foreach_sub(list(before), [p.detach() for p in params])
+    norms = torch.stack([total_norm(deltas), total_norm(params), total_norm(momentum_tensors(optimizer))]).tolist()
+    return dict(zip(("update_norm", "param_norm", "momentum_norm"), norms))
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -393,15 +406,13 @@ def _train_steps(cfg: RunConfig, plan: runs.RunPlan, model: nn.Module, task: Tas
                     status = "diverged"
                     break
 
-                before = [p.detach().clone() for p in params] if cfg.instrument else None
+                before = snapshot(params) if cfg.instrument else None
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 perturbation.after_optimizer_step(model, optimizer)
                 if cfg.instrument:
-                    deltas = torch._foreach_sub(before, [p.detach() for p in params])
-                    norms = torch.stack([total_norm(deltas), total_norm(params), total_norm(momentum_tensors(optimizer))])
-                    row["update_norm"], row["param_norm"], row["momentum_norm"] = norms.tolist()
+                    row.update(step_norms(params, before, optimizer))
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 row["step_time_s"] = time.perf_counter() - step_started
