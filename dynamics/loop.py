@@ -360,6 +360,7 @@ def _train_steps(cfg: RunConfig, plan: runs.RunPlan, model: nn.Module, task: Tas
 
     def run_eval() -> None:
         if cfg.n_eval and task.eval:
+            bar.set_postfix_str("evaluating", refresh=True)
             with perturbation.unperturbed(model):
                 evals.append({"step": progress.step, **evaluate(model, task, cfg, device)})
 
