@@ -71,7 +71,8 @@ def time_instrumentation(args) -> float:
     """Milliseconds of the per-step instrumentation (parameter snapshot, update/param/momentum
     norms) on the same model's trainable parameters, with AdamW state in place."""
     from dynamics.config import RunConfig
-    from dynamics.loop import make_optimizer, snapshot, step_norms
+    from dynamics.loop import snapshot, step_norms
+    from dynamics.methods.adapters import make_optimizer
     from dynamics.models import build_model, trainable_parameters
 
     cfg = RunConfig(model=args.model, task=args.task, method=args.method, rank=args.rank, device=args.device,

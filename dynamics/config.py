@@ -32,8 +32,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ADAPTERS = ("full", "lora")
-PERTURBATIONS: tuple[str, ...] = ()
+ADAPTERS = ("full", "lora", "rslora", "dora", "pissa", "loraplus", "adalora")
+PERTURBATIONS = ("mgpo", "mgpo-noapn", "msam", "sam", "noise")
+LORA_FAMILY = ADAPTERS[1:]
+# Perturbations defined in the merged weight space of a low-rank adapter (no meaning for ``full``).
+WEIGHT_SPACE_PERTURBATIONS = ("mgpo", "mgpo-noapn")
 BUILTIN_MODELS = ("smollm2-135m", "minilm-l6", "tiny-llama")
 TASKS = ("gsm", "bbc", "tiny")
 TASK_KIND = {"gsm": "causal_lm", "tiny": "causal_lm", "bbc": "classification"}
@@ -98,6 +101,14 @@ class RunConfig:
     rho: float | None = _field(None, "perturbation radius (default: 0.01 for gsm/tiny, 0.05 for bbc)")
     mu: float | None = _field(None, "AdamW beta1, the momentum MGPO reuses (default: 0.8 for gsm/tiny, 0.9 for bbc)")
     beta: float | None = _field(None, "EMA factor of gradient norms for APN (default: 0.8 for gsm/tiny, 0.9 for bbc)")
+    apn_cap: float = _field(10.0, "APN: cap of the scale c = min(1 / g_ema, apn_cap) (reference code: 10)")
+    apn_eps: float = _field(1e-12, "APN: epsilon in 1 / (g_ema + eps) and in the direction's normalisation")
+    clean_loss_every: int = _field(10, "measure loss_clean (loss at the unperturbed weights) every N steps under "
+                                       "mgpo/msam/noise (sam gets it free every step; 0: never)")
+    perturb_application: str = _field("auto", "how mgpo applies Delta to the frozen weights: dense (rebuilt W0+Delta), "
+                                              "lowrank (x V^T U^T term), or auto (cheaper per layer)",
+                                      ("auto", "dense", "lowrank"))
+    loraplus_ratio: float = _field(16.0, "LoRA+: learning rate of B over that of A")
     # Data sizes and evaluation.
     n_train: int | None = _field(None, "training examples (default: 2000 for gsm, 2048 for tiny, all for bbc)")
     n_eval: int = _field(64, "held-out examples for the eval loss / accuracy")
@@ -272,8 +283,11 @@ def _validate(cfg: RunConfig) -> None:
     _check(len(parts) in (1, 2) and all(parts), "method", cfg.method, "must be ADAPTER or ADAPTER+PERTURBATION")
     _check(parts[0] in ADAPTERS, "method", cfg.method, "adapter must be one of " + ", ".join(ADAPTERS))
     if len(parts) == 2:
-        allowed = ", ".join(PERTURBATIONS) if PERTURBATIONS else "none yet (use a plain adapter)"
-        _check(parts[1] in PERTURBATIONS, "method", cfg.method, "perturbation must be one of " + allowed)
+        _check(parts[1] in PERTURBATIONS, "method", cfg.method, "perturbation must be one of " + ", ".join(PERTURBATIONS))
+        if parts[0] == "full" and parts[1] in WEIGHT_SPACE_PERTURBATIONS:
+            raise ConfigError(f"--method {cfg.method}: adapter full has no low-rank merged weight space for "
+                              f"{parts[1]}; use full+msam, full+sam or full+noise, or {parts[1]} with one of "
+                              + ", ".join(LORA_FAMILY))
     model_ok = cfg.model in BUILTIN_MODELS or Path(cfg.model).is_dir() or bool(_HUB_ID.match(cfg.model))
     _check(model_ok, "model", cfg.model, "must be one of " + ", ".join(BUILTIN_MODELS) + ", a local folder, or a Hugging Face id org/name")
     if cfg.model in ENCODER_MODELS and cfg.task_kind == "causal_lm":
@@ -301,14 +315,19 @@ def _validate(cfg: RunConfig) -> None:
         _check(0 <= cfg.mu < 1, "mu", cfg.mu, "must be in [0, 1)")
     if cfg.beta is not None:
         _check(0 <= cfg.beta < 1, "beta", cfg.beta, "must be in [0, 1)")
+    _check(math.isfinite(cfg.apn_cap) and cfg.apn_cap > 0, "apn_cap", cfg.apn_cap, "must be a positive number")
+    _check(math.isfinite(cfg.apn_eps) and cfg.apn_eps > 0, "apn_eps", cfg.apn_eps, "must be a positive number")
+    _check(math.isfinite(cfg.loraplus_ratio) and cfg.loraplus_ratio > 0, "loraplus_ratio", cfg.loraplus_ratio,
+           "must be a positive number")
     if cfg.n_train is not None:
         _check(cfg.n_train >= 1, "n_train", cfg.n_train, "must be an integer >= 1")
     _check(cfg.n_eval >= 0, "n_eval", cfg.n_eval, "must be an integer >= 0")
     _check(cfg.n_eval_generate >= 0, "n_eval_generate", cfg.n_eval_generate, "must be an integer >= 0")
     _check(cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "must be an integer >= 1")
-    for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "layer_metrics_every", "threads"):
+    for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "layer_metrics_every", "threads",
+                 "clean_loss_every"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be an integer >= 0")
-    for name in ("schedule", "dtype", "device", "attn"):
+    for name in ("schedule", "dtype", "device", "attn", "perturb_application"):
         choices = next(f for f in dataclasses.fields(cfg) if f.name == name).metadata["choices"]
         _check(getattr(cfg, name) in choices, name, getattr(cfg, name), "must be one of " + ", ".join(choices))
     if cfg.run_id is not None:
@@ -326,8 +345,19 @@ def ineffective_settings(cfg: RunConfig) -> list[str]:
         for name in ("rank", "alpha", "lora_dropout"):
             unused[name] = f"method {cfg.method}"
     if cfg.perturbation is None:
-        for name in ("rho", "beta"):
+        for name in ("rho", "beta", "clean_loss_every"):
             unused[name] = f"method {cfg.method} (no perturbation)"
+    if cfg.perturbation not in WEIGHT_SPACE_PERTURBATIONS:
+        for name in ("apn_cap", "apn_eps", "perturb_application"):
+            unused[name] = f"method {cfg.method} (only mgpo and mgpo-noapn use it)"
+        if cfg.perturbation is not None:
+            unused["beta"] = f"method {cfg.method} (only mgpo and mgpo-noapn use it)"
+    if cfg.perturbation == "mgpo-noapn":
+        unused["apn_cap"] = "method mgpo-noapn (no APN)"
+    if cfg.perturbation == "sam":
+        unused["clean_loss_every"] = "method sam (its first pass gives loss_clean every step)"
+    if cfg.adapter != "loraplus":
+        unused["loraplus_ratio"] = f"method {cfg.method} (only loraplus uses it)"
     if cfg.task_kind == "classification":
         for name in ("n_eval_generate", "max_new_tokens"):
             unused[name] = f"task {cfg.task} (classification)"

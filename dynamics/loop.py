@@ -29,6 +29,8 @@ from dynamics import runs
 from dynamics.config import ConfigError, RunConfig, as_config, warn_ineffective
 from dynamics.data import IGNORE_INDEX, Example, TaskData, load_task, n_loss_terms
 from dynamics.methods import make_perturbation
+from dynamics.methods.base import global_norm
+from dynamics.methods.adapters import adapter_hooks, make_optimizer
 from dynamics.metrics import EVAL_SCHEMA, LAYERS_SCHEMA, METRICS_SCHEMA, ParquetLog
 from dynamics.models import build_model, load_tokenizer, resolve_device, resolve_dtype, trainable_parameters
 
@@ -153,11 +155,6 @@ def layer_name(param_name: str) -> str:
     return name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
 
 
-def total_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm (a 0-d tensor; no host sync)."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
-
-
 def momentum_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [s["exp_avg"] for s in optimizer.state.values() if "exp_avg" in s]
 
@@ -171,13 +168,34 @@ def step_norms(params: Sequence[torch.Tensor], before: Sequence[torch.Tensor], o
     """``update_norm`` = ||theta_t - theta_{t-1}||, ``param_norm`` = ||theta_t||, ``momentum_norm``
     = ||exp_avg|| (AdamW's first moment), global L2 norms over the trainable parameters; one sync."""
     deltas = torch._foreach_sub(list(before), [p.detach() for p in params])
-    norms = torch.stack([total_norm(deltas), total_norm(params), total_norm(momentum_tensors(optimizer))]).tolist()
+    norms = torch.stack([global_norm(deltas), global_norm(params), global_norm(momentum_tensors(optimizer))]).tolist()
     return dict(zip(("update_norm", "param_norm", "momentum_norm"), norms))
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA's allocator statistics, or on Linux the process's
+    resident-set high-water mark (``/proc/self/clear_refs``, value 5)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then covers the whole process lifetime
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since ``reset_peak_memory``: CUDA allocations on a GPU, resident set on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -206,6 +224,26 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+# --- one optimizer step --------------------------------------------------------------------------
+def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], kind: str,
+                         perturbation, hooks, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """Forward/backward over one step's micro-batches through the perturbation, then the per-step
+    perturbation and adapter hooks. Returns the step's loss (0-d, detached); ``.grad`` holds the
+    gradient of the step's mean loss."""
+    loss_fn = step_loss_fn(kind, sum(n_loss_terms(b, kind) for b in micro_batches))
+    loss = sum(perturbation.forward_backward(model, batch, loss_fn) for batch in micro_batches)
+    perturbation.on_accumulated_grad(model, optimizer)
+    hooks.before_optimizer_step(model)
+    return loss
+
+
+def clip_gradients(params: Sequence[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
+    """The global gradient norm before clipping (0-d); clips to ``max_grad_norm`` when it is > 0."""
+    if max_grad_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return global_norm([p.grad for p in params if p.grad is not None])
+
+
 # --- setup -------------------------------------------------------------------------------------------
 @dataclass
 class Progress:
@@ -213,12 +251,6 @@ class Progress:
     tokens: int = 0  # non-padding input tokens seen
     examples: int = 0  # training examples seen
     wall_time_s: float = 0.0  # over all sessions of this run
-
-
-def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW with beta1 = mu (the momentum MGPO reuses), weight decay 0 by default (paper Sec. 4)."""
-    params = [p for _, p in trainable_parameters(model)]
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.mu, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
@@ -229,21 +261,22 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=cfg.steps)
 
 
-def checkpoint_state(progress: Progress, optimizer, scheduler, perturbation, device) -> dict[str, Any]:
+def checkpoint_state(progress: Progress, model, optimizer, scheduler, perturbation, hooks, device) -> dict[str, Any]:
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     return {"progress": vars(progress).copy(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng, "perturbation": perturbation.state_dict()}
+            "rng": rng, "perturbation": perturbation.state_dict(), "adapter": hooks.state_dict(model)}
 
 
-def restore_state(state: dict[str, Any], optimizer, scheduler, perturbation, device) -> Progress:
+def restore_state(state: dict[str, Any], model, optimizer, scheduler, perturbation, hooks, device) -> Progress:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     if device.type == "cuda" and "cuda" in state["rng"]:
         torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     perturbation.load_state_dict(state["perturbation"])
+    hooks.load_state_dict(model, state["adapter"])
     return Progress(**state["progress"])
 
 
@@ -324,7 +357,8 @@ def _train_steps(cfg: RunConfig, plan: runs.RunPlan, model: nn.Module, task: Tas
         layers.setdefault(layer_name(name), []).append(p)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
-    perturbation = make_perturbation(cfg, model)
+    perturbation = make_perturbation(cfg, model, optimizer)
+    hooks = adapter_hooks(cfg)
     metrics = ParquetLog(run_dir / "metrics.parquet", METRICS_SCHEMA)
     layer_log = ParquetLog(run_dir / "layers.parquet", LAYERS_SCHEMA)
     evals = ParquetLog(run_dir / "eval.parquet", EVAL_SCHEMA)
@@ -335,7 +369,8 @@ def _train_steps(cfg: RunConfig, plan: runs.RunPlan, model: nn.Module, task: Tas
     if resume_from:
         folder = runs.checkpoint_dir(run_dir, resume_from)
         runs.load_weights(model, folder)
-        progress = restore_state(runs.load_trainer_state(folder), optimizer, scheduler, perturbation, device)
+        progress = restore_state(runs.load_trainer_state(folder), model, optimizer, scheduler, perturbation, hooks,
+                                 device)
     for log in logs:
         log.load(keep_through_step=progress.step)  # drop rows logged after the checkpoint
 
@@ -355,7 +390,7 @@ def _train_steps(cfg: RunConfig, plan: runs.RunPlan, model: nn.Module, task: Tas
     def checkpoint() -> None:
         save("running")  # logs on disk cover every step up to the checkpoint before it exists
         with perturbation.unperturbed(model):
-            state = checkpoint_state(progress, optimizer, scheduler, perturbation, device)
+            state = checkpoint_state(progress, model, optimizer, scheduler, perturbation, hooks, device)
             runs.save_checkpoint(run_dir, progress.step, model, state, keep=cfg.keep_checkpoints)
 
     def run_eval() -> None:
@@ -375,25 +410,16 @@ def _train_steps(cfg: RunConfig, plan: runs.RunPlan, model: nn.Module, task: Tas
                 save("running")
             while progress.step < cfg.steps:
                 step_started = time.perf_counter()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
+                reset_peak_memory(device)
                 indices = order.indices(progress.examples, examples_per_step)
                 micro_batches = [to_device(task.collate([task.train[i] for i in indices[k : k + cfg.batch_size]]), device)
                                  for k in range(0, examples_per_step, cfg.batch_size)]
-                n_terms = sum(n_loss_terms(b, task.kind) for b in micro_batches)
-                loss_fn = step_loss_fn(task.kind, n_terms)
                 lr = scheduler.get_last_lr()[0]
-
-                loss = sum(perturbation.forward_backward(model, batch, loss_fn) for batch in micro_batches)
-                perturbation.on_accumulated_grad(model, optimizer)
-                grads = [p.grad for p in params if p.grad is not None]
-                if cfg.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                else:
-                    grad_norm = total_norm(grads)
+                loss = accumulate_gradients(model, micro_batches, task.kind, perturbation, hooks, optimizer)
                 layer_rows = []
                 if cfg.layer_metrics_every and (progress.step + 1) % cfg.layer_metrics_every == 0:
-                    layer_rows = _layer_rows(layers, perturbation, progress.step + 1)
+                    layer_rows = _layer_rows(layers, perturbation, progress.step + 1)  # before clipping
+                grad_norm = clip_gradients(params, cfg.max_grad_norm)
                 loss_value, grad_norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()
 
                 row: dict[str, Any] = {"step": progress.step + 1, "loss": loss_value, "lr": lr,
@@ -410,6 +436,7 @@ def _train_steps(cfg: RunConfig, plan: runs.RunPlan, model: nn.Module, task: Tas
                 before = snapshot(params) if cfg.instrument else None
                 optimizer.step()
                 scheduler.step()
+                hooks.after_optimizer_step(model, progress.step)
                 optimizer.zero_grad(set_to_none=True)
                 perturbation.after_optimizer_step(model, optimizer)
                 if cfg.instrument:
@@ -460,7 +487,7 @@ def _layer_rows(layers: dict[str, list[torch.Tensor]], perturbation, step: int) 
     per_layer_perturbation = perturbation.layer_metrics()
     names = list(layers)
     grad_norms = torch.stack([
-        total_norm([p.grad for p in layers[name] if p.grad is not None] or [torch.zeros(1)]) for name in names
+        global_norm([p.grad for p in layers[name] if p.grad is not None] or [torch.zeros(1)]) for name in names
     ]).tolist()
     return [{"step": step, "layer": name, "grad_norm": norm, **per_layer_perturbation.get(name, {})}
             for name, norm in zip(names, grad_norms)]

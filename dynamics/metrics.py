@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 # metrics.parquet, one row per optimizer step (DESIGN.md). Units: loss in nats per target token
 # (causal LM) or per example (classification); norms are global L2 norms over trainable
 # parameters; step_time_s wall seconds of forward/backward + optimizer step; peak_mem_mb the peak
-# CUDA allocation during the step on GPU, the process's peak resident set on CPU.
+# CUDA allocation during the step on GPU, the process's peak resident set during the step on CPU.
 METRICS_SCHEMA = pa.schema(
     [
         ("step", pa.int64()),  # optimizer steps done, 1-based

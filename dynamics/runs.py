@@ -236,7 +236,18 @@ def save_weights(model, folder: Path) -> None:
     from safetensors.torch import save_model
 
     if hasattr(model, "peft_config"):
-        model.save_pretrained(folder)
+        config = model.peft_config[model.active_adapter]
+        rank_pattern = getattr(config, "rank_pattern", None)
+        # AdaLoRA: peft saves weights cut down to its rank pattern; keep them full size (pruned ranks
+        # are zeroed in E) so a resume continues the very tensors the optimizer state belongs to,
+        # and PeftModel.from_pretrained still loads them. The pattern is in trainer_state.pt.
+        if rank_pattern:
+            config.rank_pattern = None
+        try:
+            model.save_pretrained(folder)
+        finally:
+            if rank_pattern:
+                config.rank_pattern = rank_pattern
     else:
         save_model(model, str(folder / "model.safetensors"))
 

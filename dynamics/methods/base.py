@@ -85,8 +85,64 @@ class NoPerturbation:
         return None
 
 
-def make_perturbation(cfg: RunConfig, model: nn.Module) -> Perturbation:
-    """The perturbation named by ``cfg.method`` (``ADAPTER+PERTURBATION``)."""
+def make_perturbation(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> Perturbation:
+    """The perturbation named by ``cfg.method`` (``ADAPTER+PERTURBATION``), over ``model``'s
+    LoRA-family layers or trainable parameters; ``optimizer`` is where MGPO reads its momentum."""
+    from dynamics.methods.layers import adapter_layers
+    from dynamics.methods.mgpo import MGPO, MomentumSAM
+    from dynamics.methods.noise import RandomWeightNoise, linear_weights
+    from dynamics.methods.sam import SAM
+
+    cfg = cfg.resolved()
+    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.perturbation is None:
         return NoPerturbation()
-    raise ValueError(f"--method {cfg.method}: perturbation {cfg.perturbation} is not available")
+    if cfg.perturbation in ("mgpo", "mgpo-noapn"):
+        return MGPO(adapter_layers(model), optimizer, rho=cfg.rho, beta=cfg.beta, apn=cfg.perturbation == "mgpo",
+                    apn_cap=cfg.apn_cap, eps=cfg.apn_eps, clean_loss_every=cfg.clean_loss_every,
+                    application=cfg.perturb_application, method=cfg.method)
+    if cfg.perturbation == "msam":
+        return MomentumSAM(params, optimizer, rho=cfg.rho, clean_loss_every=cfg.clean_loss_every, method=cfg.method)
+    if cfg.perturbation == "sam":
+        return SAM(params, rho=cfg.rho)
+    if cfg.adapter == "full":
+        return RandomWeightNoise(rho=cfg.rho, total_steps=cfg.steps, seed=cfg.seed, weights=linear_weights(model),
+                                 clean_loss_every=cfg.clean_loss_every)
+    return RandomWeightNoise(rho=cfg.rho, total_steps=cfg.steps, seed=cfg.seed, layers=adapter_layers(model),
+                             clean_loss_every=cfg.clean_loss_every)
+
+
+def global_norm(tensors) -> torch.Tensor:
+    """L2 norm over all entries of ``tensors`` (a 0-d tensor, no host sync), accumulated in float32
+    or in float64 for float64 tensors."""
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros(())
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]))
+
+
+class CleanLoss:
+    """``loss_clean`` of one step, summed over its micro-batches: taken from an unperturbed pass when
+    there is one, or measured by an extra no-grad forward every ``every`` steps (0: never)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.total: torch.Tensor | None = None
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.total = loss if self.total is None else self.total + loss
+
+    def measure(self, model: nn.Module, batch, loss_fn: LossFn) -> None:
+        with torch.no_grad():
+            self.add(loss_fn(model, batch))
+
+    def value(self) -> float | None:
+        return float(self.total) if self.total is not None else None
+
+    def reset(self) -> None:
+        self.total = None

@@ -1,0 +1,78 @@
+"""SAM (Foret et al. 2021): two forward/backward passes per micro-batch.
+
+    g  = grad L(theta)                       first pass; its loss is ``loss_clean``, for free
+    e  = rho g / (||g||_2 + eps)             global norm over the trainable parameters
+    g~ = grad L(theta + e)                   second pass: the gradient the optimizer uses
+
+``theta`` is restored from an exact copy after the second pass (not by subtracting e), as in
+davda54/sam. With gradient accumulation each micro-batch takes its own ascent step from its own
+gradient (SAM's m-sharpness with m = the micro-batch size); the gradients of earlier
+micro-batches are set aside during the two passes and added back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from dynamics.methods.base import CleanLoss, global_norm
+from dynamics.methods.mgpo import exact_restore
+
+
+class SAM:
+    def __init__(self, params: list[torch.Tensor], *, rho: float, eps: float = 1e-12) -> None:
+        self.params = params
+        self.rho, self.eps = rho, eps
+        self.loss_clean = CleanLoss(every=0)  # fed by the first pass, every step
+        self._perturb_norm: torch.Tensor | None = None
+
+    def forward_backward(self, model: nn.Module, batch, loss_fn) -> torch.Tensor:
+        accumulated = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        clean = loss_fn(model, batch)
+        clean.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grad_norm = global_norm(grads)
+        ascent = torch._foreach_mul(grads, self.rho / (grad_norm + self.eps))
+        for p in self.params:
+            p.grad = None
+        with exact_restore(self.params):
+            with torch.no_grad():
+                torch._foreach_add_(self.params, ascent)
+            loss = loss_fn(model, batch)
+            loss.backward()
+        for p, earlier in zip(self.params, accumulated):
+            if earlier is not None:
+                p.grad = earlier if p.grad is None else p.grad.add_(earlier)
+        self.loss_clean.add(clean)
+        step_norm = global_norm(ascent)
+        self._perturb_norm = step_norm if self._perturb_norm is None else torch.maximum(self._perturb_norm, step_norm)
+        return loss.detach()
+
+    def on_accumulated_grad(self, model, optimizer) -> None:
+        return None
+
+    def after_optimizer_step(self, model, optimizer) -> None:
+        self._perturb_norm = None
+        self.loss_clean.reset()
+
+    @contextlib.contextmanager
+    def unperturbed(self, model) -> Iterator[None]:
+        yield
+
+    def step_metrics(self) -> dict[str, float | None]:
+        return {"loss_clean": self.loss_clean.value(),
+                "perturb_norm": float(self._perturb_norm) if self._perturb_norm is not None else None}
+
+    def layer_metrics(self) -> dict[str, dict[str, float]]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None

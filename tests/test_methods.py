@@ -1,0 +1,349 @@
+"""Perturbation methods and peft adapters: formulas against numpy, exactness, and behaviour."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import dynamics
+from dynamics import runs
+from dynamics.config import ConfigError, RunConfig
+from dynamics.methods.base import make_perturbation
+from dynamics.methods.layers import LowRank, adapter_layers
+from dynamics.methods.mgpo import MGPO, check_first_moment
+from dynamics.methods.noise import NoiseDelta, ramp
+from dynamics.methods.sam import SAM
+from dynamics.methods.weight_perturbation import LowRankDelta, perturbed_base_layers
+from dynamics.models import build_model
+
+PERTURBED = ["lora+mgpo", "lora+mgpo-noapn", "lora+msam", "lora+sam", "lora+noise", "full+msam", "full+sam",
+             "full+noise"]
+
+
+def tiny_run(tiny, method, **overrides):
+    lr = 3e-3 if method.startswith("full") else 3e-2
+    return dynamics.train(tiny(method=method, lr=lr, rho=0.05, **overrides))
+
+
+class TwoLinear(nn.Module):
+    """Hand-sized model for formula checks: two Linear layers, (B, 5) -> (B, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(5, 4)
+        self.down = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def peft_model(adapter="lora", r=2, alpha=3.0, dtype=torch.float64):
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = TwoLinear().to(dtype)
+    if adapter == "adalora":
+        config = AdaLoraConfig(init_r=r, target_r=r, lora_alpha=alpha, target_modules=["up", "down"], total_step=10)
+    else:
+        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=["up", "down"], use_rslora=adapter == "rslora")
+    model = get_peft_model(base, config)
+    with torch.no_grad():  # non-zero B and E so that every term of the formulas is exercised
+        for name, p in model.named_parameters():
+            if any(f".lora_{role}." in name for role in "ABE"):
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+def numpy_params(layer):
+    return {k: v.detach().numpy() for k, v in layer.parameters().items()}
+
+
+@pytest.mark.parametrize("adapter", ["lora", "rslora", "adalora"])
+def test_change_along_a_tangent_matches_numpy(adapter):
+    model = peft_model(adapter)
+    layer = adapter_layers(model)[0]
+    p = numpy_params(layer)
+    rng = np.random.default_rng(0)
+    tangent = {k: rng.standard_normal(v.shape) for k, v in p.items()}
+    change = layer.change_along({k: torch.tensor(v) for k, v in tangent.items()})
+    if adapter == "adalora":
+        k = 3.0 / (2 + 1e-5)  # scaling alpha / (ranknum + 1e-5)
+        expected = k * (tangent["B"] @ (p["A"] * p["E"]) + p["B"] @ (tangent["A"] * p["E"] + p["A"] * tangent["E"]))
+    else:
+        s = 3.0 / 2 if adapter == "lora" else 3.0 / math.sqrt(2)
+        expected = s * (tangent["B"] @ p["A"] + p["B"] @ tangent["A"])
+    np.testing.assert_allclose(change.dense().numpy(), expected, rtol=1e-12)  # float64 model: float64 factors
+    np.testing.assert_allclose(float(change.frobenius_norm()), np.linalg.norm(expected), rtol=1e-12)
+
+
+def test_mgpo_perturbation_and_apn_match_the_equations():
+    model = peft_model()
+    layers = adapter_layers(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.8, 0.999))
+    mgpo = MGPO(layers, optimizer, rho=0.05, beta=0.8, apn=True, apn_cap=10.0, eps=1e-12, clean_loss_every=0)
+    rng = np.random.default_rng(1)
+    grads_by_step = []
+    for _ in range(2):  # two accumulated gradients: g_ema takes the first as is, then the EMA
+        grads = {id(p): rng.standard_normal(tuple(p.shape)) for p in params}
+        for p in params:
+            p.grad = torch.tensor(grads[id(p)])
+        mgpo.on_accumulated_grad(model, optimizer)
+        grads_by_step.append(grads)
+    for layer in layers:
+        p = numpy_params(layer)
+        ids = {role: id(t) for role, t in layer.parameters().items()}
+        norms = [np.linalg.norm(1.5 * (g[ids["B"]] @ p["A"] + p["B"] @ g[ids["A"]])) for g in grads_by_step]
+        torch.testing.assert_close(float(mgpo.state.grad_ema[layer.name]), 0.8 * norms[0] + 0.2 * norms[1], rtol=1e-12,
+                                   atol=0)
+    optimizer.step()  # creates exp_avg
+    mgpo.after_optimizer_step(model, optimizer)
+    deltas = mgpo.step_deltas()
+    for layer in layers:
+        p = numpy_params(layer)
+        m = {role: optimizer.state[t]["exp_avg"].numpy() for role, t in layer.parameters().items()}
+        d = 1.5 * (m["B"] @ p["A"] + p["B"] @ m["A"])
+        c = min(1 / (float(mgpo.state.grad_ema[layer.name]) + 1e-12), 10.0)
+        expected = -0.05 * c * d / (np.linalg.norm(d) + 1e-12)
+        np.testing.assert_allclose(deltas[layer.name].dense().numpy(), expected, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(float(deltas[layer.name].frobenius_norm()), 0.05 * c, rtol=1e-10)
+
+
+def test_apn_scale_is_capped():
+    model = peft_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params)
+    mgpo = MGPO(adapter_layers(model), optimizer, rho=0.1, beta=0.9, apn=True, apn_cap=10.0, eps=1e-12,
+                clean_loss_every=0)
+    for p in params:
+        p.grad = torch.full_like(p, 1e-6)  # tiny gradients: 1 / g_ema would be huge
+    mgpo.on_accumulated_grad(model, optimizer)
+    optimizer.step()
+    mgpo.after_optimizer_step(model, optimizer)
+    norms = [float(d.frobenius_norm()) for d in mgpo.step_deltas().values()]
+    np.testing.assert_allclose(norms, [0.1 * 10.0] * len(norms), rtol=1e-6)
+
+
+def test_an_optimizer_without_first_moment_is_refused():
+    with pytest.raises(ValueError, match="keeps no first moment"):
+        check_first_moment(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), "lora+mgpo")
+    with pytest.raises(ValueError, match="keeps no first moment"):
+        check_first_moment(torch.optim.Adagrad([nn.Parameter(torch.zeros(1))]), "lora+mgpo")
+    check_first_moment(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9), "lora+mgpo")
+
+
+@pytest.mark.parametrize("application", ["dense", "lowrank", "auto"])
+def test_perturbed_forward_and_backward_equal_the_materialised_weights(application):
+    model = peft_model()
+    layers = adapter_layers(model)
+    rng = torch.Generator().manual_seed(3)
+    deltas = {layer.name: LowRank(torch.randn(layer.base.out_features, 4, generator=rng, dtype=torch.float64),
+                                  torch.randn(4, layer.base.in_features, generator=rng, dtype=torch.float64), 0.1)
+              for layer in layers}
+    x = torch.randn(7, 5, generator=rng, dtype=torch.float64)
+    weights_before = [layer.base.weight.clone() for layer in layers]
+
+    with perturbed_base_layers({layer.base: LowRankDelta(deltas[layer.name]) for layer in layers}, application):
+        out = model(x)
+    grads = torch.autograd.grad(out.square().sum(), [p for p in model.parameters() if p.requires_grad])
+
+    materialised = {f"{layer.name}.base_layer.weight".replace("base_model.model.", ""): layer.base.weight + deltas[
+        layer.name].dense() for layer in layers}
+    inner = model.base_model.model
+    expected_out = torch.func.functional_call(inner, materialised, (x,), strict=False)
+    expected = torch.autograd.grad(expected_out.square().sum(), [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for layer, before in zip(layers, weights_before):
+        assert torch.equal(layer.base.weight, before)
+        assert "forward" not in layer.base.__dict__
+
+
+def test_the_original_forward_comes_back_after_an_exception():
+    model = peft_model()
+    layer = adapter_layers(model)[0]
+    delta = LowRankDelta(LowRank(torch.zeros(4, 1, dtype=torch.float64), torch.zeros(1, 5, dtype=torch.float64)))
+    with pytest.raises(RuntimeError, match="boom"), perturbed_base_layers({layer.base: delta}):
+        raise RuntimeError("boom")
+    assert "forward" not in layer.base.__dict__
+
+
+def test_sam_gradient_on_a_quadratic_is_the_closed_form():
+    # L(theta) = 1/2 theta^T H theta - b^T theta;  SAM: g = H theta - b, e = rho g/||g||, grad at theta + e
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((6, 6))
+    H, b, theta0 = M @ M.T + np.eye(6), rng.standard_normal(6), rng.standard_normal(6)
+    theta = nn.Parameter(torch.tensor(theta0))
+    H_t, b_t = torch.tensor(H), torch.tensor(b)
+
+    def loss_fn(model, batch):
+        return 0.5 * theta @ H_t @ theta - b_t @ theta
+
+    sam = SAM([theta], rho=0.3)
+    loss = sam.forward_backward(None, None, loss_fn)
+    g = H @ theta0 - b
+    e = 0.3 * g / np.linalg.norm(g)
+    np.testing.assert_allclose(theta.grad.numpy(), H @ (theta0 + e) - b, rtol=1e-12)
+    np.testing.assert_allclose(float(loss), 0.5 * (theta0 + e) @ H @ (theta0 + e) - b @ (theta0 + e), rtol=1e-12)
+    np.testing.assert_allclose(sam.step_metrics()["loss_clean"], 0.5 * theta0 @ H @ theta0 - b @ theta0, rtol=1e-12)
+    assert np.array_equal(theta.detach().numpy(), theta0)  # restored exactly
+
+
+def test_sam_with_accumulation_adds_each_micro_batch_gradient():
+    theta = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    targets = [torch.tensor([0.0, 0.0], dtype=torch.float64), torch.tensor([3.0, 1.0], dtype=torch.float64)]
+    sam = SAM([theta], rho=0.0)
+    for target in targets:
+        sam.forward_backward(None, target, lambda model, t: ((theta - t) ** 2).sum())
+    expected = sum(2 * (theta.detach() - t) for t in targets)
+    torch.testing.assert_close(theta.grad, expected, rtol=0, atol=0)
+
+
+def test_noise_has_the_flat_lora_row_scale():
+    weight = torch.randn(300, 50, dtype=torch.float64)
+    sigma = 0.4 * 0.05 / math.sqrt(50) * torch.linalg.vector_norm(weight, dim=1)
+    delta = NoiseDelta(sigma, seed=7)
+    noise = delta.noise(torch.zeros(300, 50, dtype=torch.float64, requires_grad=False))
+    torch.testing.assert_close(noise, delta.noise(torch.zeros(300, 50, dtype=torch.float64)), rtol=0, atol=0)
+    empirical = noise.std(dim=1) / sigma
+    assert abs(float(empirical.mean()) - 1) < 0.03  # 300 rows x 50 draws
+    assert ramp(0, 100) == 0 and ramp(100, 100) == 1 and ramp(50, 100) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("method", ["lora+mgpo", "lora+msam", "lora+sam", "lora+noise", "full+msam", "full+sam"])
+def test_rho_zero_reproduces_the_unperturbed_losses_exactly(tiny, method):
+    adapter = method.split("+")[0]
+    plain = dynamics.train(tiny(method=adapter, lr=3e-2 if adapter == "lora" else 3e-3, run_id="plain"))
+    zero = dynamics.train(tiny(method=method, lr=3e-2 if adapter == "lora" else 3e-3, rho=0.0, run_id="zero"))
+    np.testing.assert_array_equal(zero.metrics["loss"].to_numpy(), plain.metrics["loss"].to_numpy())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_mgpo_never_changes_the_frozen_weights(tiny, dtype):
+    cfg = RunConfig(**tiny(method="lora+mgpo", rho=0.5, dtype=dtype))
+    model = build_model(cfg)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    from dynamics.data import load_task
+    from dynamics.loop import step_loss_fn
+    from dynamics.methods.adapters import make_optimizer
+
+    task = load_task(cfg)
+    optimizer = make_optimizer(cfg.resolved(), model)
+    mgpo = make_perturbation(cfg, model, optimizer)
+    perturb_norms = []
+    for step in range(100):
+        batch = task.collate(task.train[(4 * step) % 60 : (4 * step) % 60 + 4])
+        mgpo.forward_backward(model, batch, step_loss_fn("causal_lm", 20))
+        mgpo.on_accumulated_grad(model, optimizer)
+        perturb_norms.append(mgpo.step_metrics().get("perturb_norm"))
+        optimizer.step()
+        optimizer.zero_grad()
+        mgpo.after_optimizer_step(model, optimizer)
+    assert perturb_norms[0] is None and all(n > 0 for n in perturb_norms[1:])
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[name]), name
+
+
+@pytest.mark.parametrize("method", PERTURBED)
+def test_every_perturbation_logs_its_quantities(tiny, method):
+    run = tiny_run(tiny, method, steps=12, clean_loss_every=5)
+    metrics = run.metrics
+    assert run.summary["status"] == "completed"
+    assert (metrics["perturb_norm"].iloc[1:] > 0).all()  # step 1 of mgpo/msam has no momentum yet
+    perturbation = method.split("+")[1]
+    if perturbation == "sam":
+        assert metrics["loss_clean"].notna().all()  # free from the first pass
+    else:
+        assert metrics.loc[metrics["step"].isin([1, 6, 11]), "loss_clean"].notna().all()
+        assert metrics.loc[metrics["step"].isin([3, 4, 8]), "loss_clean"].isna().all()
+    if perturbation in ("mgpo", "mgpo-noapn"):
+        assert metrics[["grad_ema", "apn_scale"]].iloc[1:].notna().all().all()
+        assert (metrics["apn_scale"].iloc[1:] == 1.0).all() == (perturbation == "mgpo-noapn")
+        layers = run.layers
+        assert layers[["grad_ema", "apn_scale", "perturb_norm"]].notna().all().all()
+        # the global norm is the root sum of squares of the per-layer norms
+        last = layers[layers["step"] == 12]
+        assert metrics["perturb_norm"].iloc[-1] == pytest.approx(float(np.sqrt((last["perturb_norm"] ** 2).sum())))
+    else:
+        assert metrics[["grad_ema", "apn_scale"]].isna().all().all()
+
+
+@pytest.mark.parametrize("method", PERTURBED + ["adalora+mgpo", "dora+mgpo", "loraplus+noise", "rslora+msam",
+                                                "pissa+sam", "adalora"])
+def test_resume_is_bit_identical_for_every_method(tiny, tmp_path, method):
+    settings = tiny(method=method, lr=3e-3 if method.startswith("full") else 3e-2, rho=0.05, steps=12,
+                    checkpoint_every=4, keep_checkpoints=0, eval_every=0)
+    resume_from = 4
+    if method.startswith("adalora"):
+        # resume after AdaLoRA's final rank allocation (step 24 of 30), when its pattern is fixed
+        settings.update(steps=30, checkpoint_every=9)
+        resume_from = 27
+    reference = dynamics.train(settings)
+    crashed = dynamics.train({**settings, "runs_dir": str(tmp_path / "crashed")})
+    for step in runs.checkpoint_steps(crashed.path):
+        if step > resume_from:
+            runs.shutil.rmtree(runs.checkpoint_dir(crashed.path, step))
+    runs.update_summary(crashed.path, status="failed")
+    resumed = dynamics.train({**settings, "runs_dir": str(tmp_path / "crashed"), "resume": True})
+    columns = ["step", "loss", "loss_clean", "grad_norm", "perturb_norm", "grad_ema", "apn_scale"]
+    pd.testing.assert_frame_equal(resumed.metrics[columns], reference.metrics[columns], check_exact=True)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "rslora", "dora", "pissa", "loraplus", "adalora"])
+def test_each_adapter_trains_and_its_checkpoint_loads_in_peft(tiny, adapter):
+    run = dynamics.train(tiny(method=adapter, lr=3e-2, steps=40, batch_size=16, n_train=256, eval_every=0))
+    loss = run.metrics["loss"]
+    assert loss.tail(5).mean() < 0.9 * loss.head(5).mean()
+    cfg = RunConfig(**tiny(method=adapter))
+    ours = build_model(cfg)
+    runs.load_weights(ours, run.checkpoints[-1])
+    x = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        logits = ours(input_ids=x).logits
+    if adapter != "pissa":  # a PiSSA adapter is relative to the SVD residual of W0, which build_model recomputes
+        from peft import PeftModel
+
+        theirs = PeftModel.from_pretrained(dynamics.models.tiny_llama(seed=0), run.checkpoints[-1])
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(input_ids=x).logits, logits, rtol=1e-5, atol=1e-5)
+    merged = build_model(cfg)  # peft's own merged forward of the same adapter
+    runs.load_weights(merged, run.checkpoints[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.merge_and_unload()(input_ids=x).logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_adalora_layers_are_perturbed_not_skipped(tiny):
+    model = build_model(RunConfig(**tiny(method="adalora+mgpo")))
+    layers = adapter_layers(model)
+    assert layers and all(layer.is_adalora for layer in layers)
+    assert len(layers) == 2 * 7  # every linear layer of the two blocks
+
+
+def test_lora_plus_gives_b_a_larger_learning_rate(tiny):
+    from dynamics.methods.adapters import make_optimizer
+
+    cfg = RunConfig(**tiny(method="loraplus", loraplus_ratio=8)).resolved()
+    model = build_model(cfg)
+    optimizer = make_optimizer(cfg, model)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            assert lr_of[id(p)] == pytest.approx(8 * cfg.lr)
+        elif ".lora_A." in name:
+            assert lr_of[id(p)] == pytest.approx(cfg.lr)
+
+
+@pytest.mark.parametrize(("method", "message"), [
+    ("full+mgpo", "--method full+mgpo: adapter full has no low-rank merged weight space for mgpo; use full+msam"),
+    ("lora+magic", "--method lora+magic: perturbation must be one of mgpo, mgpo-noapn, msam, sam, noise"),
+    ("qlora+mgpo", "--method qlora+mgpo: adapter must be one of full, lora, rslora, dora, pissa, loraplus, adalora"),
+])
+def test_combinations_that_make_no_sense_are_refused(method, message):
+    with pytest.raises(ConfigError) as info:
+        RunConfig(method=method)
+    assert str(info.value).startswith(message)
