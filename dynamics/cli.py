@@ -13,7 +13,7 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from dynamics.config import ConfigError, ConfigWarning, RunConfig, config_fields, flag, read_toml
 
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="run one instrumented training",
                                 description="Run (or resume) one instrumented training; writes runs/<run_id>/. "
-                                            "Exit status: 0 completed, 1 failed, 2 bad input, 3 diverged, 130 interrupted.")
+                                            "Exit status: 0 completed, 1 failed, 2 bad input, 3 diverged, "
+                                            "130 interrupted.")
     train.add_argument("--config", metavar="FILE", help="TOML file of config keys (flags given here win)")
     add_config_flags(train)
 

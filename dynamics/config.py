@@ -112,7 +112,8 @@ class RunConfig:
     # Data sizes and evaluation.
     n_train: int | None = _field(None, "training examples (default: 2000 for gsm, 2048 for tiny, all for bbc)")
     n_eval: int = _field(64, "held-out examples for the eval loss / accuracy")
-    n_eval_generate: int = _field(16, "held-out gsm/tiny problems (the first of the eval set, at most n_eval) scored by greedy decoding (0: off)")
+    n_eval_generate: int = _field(16, "held-out gsm/tiny problems (the first of the eval set, at most n_eval) "
+                                      "scored by greedy decoding (0: off)")
     max_new_tokens: int = _field(256, "generation budget for exact-match evaluation")
     eval_every: int = _field(50, "evaluate every N steps, and at the start and the end (0: start and end only)")
     # Instrumentation and robustness.
@@ -121,14 +122,17 @@ class RunConfig:
     layer_metrics_every: int = _field(10, "write per-layer rows to layers.parquet every N steps (0: off)")
     instrument: bool = _field(True, "log norms (grad, param, update, momentum); off only to measure overhead")
     # Numerics and hardware.
-    dtype: str = _field("auto", "weight dtype: auto is bf16 on a GPU that supports it, else fp32", ("auto", "fp32", "bf16"))
+    dtype: str = _field("auto", "weight dtype: auto is bf16 on a GPU that supports it, else fp32",
+                        ("auto", "fp32", "bf16"))
     device: str = _field("auto", "compute device", ("auto", "cpu", "cuda"))
-    attn: str = _field("sdpa", "attention kernel; eager is needed for Hessian-vector products on CPU", ("sdpa", "eager"))
+    attn: str = _field("sdpa", "attention kernel; eager is needed for Hessian-vector products on CPU",
+                       ("sdpa", "eager"))
     threads: int = _field(0, "CPU threads for torch (0: torch's default)", control=True)
     # Run control: where and how, not what (not part of the run id).
     runs_dir: str = _field("runs", "folder that holds run folders", control=True)
     run_id: str | None = _field(None, "run folder name (default: method-rank-lr-seed-hash of the config)", control=True)
-    resume: bool = _field(False, "continue the run from its last checkpoint (starts it if it does not exist)", control=True)
+    resume: bool = _field(False, "continue the run from its last checkpoint (starts it if it does not exist)",
+                          control=True)
     overwrite: bool = _field(False, "replace an existing run folder", control=True)
     progress: bool = _field(True, "show a progress bar", control=True)
 
@@ -283,13 +287,15 @@ def _validate(cfg: RunConfig) -> None:
     _check(len(parts) in (1, 2) and all(parts), "method", cfg.method, "must be ADAPTER or ADAPTER+PERTURBATION")
     _check(parts[0] in ADAPTERS, "method", cfg.method, "adapter must be one of " + ", ".join(ADAPTERS))
     if len(parts) == 2:
-        _check(parts[1] in PERTURBATIONS, "method", cfg.method, "perturbation must be one of " + ", ".join(PERTURBATIONS))
+        _check(parts[1] in PERTURBATIONS, "method", cfg.method,
+               "perturbation must be one of " + ", ".join(PERTURBATIONS))
         if parts[0] == "full" and parts[1] in WEIGHT_SPACE_PERTURBATIONS:
             raise ConfigError(f"--method {cfg.method}: adapter full has no low-rank merged weight space for "
                               f"{parts[1]}; use full+msam, full+sam or full+noise, or {parts[1]} with one of "
                               + ", ".join(LORA_FAMILY))
     model_ok = cfg.model in BUILTIN_MODELS or Path(cfg.model).is_dir() or bool(_HUB_ID.match(cfg.model))
-    _check(model_ok, "model", cfg.model, "must be one of " + ", ".join(BUILTIN_MODELS) + ", a local folder, or a Hugging Face id org/name")
+    _check(model_ok, "model", cfg.model,
+           "must be one of " + ", ".join(BUILTIN_MODELS) + ", a local folder, or a Hugging Face id org/name")
     if cfg.model in ENCODER_MODELS and cfg.task_kind == "causal_lm":
         raise ConfigError(f"--model {cfg.model} --task {cfg.task}: an encoder cannot generate; use --task bbc")
     if cfg.model in TOKENIZER_FREE_MODELS and cfg.task != "tiny":
@@ -303,10 +309,11 @@ def _validate(cfg: RunConfig) -> None:
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be an integer >= 1")
     _check(cfg.grad_accum >= 1, "grad_accum", cfg.grad_accum, "must be an integer >= 1")
     _check(cfg.seq_len >= 8, "seq_len", cfg.seq_len, "must be an integer >= 8")
-    _check(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be a number >= 0")
+    _check(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay,
+           "must be a number >= 0")
     _check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
-    _check(cfg.schedule in ("cosine", "linear", "constant"), "schedule", cfg.schedule, "must be one of cosine, linear, constant")
-    _check(math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max_grad_norm", cfg.max_grad_norm, "must be a number >= 0 (0: no clipping)")
+    _check(math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max_grad_norm", cfg.max_grad_norm,
+           "must be a number >= 0 (0: no clipping)")
     _check(cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")
     _check(cfg.data_seed >= 0, "data_seed", cfg.data_seed, "must be an integer >= 0")
     if cfg.rho is not None:

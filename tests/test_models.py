@@ -50,7 +50,8 @@ def test_smollm2_gsm_lora_end_to_end(tmp_path):
 
 def test_minilm_bbc_classification_end_to_end(tmp_path):
     run = dynamics.train(dict(model="minilm-l6", task="bbc", method="lora", rank=8, alpha=16, lr=1e-3,
-                              steps=3, batch_size=4, seq_len=64, n_train=24, n_eval=8, eval_every=0, layer_metrics_every=1,
+                              steps=3, batch_size=4, seq_len=64, n_train=24, n_eval=8, eval_every=0,
+                              layer_metrics_every=1,
                               runs_dir=str(tmp_path), progress=False))
     assert run.summary["status"] == "completed"
     assert math.log(5) - 0.5 < run.metrics["loss"].iloc[0] < math.log(5) + 0.5  # a new 5-way head

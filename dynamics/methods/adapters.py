@@ -4,14 +4,15 @@ LoRA goes on every linear layer except embeddings, norms and the output/classifi
 (paper Sec. 4); peft's ``all-linear`` shorthand drops the LM head and, with ``task_type=SEQ_CLS``,
 the classifier, which it trains in full instead.
 
-| adapter   | peft                                              | scaling s        |
-| --------- | ------------------------------------------------- | ---------------- |
-| lora      | LoraConfig                                         | alpha / r        |
-| rslora    | LoraConfig(use_rslora=True)                        | alpha / sqrt(r)  |
-| dora      | LoraConfig(use_dora=True)                          | alpha / r        |
-| pissa     | LoraConfig(init_lora_weights="pissa"): A, B from the top-r SVD of W0, W0 replaced by the residual | alpha / r |
-| loraplus  | LoraConfig + ``create_loraplus_optimizer`` (lr of B = ``loraplus_ratio`` x lr of A) | alpha / r |
-| adalora   | AdaLoraConfig: init rank ceil(1.5 r) pruned to an average of r by SVD-importance, with its orthogonality regulariser | alpha / ranknum |
+- lora: ``LoraConfig``; scaling s = alpha / r.
+- rslora: ``LoraConfig(use_rslora=True)``; s = alpha / sqrt(r).
+- dora: ``LoraConfig(use_dora=True)``; s = alpha / r, times DoRA's magnitude normalisation.
+- pissa: ``LoraConfig(init_lora_weights="pissa")``: A, B from the top-r SVD of W0, which keeps the
+  residual; s = alpha / r.
+- loraplus: ``LoraConfig`` plus peft's ``create_loraplus_optimizer`` (B's learning rate is
+  ``loraplus_ratio`` times A's); s = alpha / r.
+- adalora: ``AdaLoraConfig``: rank ceil(1.5 r) per layer pruned to an average of r by SVD
+  importance, with its orthogonality regulariser; s = alpha / ranknum.
 """
 
 from __future__ import annotations

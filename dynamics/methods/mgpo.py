@@ -136,7 +136,8 @@ class MGPO:
                 continue
             norm = layer.change_along(grads).frobenius_norm()
             previous = self.state.grad_ema.get(layer.name)
-            self.state.grad_ema[layer.name] = norm if previous is None else self.beta * previous + (1 - self.beta) * norm
+            ema = norm if previous is None else self.beta * previous + (1 - self.beta) * norm
+            self.state.grad_ema[layer.name] = ema
 
     def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.state = self.state._replace(steps=self.state.steps + 1)

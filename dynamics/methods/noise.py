@@ -77,7 +77,8 @@ class RandomWeightNoise:
 
     def _merged_weights(self) -> dict[str, torch.Tensor]:
         if self.layers is not None:
-            return {layer.name: layer.base.weight.detach().float() + layer.delta_weight().float() for layer in self.layers}
+            return {layer.name: layer.base.weight.detach().float() + layer.delta_weight().float()
+                    for layer in self.layers}
         return {name: w.detach().float() for name, w in self.weights.items()}
 
     def step_deltas(self) -> dict[str, NoiseDelta]:
