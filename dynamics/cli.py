@@ -60,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE", help="TOML file of config keys (flags given here win)")
     add_config_flags(train)
 
+    analyze = commands.add_parser("analyze", help="double-descent phases and Hessian sharpness of runs",
+                                  description="Write phases.parquet and sharpness.parquet in each run folder "
+                                              "and print a table.")
+    analyze.add_argument("paths", nargs="+", metavar="RUN_OR_RUNS_DIR", help="run folders or folders of runs")
+    analyze.add_argument("--curve", default="loss", help="metrics column to segment: loss or loss_clean "
+                                                         "(default: loss)")
+    analyze.add_argument("--checkpoints", default="last", help="where to measure sharpness: last, all, or "
+                                                               "comma-separated steps (default: last)")
+    analyze.add_argument("--no-sharpness", dest="sharpness", action="store_false", help="phases only")
+    analyze.add_argument("--k", default="1", help="top eigenvalues to compute (default: 1)")
+    analyze.add_argument("--batches", default="1", help="eval batches in the loss (default: 1)")
+    analyze.add_argument("--tol", default="1e-3", help="Lanczos residual tolerance, relative (default: 1e-3)")
+    analyze.add_argument("--max-iter", default="100", help="at most this many Hessian-vector products (default: 100)")
+    analyze.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                         help="a phase-detection threshold (see dynamics.analysis.PhaseThresholds); repeatable")
+
     table = commands.add_parser("runs", help="table of runs under a folder")
     table.add_argument("runs_dir", nargs="?", default="runs", help="folder of run folders (default: runs)")
     return parser
@@ -119,6 +135,34 @@ def describe(run) -> str:
     return "\n".join(lines)
 
 
+def _number(flag_name: str, raw: str, kind: type, minimum: float) -> float:
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not value >= minimum:
+        raise ConfigError(f"--{flag_name} {raw}: must be {'an integer' if kind is int else 'a number'} >= {minimum}")
+    return value
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from dynamics.analyze import analyze_paths
+
+    thresholds = {}
+    for item in args.threshold:
+        name, _, raw = item.partition("=")
+        thresholds[name] = _number(f"threshold {name}", raw, float, float("-inf"))
+    options = dict(k=int(_number("k", args.k, int, 1)), n_batches=int(_number("batches", args.batches, int, 1)),
+                   tol=_number("tol", args.tol, float, 0), max_iter=int(_number("max-iter", args.max_iter, int, 1)))
+    table = analyze_paths(args.paths, curve=args.curve, sharpness=args.sharpness, checkpoints=args.checkpoints,
+                          **options, **thresholds)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -131,7 +175,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"no runs under {args.runs_dir}")
         return 0
     frame["steps"] = frame["steps_done"].astype("Int64").astype(str) + "/" + frame["steps"].astype(str)
-    columns = ["run_id", "method", "rank", "lr", "seed", "status", "steps", "final_loss", "eval_loss", "eval_metric"]
+    columns = ["run_id", "method", "rank", "lr", "seed", "status", "steps", "final_loss", "eval_loss", "eval_metric",
+               "double_descent", "top_eigenvalue"]
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(frame[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     return 0
@@ -147,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.simplefilter("always", ConfigWarning)
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "runs": cmd_runs}[args.command](args)
+        return {"train": cmd_train, "runs": cmd_runs, "analyze": cmd_analyze}[args.command](args)
     except ConfigError as error:
         print(f"dynamics {args.command}: {error}", file=sys.stderr)
         return 2

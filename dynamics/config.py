@@ -121,6 +121,9 @@ class RunConfig:
     keep_checkpoints: int = _field(3, "checkpoints kept on disk, newest first (0: keep all)")
     layer_metrics_every: int = _field(10, "write per-layer rows to layers.parquet every N steps (0: off)")
     instrument: bool = _field(True, "log norms (grad, param, update, momentum); off only to measure overhead")
+    sharpness_every: int = _field(0, "log the Hessian's top eigenvalue(s) to sharpness.parquet every N steps (0: off)")
+    sharpness_k: int = _field(1, "how many top Hessian eigenvalues --sharpness-every measures")
+    sharpness_batches: int = _field(1, "eval batches (of batch_size examples) in the loss whose Hessian is measured")
     # Numerics and hardware.
     dtype: str = _field("auto", "weight dtype: auto is bf16 on a GPU that supports it, else fp32",
                         ("auto", "fp32", "bf16"))
@@ -326,13 +329,15 @@ def _validate(cfg: RunConfig) -> None:
     _check(math.isfinite(cfg.apn_eps) and cfg.apn_eps > 0, "apn_eps", cfg.apn_eps, "must be a positive number")
     _check(math.isfinite(cfg.loraplus_ratio) and cfg.loraplus_ratio > 0, "loraplus_ratio", cfg.loraplus_ratio,
            "must be a positive number")
+    _check(cfg.sharpness_k >= 1, "sharpness_k", cfg.sharpness_k, "must be an integer >= 1")
+    _check(cfg.sharpness_batches >= 1, "sharpness_batches", cfg.sharpness_batches, "must be an integer >= 1")
     if cfg.n_train is not None:
         _check(cfg.n_train >= 1, "n_train", cfg.n_train, "must be an integer >= 1")
     _check(cfg.n_eval >= 0, "n_eval", cfg.n_eval, "must be an integer >= 0")
     _check(cfg.n_eval_generate >= 0, "n_eval_generate", cfg.n_eval_generate, "must be an integer >= 0")
     _check(cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "must be an integer >= 1")
     for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "layer_metrics_every", "threads",
-                 "clean_loss_every"):
+                 "clean_loss_every", "sharpness_every"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be an integer >= 0")
     for name in ("schedule", "dtype", "device", "attn", "perturb_application"):
         choices = next(f for f in dataclasses.fields(cfg) if f.name == name).metadata["choices"]
@@ -363,6 +368,9 @@ def ineffective_settings(cfg: RunConfig) -> list[str]:
         unused["apn_cap"] = "method mgpo-noapn (no APN)"
     if cfg.perturbation == "sam":
         unused["clean_loss_every"] = "method sam (its first pass gives loss_clean every step)"
+    if not cfg.sharpness_every:
+        for name in ("sharpness_k", "sharpness_batches"):
+            unused[name] = "--sharpness-every 0"
     if cfg.adapter != "loraplus":
         unused["loraplus_ratio"] = f"method {cfg.method} (only loraplus uses it)"
     if cfg.task_kind == "classification":

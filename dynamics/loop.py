@@ -30,7 +30,7 @@ from dynamics.data import IGNORE_INDEX, Example, TaskData, load_task, n_loss_ter
 from dynamics.methods import make_perturbation
 from dynamics.methods.adapters import adapter_hooks, make_optimizer
 from dynamics.methods.base import global_norm
-from dynamics.metrics import EVAL_SCHEMA, LAYERS_SCHEMA, METRICS_SCHEMA, ParquetLog
+from dynamics.metrics import EVAL_SCHEMA, LAYERS_SCHEMA, METRICS_SCHEMA, SHARPNESS_SCHEMA, ParquetLog
 from dynamics.models import build_model, load_tokenizer, resolve_device, resolve_dtype, trainable_parameters
 
 
@@ -361,7 +361,8 @@ def _train_steps(cfg: RunConfig, plan: runs.RunPlan, model: nn.Module, task: Tas
     metrics = ParquetLog(run_dir / "metrics.parquet", METRICS_SCHEMA)
     layer_log = ParquetLog(run_dir / "layers.parquet", LAYERS_SCHEMA)
     evals = ParquetLog(run_dir / "eval.parquet", EVAL_SCHEMA)
-    logs = (metrics, layer_log, evals)
+    sharpness = ParquetLog(run_dir / "sharpness.parquet", SHARPNESS_SCHEMA)
+    logs = (metrics, layer_log, evals, sharpness)
 
     progress = Progress()
     resume_from = runs.checkpoint_steps(run_dir)[-1] if plan.mode == "resume" and runs.checkpoint_steps(run_dir) else 0
@@ -397,6 +398,16 @@ def _train_steps(cfg: RunConfig, plan: runs.RunPlan, model: nn.Module, task: Tas
             bar.set_postfix_str("evaluating", refresh=True)
             with perturbation.unperturbed(model):
                 evals.append({"step": progress.step, **evaluate(model, task, cfg, device)})
+
+    def measure_sharpness() -> None:
+        from dynamics.analyze import measure_sharpness as top_eigenvalues
+
+        bar.set_postfix_str("sharpness", refresh=True)
+        with perturbation.unperturbed(model):
+            rows = top_eigenvalues(model, task, cfg, device, k=cfg.sharpness_k, n_batches=cfg.sharpness_batches,
+                                   seed=cfg.seed, step=progress.step, source="training")
+        for row in rows:
+            sharpness.append(row)
 
     status = "running"
     model.train()
@@ -461,6 +472,8 @@ def _train_steps(cfg: RunConfig, plan: runs.RunPlan, model: nn.Module, task: Tas
                 last_step = progress.step == cfg.steps
                 if last_step or (cfg.eval_every and progress.step % cfg.eval_every == 0):
                     run_eval()
+                if cfg.sharpness_every and progress.step % cfg.sharpness_every == 0:
+                    measure_sharpness()
                 if last_step or (cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0) or stop.requested:
                     checkpoint()
                 if stop.requested and not last_step:

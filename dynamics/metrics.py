@@ -64,6 +64,28 @@ EVAL_SCHEMA = pa.schema(
     ]
 )
 
+# Written by ``dynamics analyze`` (phases, sharpness) and by ``--sharpness-every`` during training.
+PHASES_SCHEMA = pa.schema([
+    ("phase", pa.string()),  # converge, diverge, restabilise
+    ("start_step", pa.int64()),
+    ("end_step", pa.int64()),
+    ("start_loss", pa.float64()),
+    ("end_loss", pa.float64()),
+    ("curve", pa.string()),  # the metrics column analysed: loss or loss_clean
+])
+
+SHARPNESS_SCHEMA = pa.schema([
+    ("step", pa.int64()),  # optimizer steps done when measured
+    ("rank", pa.int64()),  # 1 for the top eigenvalue, 2 for the next, ...
+    ("eigenvalue", pa.float64()),  # of the Hessian of the eval loss (nats per target token)
+    ("residual", pa.float64()),  # Ritz residual ||H y - theta y||
+    ("converged", pa.bool_()),
+    ("n_hvp", pa.int64()),  # Hessian-vector products used
+    ("n_examples", pa.int64()),  # eval examples in the loss
+    ("seconds", pa.float64()),
+    ("source", pa.string()),  # "checkpoint" (dynamics analyze) or "training" (--sharpness-every)
+])
+
 
 class ParquetLog:
     """Rows of one schema, flushed atomically to ``path``.

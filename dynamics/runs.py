@@ -337,7 +337,8 @@ def load_run(path: str | os.PathLike) -> Run:
 
 
 RUN_TABLE_COLUMNS = ["run_id", "method", "model", "task", "rank", "alpha", "lr", "seed", "steps", "status",
-                     "steps_done", "final_loss", "eval_loss", "eval_metric", "wall_time_s", "path"]
+                     "steps_done", "final_loss", "eval_loss", "eval_metric", "double_descent", "top_eigenvalue",
+                     "wall_time_s", "path"]
 
 
 def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
@@ -365,6 +366,8 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
             "eval_loss": final_eval.get("loss"),
             "eval_metric": final_eval.get("exact_match", final_eval.get("accuracy")),
             "wall_time_s": summary.get("wall_time_s"),
+            "double_descent": (summary.get("phases") or {}).get("has_double_descent"),
+            "top_eigenvalue": ((summary.get("sharpness") or {}).get("eigenvalues") or [None])[0],
             "path": str(run_dir),
         })
     frame = pd.DataFrame(rows)
