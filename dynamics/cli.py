@@ -1,4 +1,4 @@
-"""``dynamics train | runs``: flags generated from ``RunConfig``, parsed into a config.
+"""``dynamics train | grid | analyze | runs``: flags generated from ``RunConfig``, parsed into a config.
 
 Every ``RunConfig`` field is a flag (``batch_size`` -> ``--batch-size``); ``--config FILE`` reads a
 TOML file of the same keys and flags given on the command line win. Bad input prints one line
@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                                             "130 interrupted.")
     train.add_argument("--config", metavar="FILE", help="TOML file of config keys (flags given here win)")
     add_config_flags(train)
+
+    from dynamics.grid import add_grid_arguments
+
+    grid = commands.add_parser("grid", help="run (or list) every run of a grid file",
+                               description="Run every run of a grid file (rank x lr x method sweeps), skipping "
+                                           "completed ones and resuming interrupted ones. Exit status: 0 all "
+                                           "completed/diverged, 1 some failed, 2 bad input, 130 interrupted.")
+    add_grid_arguments(grid)
 
     analyze = commands.add_parser("analyze", help="double-descent phases and Hessian sharpness of runs",
                                   description="Write phases.parquet and sharpness.parquet in each run folder "
@@ -192,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.simplefilter("always", ConfigWarning)
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "grid":
+            from dynamics.grid import cmd_grid
+
+            return cmd_grid(args)
         return {"train": cmd_train, "runs": cmd_runs, "analyze": cmd_analyze}[args.command](args)
     except ConfigError as error:
         print(f"dynamics {args.command}: {error}", file=sys.stderr)

@@ -1,0 +1,524 @@
+"""Running a grid's runs: ``run_one`` trains one run in this process; the executors call it in
+worker processes on this machine (``run_local``) or as Ray tasks (``run_ray``); ``SweepBoard``
+shows one line per run and an ETA.
+
+Each run writes only its own folder, so executors need no locking of their own; the run folder's
+``.lock`` (held while a run trains) keeps two processes from training one run, and ``run_one``
+waits for a run another process is training instead of failing it.
+
+Faults. ``run_one`` never raises for a run: an exception is recorded by the training loop as
+``failed`` and returned as an outcome. A worker process that dies (killed, out of memory) is
+recorded ``failed`` with the signal or exit code, and the sweep goes on with a new worker. A local
+worker stops (SIGTERM: it checkpoints and ends ``interrupted``) when the sweep's process is gone,
+even after a SIGKILL, so a restarted sweep resumes from there. A Ray task whose worker or node is
+lost is retried by Ray (``RAY_MAX_RETRIES``) and resumes the run from its last checkpoint.
+
+Ray expects the run folders on a file system every node and the driver share (as for Ray Tune's
+``storage_path``) and ``dynamics`` installed on every node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from dynamics import runs
+from dynamics.config import ConfigError, RunConfig
+
+FINAL_STATUSES = ("completed", "diverged", "failed", "interrupted")
+RAY_MAX_RETRIES = 3  # re-runs of a Ray task whose worker or node is lost (never after an exception)
+POLL_S = 1.0  # seconds between looks at the runs (progress, dead workers)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one attempt at a run ended: a status (``FINAL_STATUSES``) and the error, if any."""
+
+    run_id: str
+    status: str
+    steps_done: int | None = None
+    error: str | None = None
+
+
+# --- one run -------------------------------------------------------------------------------------
+def run_one(cfg: RunConfig) -> RunOutcome:
+    """Train ``cfg`` in this process: start it, resume it from its last checkpoint, or return at
+    once when it is already completed or diverged (``train`` with ``resume=True``). Never raises
+    for a failing run. What the run prints (warnings, a traceback) is appended to ``log.txt`` in
+    its folder, one section per attempt."""
+    from dynamics.loop import train
+
+    cfg = dataclasses.replace(cfg, resume=True, overwrite=False, progress=False)
+    run_id, run_dir = cfg.resolved_run_id, cfg.run_dir
+    _wait_while_locked(run_dir)
+    checkpoints = runs.checkpoint_steps(run_dir)
+    start = (f"resuming from checkpoint step {checkpoints[-1]}" if checkpoints
+             else "starting" if not run_dir.exists() else "starting over (no checkpoint)")
+    log = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stdout(log))
+        stack.enter_context(contextlib.redirect_stderr(log))
+        caught = stack.enter_context(warnings.catch_warnings(record=True))
+        warnings.simplefilter("default")
+        warnings.simplefilter("ignore", FutureWarning)  # library deprecation notices
+        try:
+            summary = train(cfg).summary
+            outcome = RunOutcome(run_id, summary["status"], summary.get("steps_done"), summary.get("error"))
+        except KeyboardInterrupt:
+            outcome = RunOutcome(run_id, "interrupted", runs.read_summary(run_dir).get("steps_done"))
+        except Exception as error:  # a failing run is an outcome, not a crash of the sweep
+            traceback.print_exc(file=log)
+            message = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
+            outcome = RunOutcome(run_id, "failed", runs.read_summary(run_dir).get("steps_done"), message)
+    if run_dir.exists():
+        _append_log(run_dir, start, log.getvalue(), caught)
+    return outcome
+
+
+def _wait_while_locked(run_dir: Path, poll_s: float = 0.5) -> None:
+    """Wait until no other process trains this run (e.g. a worker of a killed sweep checkpointing)."""
+    while (run_dir / ".lock").exists():
+        try:
+            with runs.RunLock(run_dir):
+                return
+        except ConfigError:
+            time.sleep(poll_s)
+
+
+def _append_log(run_dir: Path, start: str, output: str, caught: Sequence[warnings.WarningMessage]) -> None:
+    """One section of ``log.txt``: a header line (when, where, how the attempt began and ended),
+    the warnings, then what the run printed."""
+    status = runs.read_summary(run_dir).get("status")
+    lines = [f"=== {runs.now_iso()} {socket.gethostname()} pid {os.getpid()}: {start}; ended {status}"]
+    lines += [f"warning: {w.category.__name__}: {w.message}" for w in caught]
+    with open(run_dir / "log.txt", "a") as fh:
+        fh.write("".join(line + "\n" for line in lines) + output)
+
+
+def record_lost_worker(cfg: RunConfig, reason: str) -> RunOutcome:
+    """Mark a run whose worker died as ``failed`` with ``reason`` (when it has a folder and no
+    other process holds it), so a re-run of the grid only retries it with ``--retry-failed``."""
+    summary = {}
+    if (cfg.run_dir / "config.json").exists():
+        try:
+            with runs.RunLock(cfg.run_dir):
+                summary = runs.update_summary(cfg.run_dir, status="failed", error=reason)
+        except ConfigError:  # another process has it now; leave its summary alone
+            pass
+    return RunOutcome(cfg.resolved_run_id, "failed", summary.get("steps_done"), reason)
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# --- local executor -----------------------------------------------------------------------------------
+class _Worker:
+    """A worker process that trains the runs it is sent, one after another, so the imports
+    (torch, transformers: a few seconds) are paid once per worker, not once per run. If it dies,
+    only the run it held is affected."""
+
+    def __init__(self, context) -> None:
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child_conn,), daemon=True,
+                                       name="dynamics-grid-worker")
+        self.process.start()
+        child_conn.close()
+        self.cfg: RunConfig | None = None
+
+    def start(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.conn.send(cfg)
+
+    def finished(self) -> RunOutcome | str | None:
+        """The outcome of the run it holds; None while it trains; why it died if it died first."""
+        if self.conn.poll():
+            try:
+                return self.conn.recv()
+            except (EOFError, OSError):
+                pass  # died while answering
+        elif self.process.is_alive():
+            return None
+        self.process.join(timeout=5)
+        return f"worker process died ({_exit_reason(self.process.exitcode)})"
+
+    def stop(self) -> None:
+        """Ask the run to checkpoint and stop (the loop handles SIGTERM after the current step)."""
+        if self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGTERM)
+
+    def close(self) -> None:
+        self.conn.close()  # an idle worker sees end-of-file and exits
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+
+
+def _serve(conn) -> None:
+    """A worker's main loop: receive a config, train it, send back the outcome."""
+    threading.Thread(target=_stop_when_orphaned, daemon=True).start()
+    while True:
+        try:
+            cfg = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        outcome = run_one(cfg)
+        try:
+            conn.send(outcome)
+        except OSError:  # the sweep is gone
+            return
+
+
+def _stop_when_orphaned() -> None:
+    """SIGTERM this worker once the sweep's process is gone (even killed with SIGKILL): the run
+    checkpoints and stops instead of training on unwatched and holding its lock."""
+    multiprocessing.connection.wait([multiprocessing.parent_process().sentinel])
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}"
+
+
+def _worker_context():
+    """How worker processes start. On Linux, forked from a server process that has imported
+    torch, transformers and peft once (~5 s on 2 cores), so each further worker (after a crash, in
+    the next sweep of this session) starts in well under a second rather than re-importing
+    (measured: 5.5 s to the first outcome of a tiny run by spawn, 0.55 s by the forkserver). The
+    server keeps the environment variables it started with. Elsewhere: spawn."""
+    if sys.platform != "linux":
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["dynamics.executors", "dynamics.loop", "peft"])
+    return context
+
+
+def run_local(configs: Sequence[RunConfig], workers: int, board: SweepBoard) -> list[RunOutcome]:
+    """Run ``configs`` in up to ``workers`` worker processes at once, each run with
+    ``max(1, cpus // workers)`` torch threads unless its config sets ``threads``.
+
+    Ctrl-C (or SIGTERM to the workers) lets each running run checkpoint and end ``interrupted``;
+    queued runs are not started.
+    """
+    threads = max(1, usable_cpus() // workers)
+    queue = deque(dataclasses.replace(cfg, threads=cfg.threads or threads) for cfg in configs)
+    context = _worker_context()
+    idle: list[_Worker] = []
+    busy: list[_Worker] = []
+    outcomes: list[RunOutcome] = []
+    stopping = False
+    try:
+        while busy or (queue and not stopping):
+            try:
+                while queue and not stopping and len(busy) < workers:
+                    while idle and not idle[-1].process.is_alive():  # died between runs
+                        idle.pop().close()
+                    worker = idle.pop() if idle else _Worker(context)
+                    worker.start(queue.popleft())
+                    busy.append(worker)
+                    board.started(worker.cfg.resolved_run_id)
+                waitables = [w.conn for w in busy] + [w.process.sentinel for w in busy]
+                multiprocessing.connection.wait(waitables, timeout=POLL_S)
+                for worker in list(busy):
+                    outcome = worker.finished()
+                    if outcome is None:
+                        continue
+                    busy.remove(worker)
+                    if isinstance(outcome, str):  # the worker died with the run
+                        outcome = (RunOutcome(worker.cfg.resolved_run_id, "interrupted", error=outcome)
+                                   if stopping else record_lost_worker(worker.cfg, outcome))
+                    else:
+                        idle.append(worker)
+                    outcomes.append(outcome)
+                    board.finished(outcome)
+                board.refresh()
+            except KeyboardInterrupt:
+                stopping = True
+                for worker in busy:
+                    worker.stop()
+    finally:
+        for worker in idle + busy:
+            worker.close()
+    interrupted = [RunOutcome(cfg.resolved_run_id, "interrupted", error="not started: the sweep was stopped")
+                   for cfg in queue]
+    for outcome in interrupted:
+        board.finished(outcome)
+    return outcomes + interrupted
+
+
+# --- Ray executor ------------------------------------------------------------------------------------
+def run_ray(configs: Sequence[RunConfig], address: str | None, board: SweepBoard) -> list[RunOutcome]:
+    """One Ray task per run (``run_one``), asking for ``threads`` CPUs (1 when unset) and one GPU
+    when the run's device is ``cuda`` (or ``auto`` on a cluster that has GPUs). Tasks whose worker
+    or node is lost are retried ``RAY_MAX_RETRIES`` times and resume from the run's checkpoint.
+
+    Uses the Ray this process is connected to, else ``address`` (default ``$RAY_ADDRESS``), else
+    starts a local Ray for the sweep and stops it at the end.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray: Ray is not installed; pip install 'dynamics[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        _init_ray(ray, address or os.environ.get("RAY_ADDRESS"))
+    try:
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        task = ray.remote(run_one)
+        pending = {}
+        for cfg in configs:
+            cpus = cfg.threads or 1
+            gpus = 1 if cfg.device == "cuda" or (cfg.device == "auto" and has_gpus) else 0
+            cfg = dataclasses.replace(cfg, threads=cpus, runs_dir=str(Path(cfg.runs_dir).resolve()))
+            options = dict(num_cpus=cpus, num_gpus=gpus, max_retries=RAY_MAX_RETRIES,
+                           retry_exceptions=False, name=f"dynamics:{cfg.resolved_run_id}")
+            pending[task.options(**options).remote(cfg)] = cfg
+        return _collect_ray(ray, pending, board)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _init_ray(ray, address: str | None) -> None:
+    quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
+    if address is None:
+        ray.init(num_cpus=usable_cpus(), include_dashboard=False, **quiet)
+        return
+    try:
+        ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ConfigError(f"--ray-address {address}: cannot connect to Ray ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _collect_ray(ray, pending: dict[Any, RunConfig], board: SweepBoard) -> list[RunOutcome]:
+    outcomes = []
+    while pending:
+        try:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
+            for ref in done:
+                cfg = pending.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except ray.exceptions.RayError as error:  # lost more than RAY_MAX_RETRIES times
+                    reason = f"Ray task lost ({type(error).__name__}: {_first_line(error)})"
+                    outcome = record_lost_worker(cfg, reason)
+                outcomes.append(outcome)
+                board.finished(outcome)
+            board.refresh()
+        except KeyboardInterrupt:
+            for ref in pending:
+                ray.cancel(ref)  # KeyboardInterrupt in a running task: the run ends interrupted
+            ray.wait(list(pending), num_returns=len(pending), timeout=30)
+            for cfg in pending.values():
+                outcome = RunOutcome(cfg.resolved_run_id, "interrupted", error="the sweep was stopped")
+                outcomes.append(outcome)
+                board.finished(outcome)
+            pending.clear()
+    return outcomes
+
+
+# --- progress -------------------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    run_id: str
+    run_dir: Path
+    steps_total: int  # optimizer steps
+    action: str  # new, resume, retry, skip
+    state: str  # queued, running, or a final status
+    steps_done: int = 0  # optimizer steps logged (metrics.parquet rows)
+    steps_at_start: int = 0  # steps done before this sweep
+    final_loss: float | None = None
+    error: str | None = None
+
+
+class SweepBoard:
+    """One line per run (queued, running step k/N, completed, diverged, failed, interrupted, or
+    skipped) and a line of counts with the elapsed time and an ETA.
+
+    On a terminal the block is redrawn in place; elsewhere (a log file) a run's line is printed
+    when its state changes and every ``heartbeat_s`` seconds while it runs. The ETA is the steps
+    left divided by the steps per second this sweep has achieved so far (start-up included).
+    """
+
+    def __init__(self, plan: Sequence[tuple[RunConfig, str]], stream: TextIO | None,
+                 heartbeat_s: float = 30.0, clock=time.monotonic) -> None:
+        self.stream = stream
+        self.heartbeat_s = heartbeat_s
+        self.clock = clock
+        self.started_at = clock()
+        self.started_wall = time.time()
+        self.entries: dict[str, _Entry] = {}
+        for cfg, action in plan:
+            summary = runs.read_summary(cfg.run_dir)
+            done = _steps_logged(cfg.run_dir) if action != "skip" else summary.get("steps_done") or 0
+            state = (summary.get("status") or "completed") if action == "skip" else "queued"
+            self.entries[cfg.resolved_run_id] = _Entry(
+                cfg.resolved_run_id, cfg.run_dir, cfg.steps, action, state, done, done,
+                summary.get("final_loss"), summary.get("error") if action == "skip" else None)
+        self._tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        self._drawn = 0  # lines drawn last time (terminal)
+        self._printed: dict[str, tuple[str, float]] = {}  # run id -> (state, when) last printed (log)
+        self._last_counts = 0.0
+        if stream is not None and not self._tty:
+            for entry in self.entries.values():
+                self._print_entry(entry)
+        self.refresh(force=True)
+
+    # executors report here
+    def started(self, run_id: str) -> None:
+        self.entries[run_id].state = "running"
+
+    def finished(self, outcome: RunOutcome) -> None:
+        entry = self.entries[outcome.run_id]
+        summary = runs.read_summary(entry.run_dir)
+        entry.state = outcome.status
+        entry.steps_done = outcome.steps_done if outcome.steps_done is not None else entry.steps_done
+        entry.final_loss = summary.get("final_loss")
+        entry.error = outcome.error
+
+    def refresh(self, force: bool = False) -> None:
+        """Look at the run folders of unfinished runs and redraw (terminal) or print changes (log)."""
+        for entry in self.entries.values():
+            if entry.state in ("queued", "running"):
+                entry.steps_done = _steps_logged(entry.run_dir)
+                if entry.state == "queued" and _touched_since(entry.run_dir, self.started_wall):
+                    entry.state = "running"  # Ray: the task has started
+        if self.stream is None:
+            return
+        if self._tty:
+            self._redraw()
+            return
+        now = self.clock()
+        changed = False
+        for entry in self.entries.values():
+            state, when = self._printed.get(entry.run_id, (None, now))
+            if entry.state != state or (entry.state == "running" and now - when >= self.heartbeat_s):
+                self._print_entry(entry)
+                changed = True
+        if force or changed or now - self._last_counts >= self.heartbeat_s:
+            self._last_counts = now
+            print(self.counts_line(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.stream is None:
+            return
+        self.refresh()
+        if self._tty:
+            self._drawn = 0  # leave the final block on screen
+
+    # what is shown
+    def line(self, entry: _Entry) -> str:
+        steps = f"{entry.steps_done}/{entry.steps_total}"
+        if entry.state == "queued":
+            text = {"new": "queued", "resume": f"queued (resumes, {entry.steps_at_start} steps logged)",
+                    "retry": f"queued (retries failed run, {entry.steps_at_start} steps logged)"}[entry.action]
+        elif entry.state == "running":
+            text = f"running step {steps}"
+        else:
+            text = f"{entry.state} {steps}"
+            if entry.final_loss is not None and math.isfinite(entry.final_loss):
+                text += f" loss {entry.final_loss:.4f}"
+            if entry.action == "skip":
+                text += " (skipped" + ("; --retry-failed retries it)" if entry.state == "failed" else ")")
+            if entry.error:
+                text += f": {entry.error}"
+        return f"{entry.run_id}  {text}"
+
+    def lines(self) -> list[str]:
+        return [self.line(entry) for entry in self.entries.values()] + [self.counts_line()]
+
+    def counts_line(self) -> str:
+        counts: dict[str, int] = {}
+        for entry in self.entries.values():
+            counts[entry.state] = counts.get(entry.state, 0) + 1
+        elapsed = self.clock() - self.started_at
+        eta = self.eta_s()
+        parts = ", ".join(f"{n} {state}" for state, n in counts.items())
+        return (f"{len(self.entries)} runs: {parts} | elapsed {_duration(elapsed)}"
+                f" | ETA {_duration(eta) if eta is not None else '--'}")
+
+    def eta_s(self) -> float | None:
+        """Seconds until every unfinished run is done at this sweep's throughput so far; 0 when
+        nothing is left, None before the first step."""
+        unfinished = [e for e in self.entries.values() if e.state in ("queued", "running")]
+        left = sum(max(0, e.steps_total - e.steps_done) for e in unfinished)
+        if left == 0:
+            return 0.0
+        done = sum(max(0, e.steps_done - e.steps_at_start) for e in self.entries.values())
+        if done == 0:
+            return None
+        return left * (self.clock() - self.started_at) / done
+
+    def _print_entry(self, entry: _Entry) -> None:
+        self._printed[entry.run_id] = (entry.state, self.clock())
+        print(self.line(entry), file=self.stream, flush=True)
+
+    def _redraw(self) -> None:
+        columns, rows = shutil.get_terminal_size()
+        lines = self.lines()
+        if len(lines) > rows - 1:  # too tall: the runs being trained or failed, then the counts
+            shown = [self.line(e) for e in self.entries.values() if e.state in ("running", "failed")]
+            lines = shown[: rows - 3] + [f"... and {len(self.entries) - len(shown[: rows - 3])} more runs", lines[-1]]
+        text = "".join(line[:columns] + "\n" for line in lines)
+        up = f"\x1b[{self._drawn}F\x1b[J" if self._drawn else ""
+        self.stream.write(up + text)
+        self.stream.flush()
+        self._drawn = len(lines)
+
+
+def _steps_logged(run_dir: Path) -> int:
+    """Rows in ``metrics.parquet`` (one per optimizer step), read from the file footer."""
+    import pyarrow.parquet as pq
+
+    path = Path(run_dir) / "metrics.parquet"
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, ValueError):  # not written yet, or replaced while being read
+        return 0
+
+
+def _touched_since(run_dir: Path, wall_time: float) -> bool:
+    for name in ("metrics.parquet", "summary.json"):
+        with contextlib.suppress(OSError):
+            if (Path(run_dir) / name).stat().st_mtime >= wall_time:
+                return True
+    return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
