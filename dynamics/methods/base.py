@@ -54,13 +54,9 @@ class Perturbation(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-class NoPerturbation:
-    """Plain training: one forward/backward at the current weights; ``loss_clean`` is ``loss``."""
-
-    def forward_backward(self, model, batch, loss_fn):
-        loss = loss_fn(model, batch)
-        loss.backward()
-        return loss.detach()
+class PerturbationDefaults:
+    """No-op defaults for every hook of the protocol but ``forward_backward``; a perturbation
+    overrides only what it needs."""
 
     def on_accumulated_grad(self, model, optimizer) -> None:
         return None
@@ -83,6 +79,15 @@ class NoPerturbation:
 
     def load_state_dict(self, state: dict) -> None:
         return None
+
+
+class NoPerturbation(PerturbationDefaults):
+    """Plain training: one forward/backward at the current weights; ``loss_clean`` is ``loss``."""
+
+    def forward_backward(self, model, batch, loss_fn):
+        loss = loss_fn(model, batch)
+        loss.backward()
+        return loss.detach()
 
 
 def make_perturbation(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> Perturbation:

@@ -38,7 +38,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import nn
 
-from dynamics.methods.base import CleanLoss, global_norm
+from dynamics.methods.base import CleanLoss, PerturbationDefaults, global_norm
 from dynamics.methods.layers import AdapterLayer, LowRank
 from dynamics.methods.weight_perturbation import LowRankDelta, perturbed_base_layers
 
@@ -63,7 +63,7 @@ class MGPOState(NamedTuple):
     steps: int  # optimizer steps taken so far
 
 
-class MGPO:
+class MGPO(PerturbationDefaults):
     """Momentum-guided perturbation of the frozen base weights of every LoRA-family layer."""
 
     def __init__(self, layers: list[AdapterLayer], optimizer: torch.optim.Optimizer, *, rho: float, beta: float,
@@ -144,10 +144,6 @@ class MGPO:
         self._deltas, self._scales = None, {}
         self.loss_clean.reset()
 
-    @contextlib.contextmanager
-    def unperturbed(self, model: nn.Module) -> Iterator[None]:
-        yield  # Delta only exists inside forward_backward
-
     # --- reporting and state ------------------------------------------------------------------------
     def step_metrics(self) -> dict[str, float | None]:
         ema = list(self.state.grad_ema.values())
@@ -188,7 +184,7 @@ class MGPO:
         self._deltas, self._scales = None, {}
 
 
-class MomentumSAM:
+class MomentumSAM(PerturbationDefaults):
     """``msam``: theta~ = theta - rho m / ||m||_global on the trainable parameters (module doc)."""
 
     def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, *, rho: float,
@@ -224,23 +220,13 @@ class MomentumSAM:
             loss.backward()
         return loss.detach()
 
-    def on_accumulated_grad(self, model, optimizer) -> None:
-        return None
-
     def after_optimizer_step(self, model, optimizer) -> None:
         self.steps += 1
         self._perturb_norm = None
         self.loss_clean.reset()
 
-    @contextlib.contextmanager
-    def unperturbed(self, model) -> Iterator[None]:
-        yield
-
     def step_metrics(self) -> dict[str, float | None]:
         return {"loss_clean": self.loss_clean.value(), "perturb_norm": self._perturb_norm}
-
-    def layer_metrics(self) -> dict[str, dict[str, float]]:
-        return {}
 
     def state_dict(self) -> dict:
         return {"steps": self.steps}

@@ -15,15 +15,13 @@ trainable weight and the exact copy is restored after backward.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from dynamics.methods.base import CleanLoss
+from dynamics.methods.base import CleanLoss, PerturbationDefaults
 from dynamics.methods.layers import AdapterLayer
 from dynamics.methods.mgpo import exact_restore
 from dynamics.methods.weight_perturbation import perturbed_base_layers
@@ -63,7 +61,7 @@ def linear_weights(model: nn.Module) -> dict[str, nn.Parameter]:
             if isinstance(module, nn.Linear) and id(module) not in skipped}
 
 
-class RandomWeightNoise:
+class RandomWeightNoise(PerturbationDefaults):
     def __init__(self, *, rho: float, total_steps: int, seed: int, clean_loss_every: int,
                  layers: list[AdapterLayer] | None = None, weights: dict[str, nn.Parameter] | None = None) -> None:
         if (layers is None) == (weights is None):
@@ -119,17 +117,10 @@ class RandomWeightNoise:
             loss.backward()
         return loss.detach()
 
-    def on_accumulated_grad(self, model, optimizer) -> None:
-        return None
-
     def after_optimizer_step(self, model, optimizer) -> None:
         self.steps += 1
         self._deltas, self._norms = None, {}
         self.loss_clean.reset()
-
-    @contextlib.contextmanager
-    def unperturbed(self, model) -> Iterator[None]:
-        yield
 
     def step_metrics(self) -> dict[str, float | None]:
         norm = float(torch.linalg.vector_norm(torch.stack(list(self._norms.values())))) if self._norms else 0.0

@@ -12,17 +12,14 @@ micro-batches are set aside during the two passes and added back.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 from torch import nn
 
-from dynamics.methods.base import CleanLoss, global_norm
+from dynamics.methods.base import CleanLoss, PerturbationDefaults, global_norm
 from dynamics.methods.mgpo import exact_restore
 
 
-class SAM:
+class SAM(PerturbationDefaults):
     def __init__(self, params: list[torch.Tensor], *, rho: float, eps: float = 1e-12) -> None:
         self.params = params
         self.rho, self.eps = rho, eps
@@ -53,26 +50,10 @@ class SAM:
         self._perturb_norm = step_norm if self._perturb_norm is None else torch.maximum(self._perturb_norm, step_norm)
         return loss.detach()
 
-    def on_accumulated_grad(self, model, optimizer) -> None:
-        return None
-
     def after_optimizer_step(self, model, optimizer) -> None:
         self._perturb_norm = None
         self.loss_clean.reset()
 
-    @contextlib.contextmanager
-    def unperturbed(self, model) -> Iterator[None]:
-        yield
-
     def step_metrics(self) -> dict[str, float | None]:
         return {"loss_clean": self.loss_clean.value(),
                 "perturb_norm": float(self._perturb_norm) if self._perturb_norm is not None else None}
-
-    def layer_metrics(self) -> dict[str, dict[str, float]]:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
