@@ -474,8 +474,16 @@ def main() -> None:
         help="start vectors per method and setting (default: 5, or 1 for smollm2)",
     )
     parser.add_argument("--hvp-repeats", type=int, default=20, help="HVPs timed per way")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (1 avoids OpenMP spin-waits when other jobs share the cores)",
+    )
     parser.add_argument("--output", help="also write the report to this file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     blocks = [
         "python " + " ".join(sys.argv),
