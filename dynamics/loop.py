@@ -383,9 +383,9 @@ def _train_steps(cfg: RunConfig, plan: runs.RunPlan, model: nn.Module, task: Tas
         progress.wall_time_s = wall_before + time.perf_counter() - session_start
         for log in logs:
             log.flush()
+        fields = {"error": None, **_summary_numbers(metrics, evals), **extra}  # extra may set the error
         runs.update_summary(run_dir, status=status, steps_done=progress.step, steps_total=cfg.steps,
-                            wall_time_s=round(progress.wall_time_s, 3), error=None,
-                            **_summary_numbers(metrics, evals), **extra)
+                            wall_time_s=round(progress.wall_time_s, 3), **fields)
 
     def checkpoint() -> None:
         save("running")  # logs on disk cover every step up to the checkpoint before it exists

@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -124,6 +125,30 @@ def test_a_non_finite_loss_marks_the_run_diverged_and_keeps_the_log(tiny):
     last = metrics.iloc[-1]
     assert not (math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"]))
     assert metrics.iloc[:-1]["loss"].map(math.isfinite).all()
+
+
+def test_an_error_mid_run_marks_it_failed_with_the_error_and_keeps_the_log(tiny, monkeypatch):
+    import dynamics.loop
+
+    real_clip = dynamics.loop.clip_gradients
+    calls = []
+
+    def clip_then_fail(params, max_grad_norm):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("injected failure")
+        return real_clip(params, max_grad_norm)
+
+    monkeypatch.setattr(dynamics.loop, "clip_gradients", clip_then_fail)
+    cfg = tiny(steps=10, eval_every=0, checkpoint_every=0)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        dynamics.train(cfg)
+    table = dynamics.load_runs(cfg["runs_dir"])
+    assert table["status"].tolist() == ["failed"]
+    (run_dir,) = Path(cfg["runs_dir"]).iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["error"] == "RuntimeError: injected failure" and summary["steps_done"] == 3
+    assert pd.read_parquet(run_dir / "metrics.parquet")["step"].tolist() == [1, 2, 3]
 
 
 def test_a_locked_run_cannot_be_trained_twice(tiny):

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from dynamics.methods.base import CleanLoss, PerturbationDefaults, global_norm
-from dynamics.methods.layers import AdapterLayer, LowRank
+from dynamics.methods.layers import AdapterGroup, AdapterLayer, LowRank, group_layers
 from dynamics.methods.weight_perturbation import LowRankDelta, perturbed_base_layers
 
 
@@ -64,7 +64,11 @@ class MGPOState(NamedTuple):
 
 
 class MGPO(PerturbationDefaults):
-    """Momentum-guided perturbation of the frozen base weights of every LoRA-family layer."""
+    """Momentum-guided perturbation of the frozen base weights of every LoRA-family layer.
+
+    The per-layer quantities are computed for each group of equally shaped layers at once
+    (``layers.AdapterGroup``); ``g_l`` is held as one ``(G,)`` tensor per group.
+    """
 
     def __init__(self, layers: list[AdapterLayer], optimizer: torch.optim.Optimizer, *, rho: float, beta: float,
                  apn: bool, apn_cap: float, eps: float, clean_loss_every: int, application: str = "auto",
@@ -73,44 +77,62 @@ class MGPO(PerturbationDefaults):
         if not layers:
             raise ValueError(f"--method {method}: the model has no LoRA-family layer to perturb")
         self.layers = layers
+        self.groups = group_layers(layers)
         self.optimizer = optimizer
         self.rho, self.beta, self.apn, self.apn_cap, self.eps = rho, beta, apn, apn_cap, eps
         self.application = application
         self.method = method
-        self.state = MGPOState(grad_ema={}, steps=0)
-        self._deltas: dict[str, LowRank] | None = None  # this step's Delta_l, built on first use
-        self._scales: dict[str, torch.Tensor] = {}  # this step's c_l
+        self.steps = 0  # optimizer steps taken so far
+        self._grad_ema: list[torch.Tensor | None] = [None] * len(self.groups)  # (G,) g_l per group
+        self._step: StepPerturbation | None = None  # this step's Delta_l, built on first use
         self.loss_clean = CleanLoss(clean_loss_every)
 
-    # --- the perturbation --------------------------------------------------------------------------
-    def step_deltas(self) -> dict[str, LowRank]:
-        """Delta_l for this step (eq. 4) as thin factors; empty on the first step or when rho = 0."""
-        if self._deltas is not None:
-            return self._deltas
-        self._deltas, self._scales = {}, {}
-        if self.state.steps == 0 or self.rho == 0:
-            return self._deltas
-        for layer in self.layers:
-            momentum = {}
-            for role, param in layer.parameters().items():
-                moment = first_moment(self.optimizer, param)
-                if moment is None:
-                    raise RuntimeError(f"--method {self.method}: no first moment for {layer.name}.{role} after "
-                                       f"{self.state.steps} steps; refusing to train it unperturbed")
-                momentum[role] = moment
-            direction = layer.change_along(momentum)  # d_l = s (m_B A + B m_A), rank <= 2r
-            scale = self._apn_scale(layer.name, direction.U)
-            coefficient = -self.rho * scale * direction.scale / (direction.frobenius_norm() + self.eps)
-            # Fold the coefficient into U as a tensor: no host sync per layer.
-            self._deltas[layer.name] = LowRank(direction.U * coefficient, direction.V, 1.0)
-            self._scales[layer.name] = scale
-        return self._deltas
+    @property
+    def state(self) -> MGPOState:
+        grad_ema = {}
+        for group, ema in zip(self.groups, self._grad_ema):
+            if ema is not None:
+                grad_ema.update(zip(group.names, ema.unbind()))
+        return MGPOState(grad_ema=grad_ema, steps=self.steps)
 
-    def _apn_scale(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        grad_ema = self.state.grad_ema.get(name)
+    # --- the perturbation --------------------------------------------------------------------------
+    def step_perturbation(self) -> StepPerturbation:
+        """This step's Delta_l (eq. 4), c_l and ||Delta_l||_F; empty on the first step or when rho = 0."""
+        if self._step is not None:
+            return self._step
+        self._step = StepPerturbation({}, [], [])
+        if self.steps == 0 or self.rho == 0:
+            return self._step
+        for group, grad_ema in zip(self.groups, self._grad_ema):
+            direction = group.change_along(self._first_moments(group))  # d_l = s (m_B A + B m_A), rank <= 2r
+            norms = direction.frobenius_norms()
+            scales = self._apn_scales(grad_ema, norms)
+            coefficients = -self.rho * scales * direction.scale / (norms + self.eps)
+            U = direction.U * coefficients[:, None, None]  # the coefficient folded into U: no host sync
+            for g, name in enumerate(group.names):
+                self._step.deltas[name] = LowRank(U[g], direction.V[g], 1.0)
+            self._step.scales.append(scales)
+            self._step.norms.append(self.rho * scales * norms / (norms + self.eps))
+        return self._step
+
+    def step_deltas(self) -> dict[str, LowRank]:
+        """Delta_l for this step (eq. 4) as thin factors, by layer name."""
+        return self.step_perturbation().deltas
+
+    def _first_moments(self, group: AdapterGroup) -> dict[str, torch.Tensor]:
+        moments = []
+        for layer in group.layers:
+            moment = {role: first_moment(self.optimizer, param) for role, param in layer.parameters().items()}
+            if any(m is None for m in moment.values()):
+                raise RuntimeError(f"--method {self.method}: no first moment for {layer.name} after "
+                                   f"{self.steps} steps; refusing to train it unperturbed")
+            moments.append(moment)
+        return group.stacked(moments)
+
+    def _apn_scales(self, grad_ema: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         if not self.apn or grad_ema is None:
-            return torch.ones((), dtype=like.dtype, device=like.device)
-        return torch.clamp(1.0 / (grad_ema + self.eps), max=self.apn_cap)
+            return torch.ones_like(like)
+        return torch.clamp(1.0 / (grad_ema.to(like) + self.eps), max=self.apn_cap)
 
     def forward_backward(self, model: nn.Module, batch, loss_fn) -> torch.Tensor:
         deltas = self.step_deltas()
@@ -119,7 +141,7 @@ class MGPO(PerturbationDefaults):
             loss.backward()
             self.loss_clean.add(loss)
             return loss.detach()
-        if self.loss_clean.due(self.state.steps):
+        if self.loss_clean.due(self.steps):
             self.loss_clean.measure(model, batch, loss_fn)
         bases = {layer.base: LowRankDelta(deltas[layer.name]) for layer in self.layers}
         with perturbed_base_layers(bases, self.application):
@@ -129,59 +151,64 @@ class MGPO(PerturbationDefaults):
 
     # --- once per optimizer step ----------------------------------------------------------------
     def on_accumulated_grad(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """g_l <- beta g_l + (1 - beta) ||s (grad_B A + B grad_A)||_F on the step's full gradient."""
-        for layer in self.layers:
-            grads = {role: p.grad for role, p in layer.parameters().items()}
-            if any(g is None for g in grads.values()):
+        """g_l <- beta g_l + (1 - beta) ||s (grad_B A + B grad_A)||_F on the step's full gradient
+        (the first value as is). A group with a layer that got no gradient keeps its g_l."""
+        for index, group in enumerate(self.groups):
+            grads = [{role: p.grad for role, p in layer.parameters().items()} for layer in group.layers]
+            if any(g is None for layer_grads in grads for g in layer_grads.values()):
                 continue
-            norm = layer.change_along(grads).frobenius_norm()
-            previous = self.state.grad_ema.get(layer.name)
-            ema = norm if previous is None else self.beta * previous + (1 - self.beta) * norm
-            self.state.grad_ema[layer.name] = ema
+            norms = group.change_along(group.stacked(grads)).frobenius_norms()
+            previous = self._grad_ema[index]
+            self._grad_ema[index] = norms if previous is None else self.beta * previous + (1 - self.beta) * norms
 
     def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.state = self.state._replace(steps=self.state.steps + 1)
-        self._deltas, self._scales = None, {}
+        self.steps += 1
+        self._step = None
         self.loss_clean.reset()
 
     # --- reporting and state ------------------------------------------------------------------------
     def step_metrics(self) -> dict[str, float | None]:
-        ema = list(self.state.grad_ema.values())
+        ema = [e for e in self._grad_ema if e is not None]
         numbers: dict[str, float | None] = {
             "loss_clean": self.loss_clean.value(),
-            "grad_ema": float(torch.stack(ema).mean()) if ema else None,
+            "grad_ema": float(torch.cat(ema).mean()) if ema else None,
         }
-        if self._deltas:
-            numbers["apn_scale"] = float(torch.stack(list(self._scales.values())).mean())
-            norms = torch.stack([d.frobenius_norm() for d in self._deltas.values()])
-            numbers["perturb_norm"] = float(torch.linalg.vector_norm(norms))
+        if self._step is not None and self._step.deltas:
+            numbers["apn_scale"] = float(torch.cat(self._step.scales).mean())
+            numbers["perturb_norm"] = float(torch.linalg.vector_norm(torch.cat(self._step.norms)))
         return numbers
 
     def layer_metrics(self) -> dict[str, dict[str, float]]:
-        rows: dict[str, dict[str, float]] = {}
-        names = [layer.name for layer in self.layers]
-        for name in names:
-            row = {}
-            if name in self.state.grad_ema:
-                row["grad_ema"] = self.state.grad_ema[name]
-            if self._deltas and name in self._deltas:
-                row["apn_scale"] = self._scales[name]
-                row["perturb_norm"] = self._deltas[name].frobenius_norm()
-            rows[name] = row
-        values = [v for row in rows.values() for v in row.values()]
-        if values:  # one host sync for every layer's numbers
-            flat = iter(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values]).tolist())
-            rows = {name: {k: next(flat) for k in row} for name, row in rows.items()}
+        columns: dict[str, list[torch.Tensor | None]] = {"grad_ema": self._grad_ema}
+        if self._step is not None and self._step.deltas:
+            columns.update(apn_scale=self._step.scales, perturb_norm=self._step.norms)
+        rows: dict[str, dict[str, float]] = {layer.name: {} for layer in self.layers}
+        for column, per_group in columns.items():
+            for group, values in zip(self.groups, per_group):
+                if values is not None:
+                    for name, value in zip(group.names, values.tolist()):  # one host sync per group
+                        rows[name][column] = value
         return rows
 
     def state_dict(self) -> dict:
-        return {"grad_ema": {k: v.detach().cpu() for k, v in self.state.grad_ema.items()}, "steps": self.state.steps}
+        return {"grad_ema": {k: v.detach().cpu() for k, v in self.state.grad_ema.items()}, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.layers[0].base.weight.device
-        grad_ema = {k: v.to(device) for k, v in state["grad_ema"].items()}
-        self.state = MGPOState(grad_ema=grad_ema, steps=int(state["steps"]))
-        self._deltas, self._scales = None, {}
+        saved = state["grad_ema"]
+        self._grad_ema = [torch.stack([saved[name] for name in group.names]).to(device)
+                          if all(name in saved for name in group.names) else None for group in self.groups]
+        self.steps = int(state["steps"])
+        self._step = None
+
+
+class StepPerturbation(NamedTuple):
+    """One step's perturbation: ``deltas`` by layer name, and per group the ``(G,)`` APN factors
+    c_l and Frobenius norms ||Delta_l||_F = rho c_l ||d_l|| / (||d_l|| + eps)."""
+
+    deltas: dict[str, LowRank]
+    scales: list[torch.Tensor]
+    norms: list[torch.Tensor]
 
 
 class MomentumSAM(PerturbationDefaults):

@@ -34,13 +34,15 @@ class NoiseDelta:
         self.row_sigma = row_sigma  # (m,)
         self.seed = seed
 
-    def noise(self, like: torch.Tensor) -> torch.Tensor:
+    def noise(self, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         generator = torch.Generator(device=like.device).manual_seed(self.seed)
-        draws = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        if out is None:
+            out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        draws = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype, out=out)
         return draws.mul_(self.row_sigma.to(like.dtype)[:, None])
 
-    def perturbed(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.noise(weight)
+    def perturbed(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.noise(weight, out).add_(weight)
 
 
 def ramp(step: int, total_steps: int) -> float:

@@ -6,10 +6,14 @@ of steps. Here the base layer's forward is swapped, for the duration of one forw
 that computes ``x (W0 + Delta)^T`` from the untouched W0, in one of two exact ways:
 
 - ``dense``: ``W0 + Delta`` is built inside a custom autograd function and rebuilt in backward to
-  form ``dx = dy (W0 + Delta)`` instead of being saved, so memory grows by one layer's weight at a
-  time, and time by two ``(m, n)`` builds per layer (independent of the number of tokens);
-- ``lowrank``: for ``Delta = c U V`` of rank k, ``x W0^T + c (x V^T) U^T`` with U, V detached;
-  time grows with tokens x (m + n) x k, nothing dense is built.
+  form ``dx = dy (W0 + Delta)`` instead of being saved; it is built into one workspace per weight
+  shape, shared by the layers of that shape, so memory grows by a few weights and no step
+  allocates (and page-faults) a fresh m x n buffer per layer. Time: two ``(m, n)`` builds per layer,
+  independent of the number of tokens;
+- ``lowrank``: for ``Delta = U V`` of rank k (U, V detached), ``y = x W0^T + (x V^T) U^T`` and
+  ``dx = dy W0 + (dy U) V``, each low-rank term accumulated in place into the base matmul's result
+  (``addmm_``), so no activation-sized temporary is made; time grows with tokens x (m + n) x k,
+  nothing dense is built.
 
 ``auto`` takes, per layer and per call, the cheaper by multiply-adds: low-rank when
 ``2 tokens (m + n) k < 2 m n k + 2 m n`` (the dense build's matmul plus its add), else dense.
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import Callable, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +36,11 @@ APPLICATIONS = ("auto", "dense", "lowrank")
 
 
 class WeightDelta(Protocol):
-    """A perturbation of one frozen weight: ``perturbed(W0)`` returns ``W0 + Delta`` (a new tensor),
-    deterministically, so it can be rebuilt in backward."""
+    """A perturbation of one frozen weight: ``perturbed(W0, out)`` writes ``W0 + Delta`` into ``out``
+    (a tensor like W0, or a new one when None) and returns it, deterministically, so it can be
+    rebuilt in backward."""
 
-    def perturbed(self, weight: torch.Tensor) -> torch.Tensor: ...
+    def perturbed(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class LowRankDelta:
@@ -44,10 +49,27 @@ class LowRankDelta:
     def __init__(self, factors: LowRank) -> None:
         self.factors = factors
 
-    def perturbed(self, weight: torch.Tensor) -> torch.Tensor:
+    def perturbed(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         U = self.factors.U.to(weight.dtype)
         V = self.factors.V.to(weight.dtype)
-        return torch.addmm(weight, U, V, alpha=self.factors.scale)
+        if out is None:
+            return torch.addmm(weight, U, V, alpha=self.factors.scale)
+        return torch.addmm(weight, U, V, alpha=self.factors.scale, out=out)
+
+
+class Workspace:
+    """One reusable buffer per (shape, dtype, device) for dense ``W0 + Delta`` builds. Safe because
+    each build is consumed by one matmul before the next build of that shape starts (forward runs
+    layer by layer, and so does the backward of one graph)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def like(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (tuple(weight.shape), weight.dtype, weight.device)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        return self.buffers[key]
 
 
 class _PerturbedLinear(torch.autograd.Function):
@@ -55,20 +77,46 @@ class _PerturbedLinear(torch.autograd.Function):
     is rebuilt in backward rather than saved."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        ctx.build = build
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, delta: WeightDelta,
+                workspace: Workspace) -> torch.Tensor:
+        ctx.delta, ctx.workspace = delta, workspace
         ctx.save_for_backward(weight)
-        return F.linear(x, build(weight), bias)
+        return F.linear(x, delta.perturbed(weight, workspace.like(weight)), bias)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
         (weight,) = ctx.saved_tensors
-        grad_x = grad_output @ ctx.build(weight) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None
+        built = ctx.delta.perturbed(weight, ctx.workspace.like(weight))
+        return grad_output @ built, None, None, None, None
 
 
-def _perturbed_forward(base: nn.Linear, delta: WeightDelta, application: str, x: torch.Tensor) -> torch.Tensor:
+class _LowRankPerturbedLinear(torch.autograd.Function):
+    """``y = x (W0 + U V)^T + b`` for a frozen W0 and detached U (m, k), V (k, n): gradient to x only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, U: torch.Tensor,
+                V: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, U, V)
+        rows = x.reshape(-1, x.shape[-1])
+        y = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
+        y.addmm_(rows @ V.T, U.T)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        weight, U, V = ctx.saved_tensors
+        rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_x = rows @ weight
+        grad_x.addmm_(rows @ U, V)
+        return grad_x.view(*grad_output.shape[:-1], weight.shape[1]), None, None, None, None
+
+
+def _perturbed_forward(base: nn.Linear, delta: WeightDelta, application: str, workspace: Workspace,
+                       x: torch.Tensor) -> torch.Tensor:
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         raise RuntimeError("base-weight perturbations apply to frozen layers only")
     mode = application
@@ -77,10 +125,9 @@ def _perturbed_forward(base: nn.Linear, delta: WeightDelta, application: str, x:
     if mode == "lowrank":
         if not isinstance(delta, LowRankDelta):
             raise ValueError(f"application lowrank needs a low-rank perturbation, got {type(delta).__name__}")
-        U = delta.factors.U.to(x.dtype)
-        V = delta.factors.V.to(x.dtype)
-        return F.linear(x, base.weight, base.bias) + delta.factors.scale * F.linear(F.linear(x, V), U)
-    return _PerturbedLinear.apply(x, base.weight, base.bias, delta.perturbed)
+        U = (delta.factors.U * delta.factors.scale if delta.factors.scale != 1 else delta.factors.U).to(x.dtype)
+        return _LowRankPerturbedLinear.apply(x, base.weight, base.bias, U, delta.factors.V.to(x.dtype))
+    return _PerturbedLinear.apply(x, base.weight, base.bias, delta, workspace)
 
 
 def _lowrank_is_cheaper(x: torch.Tensor, base: nn.Linear, delta: LowRankDelta) -> bool:
@@ -101,10 +148,11 @@ def perturbed_base_layers(deltas: dict[nn.Linear, WeightDelta], application: str
     if application not in APPLICATIONS:
         raise ValueError(f"application {application!r}: must be one of {', '.join(APPLICATIONS)}")
     previous = {}
+    workspace = Workspace()
     try:
         for base, delta in deltas.items():
             previous[base] = base.__dict__.get("forward")  # an instance-level forward (e.g. a hook library's)
-            base.forward = partial(_perturbed_forward, base, delta, application)
+            base.forward = partial(_perturbed_forward, base, delta, application, workspace)
         yield
     finally:
         for base, original in previous.items():
