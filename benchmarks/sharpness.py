@@ -20,13 +20,14 @@ copy), ``tiny-llama`` (the random 2-layer Llama of ``dynamics.models`` + LoRA r=
 task; reference: ours at tol=1e-10 on a float64 copy) and ``smollm2`` (SmolLM2-135M + LoRA r=8,
 4 GSM examples x 64 tokens; reference: ours at tol=1e-4). On the small problems each knob
 (``tol`` or ``m``) is searched for the cheapest setting whose top-k eigenvalues are all within
-``--target`` relative error on every start seed; on SmolLM2 (seconds per HVP) each method runs
-once at ``tol = --target``. HVP counts leave out the one gradient every method takes first.
+``--target`` relative error on every start seed; on SmolLM2 (seconds per HVP) there is no
+search, each method runs once per ``--tol`` (default: the target). HVP counts leave out the one
+gradient every method takes first.
 Relative error is ``max_i |theta_i - lambda_i| / |lambda_i|`` over the top k.
 
     python benchmarks/sharpness.py               # MLP and tiny-llama LoRA, a few minutes
-    python benchmarks/sharpness.py --problem mlp tiny-llama smollm2 \\
-        --output benchmarks/results/sharpness.txt
+    python benchmarks/sharpness.py --problem smollm2 --threads 1           # about 30 minutes
+    python benchmarks/sharpness.py --problem smollm2 --threads 1 --methods ours --tol 0.02
 """
 
 from __future__ import annotations
@@ -400,12 +401,24 @@ def lora_problem(model_name: str, n_examples: int, seq_len: int, seed: int, max_
     )
 
 
-def benchmark(problem: Problem, ks: Sequence[int], target: float, search: bool, seeds: Sequence[int]) -> pd.DataFrame:
-    """Rows of (choice, method, k, setting, n_hvp, seconds, relative_error) over ``seeds``."""
+def benchmark(
+    problem: Problem,
+    ks: Sequence[int],
+    target: float,
+    tolerances: Sequence[float],
+    methods: Sequence[str],
+    search: bool,
+    seeds: Sequence[int],
+) -> pd.DataFrame:
+    """Rows of (choice, method, k, setting, n_hvp, seconds, relative_error, eigenvalues) over
+    ``seeds``: the cheapest knob setting reaching ``target`` (when ``search``), then each
+    method at every one of ``tolerances``."""
+    runners = {"ours": run_ours, "pyhessian": run_pyhessian, "eigsh": run_eigsh}
     rows = []
     for k in ks:
-        runners = {"ours": run_ours, "pyhessian": run_pyhessian, "eigsh": run_eigsh}
         for method, runner in runners.items():
+            if method not in methods:
+                continue
             if search:
                 best = cheapest(
                     TOLERANCES,
@@ -414,8 +427,11 @@ def benchmark(problem: Problem, ks: Sequence[int], target: float, search: bool, 
                 )
                 missed = Record(method, k, "none reached the target", -1, np.nan, np.nan, "")
                 rows.append({"choice": "cheapest tol", **(best or missed).__dict__})
-            record = over_seeds(runner, problem, k, target, seeds)
-            rows.append({"choice": "tol = target", **record.__dict__})
+            for tol in tolerances:
+                record = over_seeds(runner, problem, k, tol, seeds)
+                rows.append({"choice": "given tol", **record.__dict__})
+        if "eigenthings" not in methods:
+            continue
         longest = min(150, sum(param.numel() for param in problem.params) - 1)
         iterations = [smallest_eigenthings_iterations(problem, k, longest, target, seed) for seed in seeds]
         record = (
@@ -434,11 +450,13 @@ def report(problem: Problem, args: argparse.Namespace, expensive: bool) -> str:
     n_start_seeds = args.start_seeds or (1 if expensive else 5)
     seeds = range(args.seed, args.seed + n_start_seeds)
     timing = hvp_seconds(problem, 3 if expensive else args.hvp_repeats, args.seed)
-    table = benchmark(problem, args.k, args.target, search=not expensive, seeds=seeds)
+    tolerances = args.tol or [args.target]
+    table = benchmark(problem, args.k, args.target, tolerances, args.methods, not expensive, seeds)
+    given = "tol in " + ", ".join(f"{tol:g}" for tol in tolerances)
     how = (
-        "each method at tol = target"
+        f"each method at {given}"
         if expensive
-        else "the cheapest setting of each knob reaching it on every seed, then tol = target"
+        else f"the cheapest setting of each knob reaching it on every seed, then {given}"
     )
     lines = [
         f"problem: {problem.name}; HVP dtype {problem.params[0].dtype}",
@@ -474,6 +492,20 @@ def main() -> None:
         help="start vectors per method and setting (default: 5, or 1 for smollm2)",
     )
     parser.add_argument("--hvp-repeats", type=int, default=20, help="HVPs timed per way")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=("ours", "pyhessian", "eigsh", "eigenthings"),
+        default=["ours", "pyhessian", "eigsh", "eigenthings"],
+        help="methods to run",
+    )
+    parser.add_argument(
+        "--tol",
+        type=float,
+        nargs="+",
+        default=None,
+        help="tolerances to run each tol-based method at (default: target)",
+    )
     parser.add_argument(
         "--threads",
         type=int,

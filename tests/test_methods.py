@@ -48,10 +48,11 @@ def peft_model(adapter="lora", r=2, alpha=3.0, dtype=torch.float64):
 
     torch.manual_seed(0)
     base = SmallMLP().to(dtype)
+    targets = ["up", "mid", "mid2", "down"]
     if adapter == "adalora":
-        config = AdaLoraConfig(init_r=r, target_r=r, lora_alpha=alpha, target_modules=["up", "mid", "mid2", "down"], total_step=10)
+        config = AdaLoraConfig(init_r=r, target_r=r, lora_alpha=alpha, target_modules=targets, total_step=10)
     else:
-        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=["up", "mid", "mid2", "down"], use_rslora=adapter == "rslora")
+        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=adapter == "rslora")
     model = get_peft_model(base, config)
     with torch.no_grad():  # non-zero B and E so that every term of the formulas is exercised
         for name, p in model.named_parameters():
