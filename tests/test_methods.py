@@ -12,7 +12,7 @@ import dynamics
 from dynamics import runs
 from dynamics.config import ConfigError, RunConfig
 from dynamics.methods.base import make_perturbation
-from dynamics.methods.layers import LowRank, adapter_layers
+from dynamics.methods.layers import LowRank, LowRankSum, adapter_layers
 from dynamics.methods.mgpo import MGPO, check_first_moment
 from dynamics.methods.noise import NoiseDelta, ramp
 from dynamics.methods.sam import SAM
@@ -141,14 +141,22 @@ def test_an_optimizer_without_first_moment_is_refused():
     check_first_moment(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9), "lora+mgpo")
 
 
+@pytest.mark.parametrize("form", ["thin", "sum"])
 @pytest.mark.parametrize("application", ["dense", "lowrank", "auto"])
-def test_perturbed_forward_and_backward_equal_the_materialised_weights(application):
+def test_perturbed_forward_and_backward_equal_the_materialised_weights(application, form):
     model = peft_model()
     layers = adapter_layers(model)
     rng = torch.Generator().manual_seed(3)
-    deltas = {layer.name: LowRank(torch.randn(layer.base.out_features, 4, generator=rng, dtype=torch.float64),
-                                  torch.randn(4, layer.base.in_features, generator=rng, dtype=torch.float64), 0.1)
-              for layer in layers}
+
+    def factors(layer, k):
+        return (torch.randn(layer.base.out_features, k, generator=rng, dtype=torch.float64),
+                torch.randn(k, layer.base.in_features, generator=rng, dtype=torch.float64))
+
+    if form == "thin":
+        deltas = {layer.name: LowRank(*factors(layer, 4), 0.1) for layer in layers}
+    else:  # MGPO's form: two pairs and a 0-d tensor scale
+        scale = torch.tensor(-0.1, dtype=torch.float64)
+        deltas = {layer.name: LowRankSum((factors(layer, 2), factors(layer, 3)), scale) for layer in layers}
     x = torch.randn(2, 7, 5, generator=rng, dtype=torch.float64)
     weights_before = [layer.base.weight.clone() for layer in layers]
 

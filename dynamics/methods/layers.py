@@ -34,10 +34,36 @@ class LowRank:
     def dense(self) -> torch.Tensor:
         return self.scale * (self.U @ self.V)
 
+    @property
+    def pairs(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        return ((self.U, self.V),)
+
     def frobenius_norm(self) -> torch.Tensor:
         """||scale U V||_F from Gram matrices: ||UV||^2 = sum((U^T U) * (V V^T)); O((m+n) k^2)."""
         gram = (self.U.T @ self.U) * (self.V @ self.V.T)
         return abs(self.scale) * gram.sum().clamp_min(0).sqrt()
+
+
+@dataclass(frozen=True)
+class LowRankSum:
+    """A dense ``(m, n)`` matrix held as ``scale * sum_i U_i @ V_i`` (``U_i (m, k_i)``, ``V_i (k_i, n)``)
+    whose factors are existing tensors (parameters, optimizer moments), so holding it copies nothing;
+    ``scale`` is a float or a 0-d tensor (no host sync)."""
+
+    pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    scale: torch.Tensor | float = 1.0
+
+    def thin(self) -> LowRank:
+        """The same matrix as one pair of thin factors ``[U_1 .. U_p] @ [V_1; ..; V_p]`` (copies)."""
+        U = torch.cat([u for u, _ in self.pairs], dim=1)
+        V = torch.cat([v for _, v in self.pairs], dim=0)
+        return LowRank(U * self.scale, V, 1.0)
+
+    def dense(self) -> torch.Tensor:
+        return self.thin().dense()
+
+    def frobenius_norm(self) -> torch.Tensor:
+        return self.thin().frobenius_norm()
 
 
 @dataclass(frozen=True)
@@ -86,6 +112,16 @@ class AdapterLayer:
         thin factors in float32 (float64 for float64 parameters), detached. Formulas: module doc."""
         group = AdapterGroup((self,))
         return group.change_along({role: t.unsqueeze(0) for role, t in tangent.items()})[0]
+
+    def change_pairs(self, tangent: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """The change along ``tangent`` without its scale, as ``((U_1, V_1), (U_2, V_2))`` made of the
+        layer's own (detached) tensors where the formula allows: LoRA ``(t_B, A), (B, t_A)``; AdaLoRA
+        ``(t_B, A * E), (B, t_A * E + A * t_E)``. Multiply by ``scales()`` for the change itself."""
+        p = {role: v.detach() for role, v in self.parameters().items()}
+        t = {role: v.detach() for role, v in tangent.items()}
+        if self.is_adalora:
+            return (t["B"], p["A"] * p["E"]), (p["B"], t["A"] * p["E"] + p["A"] * t["E"])
+        return (t["B"], p["A"]), (p["B"], t["A"])
 
     def delta_weight(self) -> torch.Tensor:
         """The dense ``DeltaW`` (m, n) of the adapter (peft's own formula), detached."""

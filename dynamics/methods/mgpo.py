@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from dynamics.methods.base import CleanLoss, PerturbationDefaults, global_norm
-from dynamics.methods.layers import AdapterGroup, AdapterLayer, LowRank, group_layers
+from dynamics.methods.layers import AdapterGroup, AdapterLayer, LowRankSum, group_layers
 from dynamics.methods.weight_perturbation import LowRankDelta, perturbed_base_layers
 
 
@@ -104,22 +104,24 @@ class MGPO(PerturbationDefaults):
         if self.steps == 0 or self.rho == 0:
             return self._step
         for group, grad_ema in zip(self.groups, self._grad_ema):
-            direction = group.change_along(self._first_moments(group))  # d_l = s (m_B A + B m_A), rank <= 2r
+            moments = self._first_moments(group)
+            direction = group.change_along(group.stacked(moments))  # d_l = s (m_B A + B m_A), rank <= 2r
             norms = direction.frobenius_norms()
             scales = self._apn_scales(grad_ema, norms)
             coefficients = -self.rho * scales * direction.scale / (norms + self.eps)
-            U = direction.U * coefficients[:, None, None]  # the coefficient folded into U: no host sync
-            for g, name in enumerate(group.names):
-                self._step.deltas[name] = LowRank(U[g], direction.V[g], 1.0)
+            # Delta_l references the layer's own parameters and moments (no copy held for the step);
+            # its coefficient stays a tensor: no host sync.
+            for g, (layer, moment) in enumerate(zip(group.layers, moments)):
+                self._step.deltas[layer.name] = LowRankSum(layer.change_pairs(moment), coefficients[g])
             self._step.scales.append(scales)
             self._step.norms.append(self.rho * scales * norms / (norms + self.eps))
         return self._step
 
-    def step_deltas(self) -> dict[str, LowRank]:
+    def step_deltas(self) -> dict[str, LowRankSum]:
         """Delta_l for this step (eq. 4) as thin factors, by layer name."""
         return self.step_perturbation().deltas
 
-    def _first_moments(self, group: AdapterGroup) -> dict[str, torch.Tensor]:
+    def _first_moments(self, group: AdapterGroup) -> list[dict[str, torch.Tensor]]:
         moments = []
         for layer in group.layers:
             moment = {role: first_moment(self.optimizer, param) for role, param in layer.parameters().items()}
@@ -127,7 +129,7 @@ class MGPO(PerturbationDefaults):
                 raise RuntimeError(f"--method {self.method}: no first moment for {layer.name} after "
                                    f"{self.steps} steps; refusing to train it unperturbed")
             moments.append(moment)
-        return group.stacked(moments)
+        return moments
 
     def _apn_scales(self, grad_ema: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         if not self.apn or grad_ema is None:
@@ -206,7 +208,7 @@ class StepPerturbation(NamedTuple):
     """One step's perturbation: ``deltas`` by layer name, and per group the ``(G,)`` APN factors
     c_l and Frobenius norms ||Delta_l||_F = rho c_l ||d_l|| / (||d_l|| + eps)."""
 
-    deltas: dict[str, LowRank]
+    deltas: dict[str, LowRankSum]
     scales: list[torch.Tensor]
     norms: list[torch.Tensor]
 

@@ -10,10 +10,14 @@ that computes ``x (W0 + Delta)^T`` from the untouched W0, in one of two exact wa
   shape, shared by the layers of that shape, so memory grows by a few weights and no step
   allocates (and page-faults) a fresh m x n buffer per layer. Time: two ``(m, n)`` builds per layer,
   independent of the number of tokens;
-- ``lowrank``: for ``Delta = U V`` of rank k (U, V detached), ``y = x W0^T + (x V^T) U^T`` and
-  ``dx = dy W0 + (dy U) V``, each low-rank term accumulated in place into the base matmul's result
-  (``addmm_``), so no activation-sized temporary is made; time grows with tokens x (m + n) x k,
-  nothing dense is built.
+- ``lowrank``: for ``Delta = sum_i U_i V_i`` of rank k (factors detached), ``y = x W0^T +
+  sum_i (x V_i^T) U_i^T`` and ``dx = dy W0 + sum_i (dy U_i) V_i``, each low-rank term accumulated
+  in place into the base matmul's result (``addmm_``), so no activation-sized temporary is made;
+  time grows with tokens x (m + n) x k, nothing dense is built.
+
+MGPO's Delta is held as ``LowRankSum`` pairs that reference the adapter's own parameters and
+optimizer moments, so a step keeps no copy of them (at r = 128 on SmolLM2 a thin-factor copy of
+every layer's Delta would be ~310 MB).
 
 ``auto`` takes, per layer and per call, the cheaper by multiply-adds: low-rank when
 ``2 tokens (m + n) k < 2 m n k + 2 m n`` (the dense build's matmul plus its add), else dense.
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynamics.methods.layers import LowRank
+from dynamics.methods.layers import LowRank, LowRankSum
 
 APPLICATIONS = ("auto", "dense", "lowrank")
 
@@ -44,17 +48,27 @@ class WeightDelta(Protocol):
 
 
 class LowRankDelta:
-    """``Delta = c U V`` (U (m, k), V (k, n), detached)."""
+    """``Delta = scale * sum_i U_i V_i`` (a ``LowRank`` or ``LowRankSum``; factors detached)."""
 
-    def __init__(self, factors: LowRank) -> None:
+    def __init__(self, factors: LowRank | LowRankSum) -> None:
         self.factors = factors
 
+    def scaled_pairs(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(U_i, scale V_i)]`` in ``dtype``: the scale goes onto the (k, n) factors, made per call."""
+        scale = self.factors.scale
+        unit = isinstance(scale, (int, float)) and scale == 1
+        return [(U.to(dtype), (V if unit else V * scale).to(dtype)) for U, V in self.factors.pairs]
+
+    @property
+    def rank_bound(self) -> int:
+        return sum(U.shape[1] for U, _ in self.factors.pairs)
+
     def perturbed(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        U = self.factors.U.to(weight.dtype)
-        V = self.factors.V.to(weight.dtype)
-        if out is None:
-            return torch.addmm(weight, U, V, alpha=self.factors.scale)
-        return torch.addmm(weight, U, V, alpha=self.factors.scale, out=out)
+        (U, V), *rest = self.scaled_pairs(weight.dtype)
+        built = torch.addmm(weight, U, V) if out is None else torch.addmm(weight, U, V, out=out)
+        for U, V in rest:
+            built.addmm_(U, V)
+        return built
 
 
 class Workspace:
@@ -93,26 +107,29 @@ class _PerturbedLinear(torch.autograd.Function):
 
 
 class _LowRankPerturbedLinear(torch.autograd.Function):
-    """``y = x (W0 + U V)^T + b`` for a frozen W0 and detached U (m, k), V (k, n): gradient to x only."""
+    """``y = x (W0 + sum_i U_i V_i)^T + b`` for a frozen W0 and detached factor pairs
+    ``U_i (m, k_i)``, ``V_i (k_i, n)`` given flat as ``U_1, V_1, U_2, V_2, ...``: gradient to x only."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, U: torch.Tensor,
-                V: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight, U, V)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *factors: torch.Tensor):
+        ctx.save_for_backward(weight, *factors)
         rows = x.reshape(-1, x.shape[-1])
         y = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
-        y.addmm_(rows @ V.T, U.T)
+        for U, V in zip(factors[0::2], factors[1::2]):
+            y.addmm_(rows @ V.T, U.T)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        no_grads = (None,) * (2 + len(ctx.saved_tensors))
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        weight, U, V = ctx.saved_tensors
+            return (None, *no_grads)
+        weight, *factors = ctx.saved_tensors
         rows = grad_output.reshape(-1, grad_output.shape[-1])
         grad_x = rows @ weight
-        grad_x.addmm_(rows @ U, V)
-        return grad_x.view(*grad_output.shape[:-1], weight.shape[1]), None, None, None, None
+        for U, V in zip(factors[0::2], factors[1::2]):
+            grad_x.addmm_(rows @ U, V)
+        return (grad_x.view(*grad_output.shape[:-1], weight.shape[1]), *no_grads)
 
 
 def _perturbed_forward(base: nn.Linear, delta: WeightDelta, application: str, workspace: Workspace,
@@ -125,15 +142,15 @@ def _perturbed_forward(base: nn.Linear, delta: WeightDelta, application: str, wo
     if mode == "lowrank":
         if not isinstance(delta, LowRankDelta):
             raise ValueError(f"application lowrank needs a low-rank perturbation, got {type(delta).__name__}")
-        U = (delta.factors.U * delta.factors.scale if delta.factors.scale != 1 else delta.factors.U).to(x.dtype)
-        return _LowRankPerturbedLinear.apply(x, base.weight, base.bias, U, delta.factors.V.to(x.dtype))
+        factors = [t for pair in delta.scaled_pairs(x.dtype) for t in pair]
+        return _LowRankPerturbedLinear.apply(x, base.weight, base.bias, *factors)
     return _PerturbedLinear.apply(x, base.weight, base.bias, delta, workspace)
 
 
 def _lowrank_is_cheaper(x: torch.Tensor, base: nn.Linear, delta: LowRankDelta) -> bool:
     tokens = x.numel() // x.shape[-1]
     m, n = base.weight.shape
-    k = delta.factors.U.shape[1]
+    k = delta.rank_bound
     return 2 * tokens * (m + n) * k < 2 * m * n * k + 2 * m * n
 
 
