@@ -41,6 +41,7 @@ VARIANTS = {
     "lora+mgpo": dict(method="lora+mgpo"),
     "lora+mgpo dense": dict(method="lora+mgpo", perturb_application="dense"),
     "lora+mgpo lowrank": dict(method="lora+mgpo", perturb_application="lowrank"),
+    "lora+mgpo fused": dict(method="lora+mgpo", perturb_application="fused"),
     "lora+mgpo clean/10": dict(method="lora+mgpo", clean_loss_every=10),
     "lora+mgpo-noapn": dict(method="lora+mgpo-noapn"),
     "lora+msam": dict(method="lora+msam"),

@@ -105,9 +105,9 @@ class RunConfig:
     apn_eps: float = _field(1e-12, "APN: epsilon in 1 / (g_ema + eps) and in the direction's normalisation")
     clean_loss_every: int = _field(10, "measure loss_clean (loss at the unperturbed weights) every N steps under "
                                        "mgpo/msam/noise (sam gets it free every step; 0: never)")
-    perturb_application: str = _field("auto", "how mgpo applies Delta to the frozen weights: dense (rebuilt W0+Delta), "
-                                              "lowrank (x V^T U^T term), or auto (cheaper per layer)",
-                                      ("auto", "dense", "lowrank"))
+    perturb_application: str = _field("auto", "how mgpo applies Delta: dense (rebuilt W0+Delta), lowrank (x V^T U^T "
+                                              "term), fused (into plain LoRA layers' own matmuls), or auto (cheapest "
+                                              "per layer)", ("auto", "dense", "lowrank", "fused"))
     loraplus_ratio: float = _field(16.0, "LoRA+: learning rate of B over that of A")
     # Data sizes and evaluation.
     n_train: int | None = _field(None, "training examples (default: 2000 for gsm, 2048 for tiny, all for bbc)")
@@ -296,6 +296,10 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--method {cfg.method}: adapter full has no low-rank merged weight space for "
                               f"{parts[1]}; use full+msam, full+sam or full+noise, or {parts[1]} with one of "
                               + ", ".join(LORA_FAMILY))
+    if cfg.perturb_application == "fused" and (parts[0] in ("full", "dora", "adalora") or cfg.lora_dropout > 0):
+        raise ConfigError(f"--perturb-application fused: needs plain LoRA layers without dropout (adapter one of lora, "
+                          f"rslora, pissa, loraplus and --lora-dropout 0), got --method {cfg.method} with "
+                          f"--lora-dropout {cfg.lora_dropout}; use auto, dense or lowrank")
     model_ok = cfg.model in BUILTIN_MODELS or Path(cfg.model).is_dir() or bool(_HUB_ID.match(cfg.model))
     _check(model_ok, "model", cfg.model,
            "must be one of " + ", ".join(BUILTIN_MODELS) + ", a local folder, or a Hugging Face id org/name")

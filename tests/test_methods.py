@@ -13,6 +13,7 @@ from dynamics import runs
 from dynamics.config import ConfigError, RunConfig
 from dynamics.methods.base import make_perturbation
 from dynamics.methods.layers import LowRank, LowRankSum, adapter_layers
+from dynamics.methods.lora_fused import fusable, perturbed_lora_layers
 from dynamics.methods.mgpo import MGPO, check_first_moment
 from dynamics.methods.noise import NoiseDelta, ramp
 from dynamics.methods.sam import SAM
@@ -175,6 +176,43 @@ def test_perturbed_forward_and_backward_equal_the_materialised_weights(applicati
     for layer, before in zip(layers, weights_before):
         assert torch.equal(layer.base.weight, before)
         assert "forward" not in layer.base.__dict__
+
+
+def test_fused_lora_forward_and_gradients_equal_the_materialised_weights():
+    model = peft_model()
+    layers = adapter_layers(model)
+    rng = torch.Generator().manual_seed(4)
+    deltas = {}
+    for layer in layers:
+        tangent = {role: torch.randn(p.shape, generator=rng, dtype=torch.float64)
+                   for role, p in layer.parameters().items()}
+        deltas[layer] = LowRankSum(layer.change_pairs(tangent), torch.tensor(-0.3, dtype=torch.float64))
+    assert all(fusable(layer) for layer in layers)
+    x = torch.randn(2, 7, 5, generator=rng, dtype=torch.float64)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    with perturbed_lora_layers(deltas):
+        out = model(x)
+    grads = torch.autograd.grad(out.square().sum(), trainable)
+
+    materialised = {f"{layer.name}.base_layer.weight": layer.base.weight + delta.dense()
+                    for layer, delta in deltas.items()}
+    expected_out = torch.func.functional_call(model.base_model.model, materialised, (x,), strict=False)
+    expected = torch.autograd.grad(expected_out.square().sum(), trainable)
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert all("forward" not in layer.module.__dict__ for layer in layers)
+
+
+def test_fused_application_refuses_layers_it_cannot_fold():
+    model = peft_model("adalora")
+    layer = adapter_layers(model)[0]
+    assert not fusable(layer)
+    delta = LowRankSum(((torch.zeros(4, 2, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64)),) * 2)
+    with pytest.raises(ValueError, match="not a plain LoRA layer"), perturbed_lora_layers({layer: delta}):
+        pass
+    assert "forward" not in layer.module.__dict__
 
 
 def test_the_original_forward_comes_back_after_an_exception():
@@ -361,3 +399,11 @@ def test_combinations_that_make_no_sense_are_refused(method, message):
     with pytest.raises(ConfigError) as info:
         RunConfig(method=method)
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("overrides", [dict(method="dora+mgpo"), dict(method="adalora+mgpo"),
+                                       dict(method="lora+mgpo", lora_dropout=0.1)])
+def test_fused_application_is_refused_where_it_cannot_fold(overrides):
+    with pytest.raises(ConfigError, match="^--perturb-application fused: needs plain LoRA layers without dropout"):
+        RunConfig(perturb_application="fused", **overrides)
+    RunConfig(perturb_application="fused", method="rslora+mgpo")  # allowed

@@ -40,6 +40,7 @@ from torch import nn
 
 from dynamics.methods.base import CleanLoss, PerturbationDefaults, global_norm
 from dynamics.methods.layers import AdapterGroup, AdapterLayer, LowRankSum, group_layers
+from dynamics.methods.lora_fused import fusable, fused_is_cheaper, perturbed_lora_layers
 from dynamics.methods.weight_perturbation import LowRankDelta, perturbed_base_layers
 
 
@@ -82,6 +83,10 @@ class MGPO(PerturbationDefaults):
         self.rho, self.beta, self.apn, self.apn_cap, self.eps = rho, beta, apn, apn_cap, eps
         self.application = application
         self.method = method
+        refused = [layer.name for layer in layers if not fusable(layer)] if application == "fused" else []
+        if refused:
+            raise ValueError(f"--perturb-application fused: {refused[0]} is not a plain LoRA layer (DoRA, AdaLoRA, "
+                             "dropout, LoRA bias or mixed dtypes); use auto, dense or lowrank")
         self.steps = 0  # optimizer steps taken so far
         self._grad_ema: list[torch.Tensor | None] = [None] * len(self.groups)  # (G,) g_l per group
         self._step: StepPerturbation | None = None  # this step's Delta_l, built on first use
@@ -145,11 +150,25 @@ class MGPO(PerturbationDefaults):
             return loss.detach()
         if self.loss_clean.due(self.steps):
             self.loss_clean.measure(model, batch, loss_fn)
-        bases = {layer.base: LowRankDelta(deltas[layer.name]) for layer in self.layers}
-        with perturbed_base_layers(bases, self.application):
+        fused, through_base = self._split_by_application(batch)
+        bases = {layer.base: LowRankDelta(deltas[layer.name]) for layer in through_base}
+        base_application = "auto" if self.application in ("auto", "fused") else self.application
+        with perturbed_lora_layers({layer: deltas[layer.name] for layer in fused}), \
+                perturbed_base_layers(bases, base_application):
             loss = loss_fn(model, batch)
         loss.backward()
         return loss.detach()
+
+    def _split_by_application(self, batch) -> tuple[list[AdapterLayer], list[AdapterLayer]]:
+        """(layers whose LoRA forward takes Delta in, layers perturbed through the base weight)."""
+        if self.application == "fused":
+            return list(self.layers), []
+        if self.application != "auto":
+            return [], list(self.layers)
+        tokens = batch["input_ids"].numel()
+        fused = [layer for layer in self.layers if fusable(layer) and fused_is_cheaper(layer, tokens)]
+        chosen = {id(layer) for layer in fused}
+        return fused, [layer for layer in self.layers if id(layer) not in chosen]
 
     # --- once per optimizer step ----------------------------------------------------------------
     def on_accumulated_grad(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
