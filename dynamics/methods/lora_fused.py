@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from dynamics.methods.layers import AdapterLayer, LowRankSum
+from dynamics.methods.weight_perturbation import swapped_forwards
 
 
 def fusable(layer: AdapterLayer) -> bool:
@@ -87,20 +88,11 @@ def _fused_forward(layer: AdapterLayer, delta: LowRankSum, x: torch.Tensor, *arg
 def perturbed_lora_layers(deltas: dict[AdapterLayer, LowRankSum]) -> Iterator[None]:
     """Within the context each LoRA layer in ``deltas`` computes its forward with MGPO's Delta folded
     in; the original forward comes back on exit, also after an exception."""
-    previous = {}
-    try:
-        for layer, delta in deltas.items():
-            if not fusable(layer):
-                raise ValueError(f"{layer.name}: not a plain LoRA layer, the fused application does not apply")
-            previous[layer.module] = layer.module.__dict__.get("forward")
-            layer.module.forward = partial(_fused_forward, layer, delta)
+    refused = [layer.name for layer in deltas if not fusable(layer)]
+    if refused:
+        raise ValueError(f"{refused[0]}: not a plain LoRA layer, the fused application does not apply")
+    with swapped_forwards({layer.module: partial(_fused_forward, layer, delta) for layer, delta in deltas.items()}):
         yield
-    finally:
-        for module, original in previous.items():
-            if original is None:
-                del module.forward
-            else:
-                module.forward = original
 
 
 def fused_is_cheaper(layer: AdapterLayer, tokens: int) -> bool:

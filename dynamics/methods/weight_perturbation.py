@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -166,16 +166,26 @@ def perturbed_base_layers(deltas: dict[nn.Linear, WeightDelta], application: str
     """
     if application not in APPLICATIONS:
         raise ValueError(f"application {application!r}: must be one of {', '.join(APPLICATIONS)}")
-    previous = {}
     workspace = Workspace()
+    with swapped_forwards({base: partial(_perturbed_forward, base, delta, application, workspace)
+                           for base, delta in deltas.items()}):
+        yield
+
+
+@contextlib.contextmanager
+def swapped_forwards(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Set each module's ``forward`` (an instance attribute) for the duration of the context and put
+    back what was there on exit, also after an exception (an instance-level forward some hook
+    library installed is kept)."""
+    previous = {}
     try:
-        for base, delta in deltas.items():
-            previous[base] = base.__dict__.get("forward")  # an instance-level forward (e.g. a hook library's)
-            base.forward = partial(_perturbed_forward, base, delta, application, workspace)
+        for module, forward in forwards.items():
+            previous[module] = module.__dict__.get("forward")
+            module.forward = forward
         yield
     finally:
-        for base, original in previous.items():
+        for module, original in previous.items():
             if original is None:
-                del base.forward
+                del module.forward
             else:
-                base.forward = original
+                module.forward = original
