@@ -12,7 +12,7 @@ import dynamics
 from dynamics import runs
 from dynamics.config import ConfigError, RunConfig
 from dynamics.methods.base import make_perturbation
-from dynamics.methods.layers import LowRank, LowRankSum, adapter_layers
+from dynamics.methods.layers import LowRank, LowRankSum, adapter_layers, group_layers
 from dynamics.methods.lora_fused import fusable, perturbed_lora_layers
 from dynamics.methods.mgpo import MGPO, check_first_moment
 from dynamics.methods.noise import NoiseDelta, ramp
@@ -82,6 +82,20 @@ def test_change_along_a_tangent_matches_numpy(adapter):
         expected = s * (tangent["B"] @ p["A"] + p["B"] @ tangent["A"])
     np.testing.assert_allclose(change.dense().numpy(), expected, rtol=1e-12)  # float64 model: float64 factors
     np.testing.assert_allclose(float(change.frobenius_norm()), np.linalg.norm(expected), rtol=1e-12)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "adalora"])
+def test_group_change_norms_match_the_dense_changes_with_and_without_shared_grams(adapter):
+    model = peft_model(adapter)
+    group = max(group_layers(adapter_layers(model)), key=lambda g: len(g.layers))  # two layers of one shape
+    generator = torch.Generator().manual_seed(0)
+    tangents = [{role: torch.randn(t.shape, generator=generator, dtype=t.dtype)
+                 for role, t in layer.parameters().items()} for layer in group.layers]
+    expected = [np.linalg.norm(layer.change_along(t).dense().numpy()) for layer, t in zip(group.layers, tangents)]
+
+    grams = group.factor_grams()
+    for shared in (None, grams, grams):  # the same grams serve any number of tangents
+        np.testing.assert_allclose(group.change_norms(group.stacked(tangents), shared).numpy(), expected, rtol=1e-12)
 
 
 def test_mgpo_perturbation_and_apn_match_the_equations():

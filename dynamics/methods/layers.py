@@ -3,8 +3,9 @@
 Every perturbation that works in merged weight space needs, per layer, the first-order change of
 ``DeltaW`` along a tangent of the adapter parameters (the optimizer's momentum for MGPO, the
 gradient for APN's norm). That change has rank <= 2r, so it is returned as two thin factors
-``U (m, 2r)`` and ``V (2r, n)`` with ``U @ V`` the dense change; norms come from 2r x 2r Gram
-matrices and the dense matrix is only built where it is cheaper (``weight_perturbation``).
+``U (m, 2r)`` and ``V (2r, n)`` with ``U @ V`` the dense change; norms come from r x r Gram
+matrices (``AdapterGroup.change_norms``) and the dense matrix is only built where it is cheaper
+(``weight_perturbation``).
 Layers of one shape are handled together (``AdapterGroup``: SmolLM2 has 210 adapted layers in 4
 shapes), so a step's bookkeeping is a few batched matmuls rather than ~10 small ops per layer.
 
@@ -67,21 +68,15 @@ class LowRankSum:
 
 
 @dataclass(frozen=True)
-class LowRankBatch:
-    """G dense ``(m, n)`` matrices ``scale[g] * U[g] @ V[g]``: ``U (G, m, k)``, ``V (G, k, n)``,
-    ``scale (G,)``."""
+class FactorGrams:
+    """The Gram matrices of a group's own factors, shared by the norm of every change at these
+    parameter values (MGPO takes two per step: momentum and gradient). ``U = [t_B, B]`` and
+    ``V = [P; Q]`` factor a change (module doc), ``P = A`` (LoRA) or ``A * E`` (AdaLoRA)."""
 
-    U: torch.Tensor
-    V: torch.Tensor
-    scale: torch.Tensor
-
-    def frobenius_norms(self) -> torch.Tensor:
-        """``(G,)`` Frobenius norms from the batched Gram matrices (as ``LowRank.frobenius_norm``)."""
-        gram = (self.U.mT @ self.U) * (self.V @ self.V.mT)
-        return self.scale.abs() * gram.sum(dim=(1, 2)).clamp_min(0).sqrt()
-
-    def __getitem__(self, g: int) -> LowRank:
-        return LowRank(self.U[g], self.V[g], float(self.scale[g]))
+    B: torch.Tensor  # (G, m, r) stacked B, >= float32
+    P: torch.Tensor  # (G, r, n) stacked P
+    BtB: torch.Tensor  # (G, r, r) B^T B
+    PPt: torch.Tensor  # (G, r, r) P P^T
 
 
 @dataclass(frozen=True)
@@ -109,9 +104,10 @@ class AdapterLayer:
 
     def change_along(self, tangent: dict[str, torch.Tensor]) -> LowRank:
         """First-order change of ``DeltaW`` along ``tangent`` (same roles as ``parameters()``), as
-        thin factors in float32 (float64 for float64 parameters), detached. Formulas: module doc."""
-        group = AdapterGroup((self,))
-        return group.change_along({role: t.unsqueeze(0) for role, t in tangent.items()})[0]
+        thin factors ``[t_B, B] @ [P; Q]`` times the layer's scale, detached. Formulas: module doc."""
+        pairs = self.change_pairs(tangent)
+        scale = float(AdapterGroup((self,)).scales(pairs[0][0])[0])
+        return LowRankSum(pairs, scale).thin()
 
     def change_pairs(self, tangent: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """The change along ``tangent`` without its scale, as ``((U_1, V_1), (U_2, V_2))`` made of the
@@ -155,17 +151,36 @@ class AdapterGroup:
         ranknum = torch.stack([layer.module.ranknum[layer.adapter].detach().reshape(()) for layer in self.layers])
         return scaling / (ranknum.to(like) + 1e-5)
 
-    def change_along(self, tangent: dict[str, torch.Tensor]) -> LowRankBatch:
-        """The first-order change of each layer's ``DeltaW`` along ``tangent`` (``{role: (G, ...)}``,
-        stacked like ``parameters()``), as ``U (G, m, 2r)``, ``V (G, 2r, n)``. Formulas: module doc."""
+    def factor_grams(self) -> FactorGrams:
+        """``B^T B`` and ``P P^T`` at the current parameters (``P`` as in :class:`FactorGrams`)."""
         p = self.parameters()
+        P = p["A"] * p["E"] if self.layers[0].is_adalora else p["A"]
+        return FactorGrams(p["B"], P, p["B"].mT @ p["B"], P @ P.mT)
+
+    def change_norms(self, tangent: dict[str, torch.Tensor], grams: FactorGrams | None = None) -> torch.Tensor:
+        """``(G,)`` Frobenius norms of each layer's change along ``tangent`` (``{role: (G, ...)}``,
+        stacked like ``parameters()``), without building it.
+
+        The change is ``scale [t_B, B] [P; Q]`` (``Q = t_A``, or ``t_A * E + A * t_E`` for AdaLoRA), so
+
+            ||change||^2 / scale^2 = <t_B^T t_B, P P^T> + 2 <t_B^T B, P Q^T> + <B^T B, Q Q^T>,
+
+        four ``r x r`` products of cost ``r^2 m`` or ``r^2 n`` each, plus ``B^T B`` and ``P P^T``, which
+        depend on the parameters alone: pass ``grams`` (from :meth:`factor_grams`, at the same
+        parameters) to share them between norms.
+        """
+        grams = grams or self.factor_grams()
         t = {role: _at_least_float32(v) for role, v in tangent.items()}
-        U = torch.cat([t["B"], p["B"]], dim=2)  # (G, m, 2r)
         if self.layers[0].is_adalora:
-            V = torch.cat([p["A"] * p["E"], t["A"] * p["E"] + p["A"] * t["E"]], dim=1)  # (G, 2r, n)
+            p = self.parameters()
+            Q = t["A"] * p["E"] + p["A"] * t["E"]
         else:
-            V = torch.cat([p["A"], t["A"]], dim=1)  # (G, 2r, n)
-        return LowRankBatch(U, V, self.scales(U))
+            Q = t["A"]
+        tB = t["B"]
+        squared = ((tB.mT @ tB) * grams.PPt).sum(dim=(1, 2))
+        squared += 2 * ((tB.mT @ grams.B) * (grams.P @ Q.mT)).sum(dim=(1, 2))
+        squared += (grams.BtB * (Q @ Q.mT)).sum(dim=(1, 2))
+        return self.scales(squared).abs() * squared.clamp_min(0).sqrt()
 
 
 def group_layers(layers: list[AdapterLayer]) -> list[AdapterGroup]:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from dynamics.methods.base import CleanLoss, PerturbationDefaults, global_norm
-from dynamics.methods.layers import AdapterGroup, AdapterLayer, LowRankSum, group_layers
+from dynamics.methods.layers import AdapterGroup, AdapterLayer, FactorGrams, LowRankSum, group_layers
 from dynamics.methods.lora_fused import fusable, fused_is_cheaper, perturbed_lora_layers
 from dynamics.methods.weight_perturbation import LowRankDelta, perturbed_base_layers
 
@@ -90,6 +90,7 @@ class MGPO(PerturbationDefaults):
         self.steps = 0  # optimizer steps taken so far
         self._grad_ema: list[torch.Tensor | None] = [None] * len(self.groups)  # (G,) g_l per group
         self._step: StepPerturbation | None = None  # this step's Delta_l, built on first use
+        self._grams: list[FactorGrams | None] = [None] * len(self.groups)  # per group, this step's
         self.loss_clean = CleanLoss(clean_loss_every)
 
     @property
@@ -108,12 +109,12 @@ class MGPO(PerturbationDefaults):
         self._step = StepPerturbation({}, [], [])
         if self.steps == 0 or self.rho == 0:
             return self._step
-        for group, grad_ema in zip(self.groups, self._grad_ema):
+        for index, (group, grad_ema) in enumerate(zip(self.groups, self._grad_ema)):
             moments = self._first_moments(group)
-            direction = group.change_along(group.stacked(moments))  # d_l = s (m_B A + B m_A), rank <= 2r
-            norms = direction.frobenius_norms()
+            # ||d_l||, d_l = s (m_B A + B m_A) of rank <= 2r, from r x r Gram matrices
+            norms = group.change_norms(group.stacked(moments), self._factor_grams(index))
             scales = self._apn_scales(grad_ema, norms)
-            coefficients = -self.rho * scales * direction.scale / (norms + self.eps)
+            coefficients = -self.rho * scales * group.scales(norms) / (norms + self.eps)
             # Delta_l references the layer's own parameters and moments (no copy held for the step);
             # its coefficient stays a tensor: no host sync.
             for g, (layer, moment) in enumerate(zip(group.layers, moments)):
@@ -178,13 +179,22 @@ class MGPO(PerturbationDefaults):
             grads = [{role: p.grad for role, p in layer.parameters().items()} for layer in group.layers]
             if any(g is None for layer_grads in grads for g in layer_grads.values()):
                 continue
-            norms = group.change_along(group.stacked(grads)).frobenius_norms()
+            norms = group.change_norms(group.stacked(grads), self._factor_grams(index))
             previous = self._grad_ema[index]
             self._grad_ema[index] = norms if previous is None else self.beta * previous + (1 - self.beta) * norms
+
+    def _factor_grams(self, index: int) -> FactorGrams:
+        """Group ``index``'s B^T B and P P^T at this step's parameters, shared by the momentum norm
+        (before the forward) and the gradient norm (after the backward): the parameters only
+        change in the optimizer step, after which they are dropped."""
+        if self._grams[index] is None:
+            self._grams[index] = self.groups[index].factor_grams()
+        return self._grams[index]
 
     def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.steps += 1
         self._step = None
+        self._grams = [None] * len(self.groups)
         self.loss_clean.reset()
 
     # --- reporting and state ------------------------------------------------------------------------
@@ -221,6 +231,7 @@ class MGPO(PerturbationDefaults):
                           if all(name in saved for name in group.names) else None for group in self.groups]
         self.steps = int(state["steps"])
         self._step = None
+        self._grams = [None] * len(self.groups)
 
 
 class StepPerturbation(NamedTuple):
