@@ -106,8 +106,9 @@ class RunConfig:
     clean_loss_every: int = _field(10, "measure loss_clean (loss at the unperturbed weights) every N steps under "
                                        "mgpo/msam/noise (sam gets it free every step; 0: never)")
     perturb_application: str = _field("auto", "how mgpo applies Delta: dense (rebuilt W0+Delta), lowrank (x V^T U^T "
-                                              "term), fused (into plain LoRA layers' own matmuls), or auto (cheapest "
-                                              "per layer)", ("auto", "dense", "lowrank", "fused"))
+                                              "term), fused (low-rank, into plain LoRA layers' own matmuls), or auto "
+                                              "(folded into plain LoRA layers, cheapest way per layer and pass)",
+                                       ("auto", "dense", "lowrank", "fused"))
     loraplus_ratio: float = _field(16.0, "LoRA+: learning rate of B over that of A")
     # Data sizes and evaluation.
     n_train: int | None = _field(None, "training examples (default: 2000 for gsm, 2048 for tiny, all for bbc)")

@@ -1,5 +1,6 @@
 """Perturbation methods and peft adapters: formulas against numpy, exactness, and behaviour."""
 
+import itertools
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from dynamics import runs
 from dynamics.config import ConfigError, RunConfig
 from dynamics.methods.base import make_perturbation
 from dynamics.methods.layers import LowRank, LowRankSum, adapter_layers, group_layers
-from dynamics.methods.lora_fused import fusable, perturbed_lora_layers
+from dynamics.methods.lora_fused import BACKWARD_WAYS, FORWARD_WAYS, cheapest_ways, fusable, perturbed_lora_layers
 from dynamics.methods.mgpo import MGPO, check_first_moment
 from dynamics.methods.noise import NoiseDelta, ramp
 from dynamics.methods.sam import SAM
@@ -192,7 +193,8 @@ def test_perturbed_forward_and_backward_equal_the_materialised_weights(applicati
         assert "forward" not in layer.base.__dict__
 
 
-def test_fused_lora_forward_and_gradients_equal_the_materialised_weights():
+@pytest.mark.parametrize("ways", [None, *itertools.product(FORWARD_WAYS, BACKWARD_WAYS)])
+def test_fused_lora_forward_and_gradients_equal_the_materialised_weights(ways):
     model = peft_model()
     layers = adapter_layers(model)
     rng = torch.Generator().manual_seed(4)
@@ -205,7 +207,7 @@ def test_fused_lora_forward_and_gradients_equal_the_materialised_weights():
     x = torch.randn(2, 7, 5, generator=rng, dtype=torch.float64)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    with perturbed_lora_layers(deltas):
+    with perturbed_lora_layers(deltas, ways):
         out = model(x)
     grads = torch.autograd.grad(out.square().sum(), trainable)
 
@@ -217,6 +219,14 @@ def test_fused_lora_forward_and_gradients_equal_the_materialised_weights():
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert all("forward" not in layer.module.__dict__ for layer in layers)
+
+
+def test_fused_ways_follow_the_multiply_add_count_on_smollm2_shapes():
+    tokens = 8 * 128
+    for m, n in [(576, 576), (192, 576), (1536, 576), (576, 1536)]:  # q/o, k/v, gate/up, down
+        assert cheapest_ways(m, n, 8, tokens) == ("lowrank", "lowrank")
+    assert cheapest_ways(576, 576, 128, tokens) == ("dense", "dense")  # 2mnr < T r (m + n)
+    assert cheapest_ways(576, 1536, 128, tokens) == ("dense", "half")  # T m r < m n r when n > T
 
 
 def test_fused_application_refuses_layers_it_cannot_fold():

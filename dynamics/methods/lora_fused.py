@@ -1,17 +1,32 @@
-"""MGPO's perturbation folded into a plain LoRA layer's own matmuls (``fused`` application).
+"""MGPO's perturbation folded into a plain LoRA layer's own forward and backward.
 
-For a LoRA layer ``y = x W0^T + s (x A^T) B^T`` and MGPO's ``Delta = c (m_B A + B m_A)`` (``c``
-already holds ``-rho c_l s / (||d_l|| + eps)``), the perturbed output is
+A LoRA layer computes ``y = x W0^T + s (x A^T) B^T``; MGPO's ``Delta = c (m_B A + B m_A)`` (``c``
+already holds ``-rho c_l s / (||d_l|| + eps)``) makes the effective weight
 
-    y = x W0^T + [h, h_m] [s B + c m_B, c B]^T,     h = x A^T,  h_m = x m_A^T,
+    W0 + s B A + Delta = W0 + (s B + c m_B) A + c B m_A.
 
-two matmuls of inner size 2r on top of the base one, and no ``(m, n)`` matrix is ever built. The
-gradients are written by hand so that, as in every other application, Delta is a constant:
-``dL/dB = s g^T h``, ``dL/dA = s (g B)^T x`` and ``dL/dx = g W0 + [s gB + c g m_B, c gB] [A; m_A]``.
-Extra cost over plain LoRA: ``2 tokens r (m + n)`` multiply-adds per layer, against the dense
-build's ``4 m n r`` plus two passes over the weight; ``auto`` compares the two (module
-``weight_perturbation``). Only plain LoRA layers qualify (no DoRA, no active dropout, not merged,
-one adapter, no LoRA bias, adapter in the base weight's dtype); the others go through the base-weight path.
+The ``m_B A`` term rides on LoRA's own ``h = x A^T`` for free in the forward (only the ``(m, r)``
+factor ``s B + c m_B`` changes). Each pass then chooses, per layer, how the rest enters (extra
+multiply-adds over plain LoRA, T = tokens):
+
+- forward ``lowrank``: ``y = x W0^T + [h, x m_A^T] [s B + c m_B, c B]^T`` -- ``T r (m + n)``;
+- forward ``dense``: ``y = x (W0 + c B m_A)^T + h (s B + c m_B)^T`` with ``W0 + c B m_A`` built in a
+  workspace -- ``m n r`` and one pass over the weight;
+- backward ``lowrank``: ``dx = g W0 + [s gB + c g m_B, c gB] [A; m_A]`` -- ``T r (m + n)``;
+- backward ``half``: ``dx = g (W0 + c B m_A) + (s gB + c g m_B) A``, the weight rebuilt -- ``m n r +
+  T m r``;
+- backward ``dense``: ``dx = g (W0 + Delta) + s gB A``, ``W0 + Delta`` rebuilt -- ``2 m n r``.
+
+``auto`` takes the cheapest of each by that count (plus ``WEIGHT_PASS_COST`` per weight element
+built); with 8 x 128 tokens on SmolLM2 that is all-lowrank at r = 8 and dense forward with dense
+or half backward at r = 128, where it costs ~27 % less than building ``W0 + Delta`` twice. Nothing
+``(m, n)`` is saved for backward, no m x n buffer is allocated per layer (``Workspace``), and W0 is
+never written. Gradients are written by hand so that, as in every other application, Delta is a
+constant: ``dL/dB = s g^T h``, ``dL/dA = s (g B)^T x``.
+
+Only plain LoRA layers qualify (no DoRA, no active dropout, not merged, one adapter, no LoRA bias,
+adapter in the base weight's dtype); the others go through the base-weight path
+(``weight_perturbation``).
 """
 
 from __future__ import annotations
@@ -23,7 +38,7 @@ from typing import Iterator
 import torch
 
 from dynamics.methods.layers import AdapterLayer, LowRankSum
-from dynamics.methods.weight_perturbation import swapped_forwards
+from dynamics.methods.weight_perturbation import Workspace, swapped_forwards
 
 
 def fusable(layer: AdapterLayer) -> bool:
@@ -38,68 +53,104 @@ def fusable(layer: AdapterLayer) -> bool:
             and module.lora_A[key].weight.dtype == layer.base.weight.dtype)  # peft mixes dtypes otherwise
 
 
+FORWARD_WAYS = ("lowrank", "dense")
+BACKWARD_WAYS = ("lowrank", "half", "dense")
+# Multiply-adds that one element of a built (m, n) weight costs in memory traffic (read W0, write
+# and read the build: ~12 bytes at ~6-7 multiply-adds per byte on the CPUs measured).
+WEIGHT_PASS_COST = 80
+
+
+def cheapest_ways(m: int, n: int, r: int, tokens: int) -> tuple[str, str]:
+    """(forward way, backward way) with the fewest extra multiply-adds (module doc)."""
+    forward = {"lowrank": tokens * r * (m + n), "dense": m * n * (r + WEIGHT_PASS_COST)}
+    backward = {
+        "lowrank": tokens * r * (m + n),
+        "half": m * n * (r + WEIGHT_PASS_COST) + tokens * m * r,
+        "dense": m * n * (2 * r + WEIGHT_PASS_COST),
+    }
+    return min(forward, key=forward.get), min(backward, key=backward.get)
+
+
 class _LoraPerturbedLinear(torch.autograd.Function):
     """The formulas of the module doc; gradients to x, A and B only."""
 
     @staticmethod
-    def forward(ctx, x, A, B, weight, bias, m_A, m_B, coef, scaling: float):
+    def forward(ctx, x, A, B, weight, bias, m_A, m_B, coef, scaling: float, ways: tuple[str, str],
+                workspace: Workspace):
         rows = x.reshape(-1, x.shape[-1])
-        A_mA = torch.cat([A, m_A.to(A.dtype)])  # (2r, n)
-        hidden = rows @ A_mA.T  # (T, 2r) = [h, h_m]
         coef = coef.to(A.dtype)
-        mixing = torch.cat([scaling * B + coef * m_B.to(B.dtype), coef * B], dim=1)  # (m, 2r)
-        y = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
-        y.addmm_(hidden, mixing.T)
-        # Save what plain LoRA saves (x and h = x A^T, contiguous so the (T, 2r) buffer is freed) and
-        # references to A, m_A, not their concatenation: the step then holds no more than LoRA.
-        ctx.save_for_backward(rows, hidden[:, :A.shape[0]].contiguous(), A, m_A, B, weight, m_B, coef)
-        ctx.scaling = scaling
+        m_A, m_B = m_A.to(A.dtype), m_B.to(B.dtype)
+        B_side = scaling * B + coef * m_B  # (m, r)
+        if ways[0] == "lowrank":
+            hidden = rows @ torch.cat([A, m_A]).T  # (T, 2r) = [h, x m_A^T]
+            y = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
+            y.addmm_(hidden, torch.cat([B_side, coef * B], dim=1).T)
+            h = hidden[:, :A.shape[0]].contiguous()  # the (T, 2r) buffer is then freed
+        else:
+            built = torch.addmm(weight, coef * B, m_A, out=workspace.like(weight))  # W0 + c B m_A
+            y = rows @ built.T if bias is None else torch.addmm(bias, rows, built.T)
+            h = rows @ A.T
+            y.addmm_(h, B_side.T)
+        # What plain LoRA saves (x, h) plus references to tensors that exist anyway: nothing (m, n).
+        ctx.save_for_backward(rows, h, A, m_A, B, weight, m_B, coef)
+        ctx.scaling, ctx.ways, ctx.workspace = scaling, ways, workspace
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_output):
         rows, h, A, m_A, B, weight, m_B, coef = ctx.saved_tensors
-        s = ctx.scaling
+        s, way = ctx.scaling, ctx.ways[1]
         g = grad_output.reshape(-1, grad_output.shape[-1])
-        gB, g_mB = (g @ torch.cat([B, m_B.to(B.dtype)], dim=1)).chunk(2, dim=1)  # (T, r) each
+        if way == "dense":
+            gB, g_mB = g @ B, None
+        else:
+            gB, g_mB = (g @ torch.cat([B, m_B], dim=1)).chunk(2, dim=1)  # (T, r) each
         grad_A = s * (gB.T @ rows) if ctx.needs_input_grad[1] else None
         grad_B = s * (g.T @ h) if ctx.needs_input_grad[2] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
-            grad_x.addmm_(torch.cat([s * gB + coef * g_mB, coef * gB], dim=1), torch.cat([A, m_A.to(A.dtype)]))
+            if way == "lowrank":
+                grad_x = g @ weight
+                grad_x.addmm_(torch.cat([s * gB + coef * g_mB, coef * gB], dim=1), torch.cat([A, m_A]))
+            elif way == "half":
+                grad_x = g @ torch.addmm(weight, coef * B, m_A, out=ctx.workspace.like(weight))
+                grad_x.addmm_(s * gB + coef * g_mB, A)
+            else:
+                built = torch.addmm(weight, torch.cat([coef * m_B, coef * B], dim=1), torch.cat([A, m_A]),
+                                    out=ctx.workspace.like(weight))  # W0 + Delta
+                grad_x = g @ built
+                grad_x.addmm_(gB, A, alpha=s)
             grad_x = grad_x.view(*grad_output.shape[:-1], weight.shape[1])
-        return grad_x, grad_A, grad_B, None, None, None, None, None, None
+        return grad_x, grad_A, grad_B, None, None, None, None, None, None, None, None
 
 
-def _fused_forward(layer: AdapterLayer, delta: LowRankSum, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _fused_forward(layer: AdapterLayer, delta: LowRankSum, ways: tuple[str, str] | None, workspace: Workspace,
+                   x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs:
         raise RuntimeError(f"{layer.name}: the fused MGPO forward takes only the input (got extra arguments)")
     module, key = layer.module, layer.adapter
     (m_B, _), (_, m_A) = delta.pairs  # LoRA pairs: (m_B, A), (B, m_A)
     base = layer.base
-    x = x.to(module.lora_A[key].weight.dtype)
-    return _LoraPerturbedLinear.apply(x, module.lora_A[key].weight, module.lora_B[key].weight, base.weight,
-                                      base.bias, m_A, m_B, torch.as_tensor(delta.scale),
-                                      float(module.scaling[key]))
+    A, B = module.lora_A[key].weight, module.lora_B[key].weight
+    x = x.to(A.dtype)
+    if ways is None:
+        ways = cheapest_ways(*base.weight.shape, A.shape[0], x.numel() // x.shape[-1])
+    return _LoraPerturbedLinear.apply(x, A, B, base.weight, base.bias, m_A, m_B, torch.as_tensor(delta.scale),
+                                      float(module.scaling[key]), ways, workspace)
 
 
 @contextlib.contextmanager
-def perturbed_lora_layers(deltas: dict[AdapterLayer, LowRankSum]) -> Iterator[None]:
-    """Within the context each LoRA layer in ``deltas`` computes its forward with MGPO's Delta folded
-    in; the original forward comes back on exit, also after an exception."""
+def perturbed_lora_layers(deltas: dict[AdapterLayer, LowRankSum],
+                          ways: tuple[str, str] | None = None) -> Iterator[None]:
+    """Within the context each LoRA layer in ``deltas`` computes its forward (and backward) with
+    MGPO's Delta folded in, the (forward, backward) ``ways`` of the module doc or, when None, the
+    cheapest per layer; the original forward comes back on exit, also after an exception."""
     refused = [layer.name for layer in deltas if not fusable(layer)]
     if refused:
         raise ValueError(f"{refused[0]}: not a plain LoRA layer, the fused application does not apply")
-    with swapped_forwards({layer.module: partial(_fused_forward, layer, delta) for layer, delta in deltas.items()}):
+    if ways is not None and (ways[0] not in FORWARD_WAYS or ways[1] not in BACKWARD_WAYS):
+        raise ValueError(f"ways={ways}: forward one of {FORWARD_WAYS}, backward one of {BACKWARD_WAYS}")
+    workspace = Workspace()
+    with swapped_forwards({layer.module: partial(_fused_forward, layer, delta, ways, workspace)
+                           for layer, delta in deltas.items()}):
         yield
-
-
-def fused_is_cheaper(layer: AdapterLayer, tokens: int) -> bool:
-    """``2 T r (m + n)`` multiply-adds against the dense build's ``4 m n r`` plus its two passes over
-    the ``(m, n)`` weight, counted as 160 multiply-adds per element (32 bytes of traffic at ~5
-    multiply-adds per byte on the CPUs measured; ``benchmarks/overhead.py``)."""
-    m, n = layer.base.weight.shape
-    r = layer.parameters()["A"].shape[0]
-    return 2 * tokens * r * (m + n) < m * n * (4 * r + 160)
-

@@ -40,7 +40,7 @@ from torch import nn
 
 from dynamics.methods.base import CleanLoss, PerturbationDefaults, global_norm
 from dynamics.methods.layers import AdapterGroup, AdapterLayer, FactorGrams, LowRankSum, group_layers
-from dynamics.methods.lora_fused import fusable, fused_is_cheaper, perturbed_lora_layers
+from dynamics.methods.lora_fused import fusable, perturbed_lora_layers
 from dynamics.methods.weight_perturbation import LowRankDelta, perturbed_base_layers
 
 
@@ -151,23 +151,23 @@ class MGPO(PerturbationDefaults):
             return loss.detach()
         if self.loss_clean.due(self.steps):
             self.loss_clean.measure(model, batch, loss_fn)
-        fused, through_base = self._split_by_application(batch)
+        fused, through_base = self._split_by_application()
         bases = {layer.base: LowRankDelta(deltas[layer.name]) for layer in through_base}
         base_application = "auto" if self.application in ("auto", "fused") else self.application
-        with perturbed_lora_layers({layer: deltas[layer.name] for layer in fused}), \
+        ways = ("lowrank", "lowrank") if self.application == "fused" else None  # None: cheapest per layer
+        with perturbed_lora_layers({layer: deltas[layer.name] for layer in fused}, ways), \
                 perturbed_base_layers(bases, base_application):
             loss = loss_fn(model, batch)
         loss.backward()
         return loss.detach()
 
-    def _split_by_application(self, batch) -> tuple[list[AdapterLayer], list[AdapterLayer]]:
+    def _split_by_application(self) -> tuple[list[AdapterLayer], list[AdapterLayer]]:
         """(layers whose LoRA forward takes Delta in, layers perturbed through the base weight)."""
         if self.application == "fused":
             return list(self.layers), []
         if self.application != "auto":
             return [], list(self.layers)
-        tokens = batch["input_ids"].numel()
-        fused = [layer for layer in self.layers if fusable(layer) and fused_is_cheaper(layer, tokens)]
+        fused = [layer for layer in self.layers if fusable(layer)]
         chosen = {id(layer) for layer in fused}
         return fused, [layer for layer in self.layers if id(layer) not in chosen]
 

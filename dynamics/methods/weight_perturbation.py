@@ -21,9 +21,9 @@ every layer's Delta would be ~310 MB).
 
 ``auto`` takes, per layer and per call, the cheaper by multiply-adds: low-rank when
 ``2 tokens (m + n) k < 2 m n k + 2 m n`` (the dense build's matmul plus its add), else dense.
-Dense-only perturbations (random noise) always use ``dense``. MGPO on plain LoRA layers has a
-third way that touches no base weight at all (``lora_fused``), which its ``auto`` prefers where
-it is cheaper.
+Dense-only perturbations (random noise) always use ``dense``. MGPO's ``auto`` sends plain LoRA
+layers through ``lora_fused`` instead, which folds Delta into the adapter's own matmuls and is
+never more expensive than either way here.
 """
 
 from __future__ import annotations
