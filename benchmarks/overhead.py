@@ -92,7 +92,7 @@ def time_rank(args, rank: int) -> dict[str, float]:
     model = build_model(base_cfg)
     device = next(model.parameters()).device
     kind, micro_batches = batches(base_cfg, device)
-    steppers = {label: Stepper(config(args, rank, overrides), model) for label, overrides in VARIANTS.items()}
+    steppers = {label: Stepper(config(args, rank, VARIANTS[label]), model) for label in args.variants}
     for stepper in steppers.values():
         for _ in range(args.warmup):
             stepper.step(micro_batches, kind)
@@ -138,8 +138,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory processes")
     parser.add_argument("--no-time", action="store_true", help="skip the step-time rounds")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="rows to measure (lora is always included: it is the denominator)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.variants = ["lora", *(label for label in args.variants if label != "lora")]
     if args.child:
         run_child(args)
         return
@@ -152,9 +155,9 @@ def main() -> None:
           f"round-robin steps after {args.warmup} warm-up; memory: peak over the steps, one process per row")
     print(f"{'rank':>5} {'method':<22}{'s/step':>8}{'x LoRA':>8}{'peak MB':>9}{'x LoRA':>8}")
     for rank in args.ranks:
-        seconds = {label: float("nan") for label in VARIANTS} if args.no_time else time_rank(args, rank)
-        memory = {} if args.no_memory else {label: child_peak_memory(args, rank, label) for label in VARIANTS}
-        for label in VARIANTS:
+        seconds = {label: float("nan") for label in args.variants} if args.no_time else time_rank(args, rank)
+        memory = {} if args.no_memory else {label: child_peak_memory(args, rank, label) for label in args.variants}
+        for label in args.variants:
             mem = f"{memory[label]:>9.0f}{memory[label] / memory['lora']:>8.3f}" if memory else ""
             print(f"{rank:>5} {label:<22}{seconds[label]:>8.3f}{seconds[label] / seconds['lora']:>8.3f}{mem}")
 

@@ -101,10 +101,8 @@ class _LoraPerturbedLinear(torch.autograd.Function):
         rows, h, A, m_A, B, weight, m_B, coef = ctx.saved_tensors
         s, way = ctx.scaling, ctx.ways[1]
         g = grad_output.reshape(-1, grad_output.shape[-1])
-        if way == "dense":
-            gB, g_mB = g @ B, None
-        else:
-            gB, g_mB = (g @ torch.cat([B, m_B], dim=1)).chunk(2, dim=1)  # (T, r) each
+        gB = g @ B  # (T, r)
+        g_mB = None if way == "dense" else g @ m_B  # (T, r)
         grad_A = s * (gB.T @ rows) if ctx.needs_input_grad[1] else None
         grad_B = s * (g.T @ h) if ctx.needs_input_grad[2] else None
         grad_x = None
@@ -115,9 +113,8 @@ class _LoraPerturbedLinear(torch.autograd.Function):
             elif way == "half":
                 grad_x = g @ torch.addmm(weight, coef * B, m_A, out=ctx.workspace.like(weight))
                 grad_x.addmm_(s * gB + coef * g_mB, A)
-            else:
-                built = torch.addmm(weight, torch.cat([coef * m_B, coef * B], dim=1), torch.cat([A, m_A]),
-                                    out=ctx.workspace.like(weight))  # W0 + Delta
+            else:  # W0 + Delta as two rank-r updates: no (m, 2r) / (2r, n) concatenations to copy
+                built = torch.addmm(weight, coef * m_B, A, out=ctx.workspace.like(weight)).addmm_(coef * B, m_A)
                 grad_x = g @ built
                 grad_x.addmm_(gB, A, alpha=s)
             grad_x = grad_x.view(*grad_output.shape[:-1], weight.shape[1])
