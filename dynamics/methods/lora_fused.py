@@ -19,7 +19,7 @@ multiply-adds over plain LoRA, T = tokens):
 
 ``auto`` takes the cheapest of each by that count (plus ``WEIGHT_PASS_COST`` per weight element
 built); with 8 x 128 tokens on SmolLM2 that is all-lowrank at r = 8 and dense forward with dense
-or half backward at r = 128, where it costs ~27 % less than building ``W0 + Delta`` twice. Nothing
+or half backward at r = 128, ~27 % fewer multiply-adds than building ``W0 + Delta`` in both passes. Nothing
 ``(m, n)`` is saved for backward, no m x n buffer is allocated per layer (``Workspace``), and W0 is
 never written. Gradients are written by hand so that, as in every other application, Delta is a
 constant: ``dL/dB = s g^T h``, ``dL/dA = s (g B)^T x``.
