@@ -401,7 +401,8 @@ def test_local_sweep_runs_every_run_like_train(local_sweep, tmp_path):
         np.testing.assert_array_equal(losses(cfg.run_dir), reference_losses(cfg, tmp_path))
         assert "starting; ended completed" in (cfg.run_dir / "log.txt").read_text()
     assert "4 runs: 4 completed | elapsed" in local_sweep["stream"]
-    assert "running step" in local_sweep["stream"]
+    # No "running step" check here: a 12-step tiny run can start and finish between two refreshes of
+    # the board (it did, once in ~6 suite runs). The running line is pinned by the board test above.
 
 
 def test_rerun_skips_completed_runs_without_touching_them(local_sweep):
