@@ -100,6 +100,14 @@ def time_rank(args, rank: int) -> dict[str, float]:
     for _ in range(args.rounds):
         for label, stepper in steppers.items():
             times[label].append(stepper.step(micro_batches, kind))
+    if args.profile:  # where the time goes: one more step of each method under torch.profiler
+        from torch.profiler import ProfilerActivity, profile
+
+        for label, stepper in steppers.items():
+            with profile(activities=[ProfilerActivity.CPU]) as profiler:
+                stepper.step(micro_batches, kind)
+            print(f"# profile, rank {rank}, {label}\n"
+                  + profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return {label: statistics.median(values) for label, values in times.items()}
 
 
@@ -140,6 +148,7 @@ def main() -> None:
     parser.add_argument("--no-time", action="store_true", help="skip the step-time rounds")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="rows to measure (lora is always included: it is the denominator)")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per method")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.variants = ["lora", *(label for label in args.variants if label != "lora")]

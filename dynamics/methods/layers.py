@@ -39,11 +39,6 @@ class LowRank:
     def pairs(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         return ((self.U, self.V),)
 
-    def frobenius_norm(self) -> torch.Tensor:
-        """||scale U V||_F from Gram matrices: ||UV||^2 = sum((U^T U) * (V V^T)); O((m+n) k^2)."""
-        gram = (self.U.T @ self.U) * (self.V @ self.V.T)
-        return abs(self.scale) * gram.sum().clamp_min(0).sqrt()
-
 
 @dataclass(frozen=True)
 class LowRankSum:
@@ -62,9 +57,6 @@ class LowRankSum:
 
     def dense(self) -> torch.Tensor:
         return self.thin().dense()
-
-    def frobenius_norm(self) -> torch.Tensor:
-        return self.thin().frobenius_norm()
 
 
 @dataclass(frozen=True)
@@ -151,17 +143,8 @@ class AdapterGroup:
         ranknum = torch.stack([layer.module.ranknum[layer.adapter].detach().reshape(()) for layer in self.layers])
         return scaling / (ranknum.to(like) + 1e-5)
 
-    def factor_grams(self) -> FactorGrams:
-        """``B^T B`` and ``P P^T`` at the current parameters (``P`` as in :class:`FactorGrams`)."""
-        B, P = self._B_and_P()
-        return FactorGrams(B.mT @ B, P @ P.mT)
-
-    def _B_and_P(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked ``B (G, m, r)`` and ``P (G, r, n)`` (copies, >= float32)."""
-        p = self.parameters()
-        return p["B"], p["A"] * p["E"] if self.layers[0].is_adalora else p["A"]
-
-    def change_norms(self, tangent: dict[str, torch.Tensor], grams: FactorGrams | None = None) -> torch.Tensor:
+    def change_norms(self, tangent: dict[str, torch.Tensor],
+                     grams: FactorGrams | None = None) -> tuple[torch.Tensor, FactorGrams]:
         """``(G,)`` Frobenius norms of each layer's change along ``tangent`` (``{role: (G, ...)}``,
         stacked like ``parameters()``), without building it.
 
@@ -170,22 +153,21 @@ class AdapterGroup:
             ||change||^2 / scale^2 = <t_B^T t_B, P P^T> + 2 <t_B^T B, P Q^T> + <B^T B, Q Q^T>,
 
         four ``r x r`` products of cost ``r^2 m`` or ``r^2 n`` each, plus ``B^T B`` and ``P P^T``, which
-        depend on the parameters alone: pass ``grams`` (from :meth:`factor_grams`, at the same
-        parameters) to share them between norms.
+        depend on the parameters alone. Returns the norms and those two Grams (computed here when
+        ``grams`` is None): pass them back to the next call at the same parameters to share them.
         """
-        grams = grams or self.factor_grams()
+        p = self.parameters()
         t = {role: _at_least_float32(v) for role, v in tangent.items()}
-        B, P = self._B_and_P()
-        if self.layers[0].is_adalora:
-            p = self.parameters()
-            Q = t["A"] * p["E"] + p["A"] * t["E"]
-        else:
-            Q = t["A"]
+        adalora = self.layers[0].is_adalora
+        B, P = p["B"], p["A"] * p["E"] if adalora else p["A"]
+        Q = t["A"] * p["E"] + p["A"] * t["E"] if adalora else t["A"]
+        if grams is None:
+            grams = FactorGrams(B.mT @ B, P @ P.mT)
         tB = t["B"]
         squared = ((tB.mT @ tB) * grams.PPt).sum(dim=(1, 2))
         squared += 2 * ((tB.mT @ B) * (P @ Q.mT)).sum(dim=(1, 2))
         squared += (grams.BtB * (Q @ Q.mT)).sum(dim=(1, 2))
-        return self.scales(squared).abs() * squared.clamp_min(0).sqrt()
+        return self.scales(squared).abs() * squared.clamp_min(0).sqrt(), grams
 
 
 def group_layers(layers: list[AdapterLayer]) -> list[AdapterGroup]:

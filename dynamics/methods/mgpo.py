@@ -90,7 +90,9 @@ class MGPO(PerturbationDefaults):
         self.steps = 0  # optimizer steps taken so far
         self._grad_ema: list[torch.Tensor | None] = [None] * len(self.groups)  # (G,) g_l per group
         self._step: StepPerturbation | None = None  # this step's Delta_l, built on first use
-        self._grams: list[FactorGrams | None] = [None] * len(self.groups)  # per group, this step's
+        # Per group, B^T B and P P^T at this step's parameters, shared by the momentum norm (before the
+        # forward) and the gradient norm (after the backward); dropped when the optimizer steps.
+        self._grams: list[FactorGrams | None] = [None] * len(self.groups)
         self.loss_clean = CleanLoss(clean_loss_every)
 
     @property
@@ -112,7 +114,7 @@ class MGPO(PerturbationDefaults):
         for index, (group, grad_ema) in enumerate(zip(self.groups, self._grad_ema)):
             moments = self._first_moments(group)
             # ||d_l||, d_l = s (m_B A + B m_A) of rank <= 2r, from r x r Gram matrices
-            norms = group.change_norms(group.stacked(moments), self._factor_grams(index))
+            norms, self._grams[index] = group.change_norms(group.stacked(moments), self._grams[index])
             scales = self._apn_scales(grad_ema, norms)
             coefficients = -self.rho * scales * group.scales(norms) / (norms + self.eps)
             # Delta_l references the layer's own parameters and moments (no copy held for the step);
@@ -163,13 +165,12 @@ class MGPO(PerturbationDefaults):
 
     def _split_by_application(self) -> tuple[list[AdapterLayer], list[AdapterLayer]]:
         """(layers whose LoRA forward takes Delta in, layers perturbed through the base weight)."""
-        if self.application == "fused":
-            return list(self.layers), []
-        if self.application != "auto":
+        if self.application in ("dense", "lowrank"):
             return [], list(self.layers)
-        fused = [layer for layer in self.layers if fusable(layer)]
-        chosen = {id(layer) for layer in fused}
-        return fused, [layer for layer in self.layers if id(layer) not in chosen]
+        if self.application == "fused":  # every layer is fusable: checked in __init__
+            return list(self.layers), []
+        return ([layer for layer in self.layers if fusable(layer)],
+                [layer for layer in self.layers if not fusable(layer)])
 
     # --- once per optimizer step ----------------------------------------------------------------
     def on_accumulated_grad(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -179,17 +180,9 @@ class MGPO(PerturbationDefaults):
             grads = [{role: p.grad for role, p in layer.parameters().items()} for layer in group.layers]
             if any(g is None for layer_grads in grads for g in layer_grads.values()):
                 continue
-            norms = group.change_norms(group.stacked(grads), self._factor_grams(index))
+            norms, self._grams[index] = group.change_norms(group.stacked(grads), self._grams[index])
             previous = self._grad_ema[index]
             self._grad_ema[index] = norms if previous is None else self.beta * previous + (1 - self.beta) * norms
-
-    def _factor_grams(self, index: int) -> FactorGrams:
-        """Group ``index``'s B^T B and P P^T at this step's parameters, shared by the momentum norm
-        (before the forward) and the gradient norm (after the backward): the parameters only
-        change in the optimizer step, after which they are dropped."""
-        if self._grams[index] is None:
-            self._grams[index] = self.groups[index].factor_grams()
-        return self._grams[index]
 
     def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.steps += 1
