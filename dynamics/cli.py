@@ -69,18 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_grid_arguments(grid)
 
     analyze = commands.add_parser("analyze", help="double-descent phases and Hessian sharpness of runs",
-                                  description="Write phases.parquet and sharpness.parquet in each run folder "
-                                              "and print a table.")
+                                  description="Write phases.parquet and sharpness.parquet (with --trace "
+                                              "and --density also trace.parquet and density.parquet) in each "
+                                              "run folder and print a table.")
     analyze.add_argument("paths", nargs="+", metavar="RUN_OR_RUNS_DIR", help="run folders or folders of runs")
     analyze.add_argument("--curve", default="loss", help="metrics column to segment: loss or loss_clean "
                                                          "(default: loss)")
     analyze.add_argument("--checkpoints", default="last", help="where to measure sharpness: last, all, or "
                                                                "comma-separated steps (default: last)")
-    analyze.add_argument("--no-sharpness", dest="sharpness", action="store_false", help="phases only")
+    analyze.add_argument("--no-sharpness", dest="sharpness", action="store_false",
+                         help="no top eigenvalues (phases only, unless --trace or --density)")
     analyze.add_argument("--k", default="1", help="top eigenvalues to compute (default: 1)")
     analyze.add_argument("--batches", default="1", help="eval batches in the loss (default: 1)")
     analyze.add_argument("--tol", default="1e-3", help="Lanczos residual tolerance, relative (default: 1e-3)")
     analyze.add_argument("--max-iter", default="100", help="at most this many Hessian-vector products (default: 100)")
+    analyze.add_argument("--trace", action="store_true", help="also the Hutchinson trace of the Hessian "
+                                                              "(trace.parquet)")
+    analyze.add_argument("--trace-samples", default="100", help="at most this many Rademacher samples (HVPs) for "
+                                                                "--trace (default: 100)")
+    analyze.add_argument("--density", action="store_true", help="also the Hessian eigenvalue density by stochastic "
+                                                                "Lanczos quadrature (density.parquet)")
+    analyze.add_argument("--density-runs", default="10", help="random start vectors for --density (default: 10)")
+    analyze.add_argument("--density-steps", default="50", help="Lanczos steps per start vector for --density "
+                                                               "(default: 50)")
     analyze.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                          help="a phase-detection threshold (see dynamics.analysis.PhaseThresholds); repeatable")
 
@@ -163,7 +174,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         name, _, raw = item.partition("=")
         thresholds[name] = _number(f"threshold {name}", raw, float, float("-inf"))
     options = dict(k=int(_number("k", args.k, int, 1)), n_batches=int(_number("batches", args.batches, int, 1)),
-                   tol=_number("tol", args.tol, float, 0), max_iter=int(_number("max-iter", args.max_iter, int, 1)))
+                   tol=_number("tol", args.tol, float, 0), max_iter=int(_number("max-iter", args.max_iter, int, 1)),
+                   trace=args.trace, trace_samples=int(_number("trace-samples", args.trace_samples, int, 1)),
+                   density=args.density, density_runs=int(_number("density-runs", args.density_runs, int, 1)),
+                   density_steps=int(_number("density-steps", args.density_steps, int, 1)))
     table = analyze_paths(args.paths, curve=args.curve, sharpness=args.sharpness, checkpoints=args.checkpoints,
                           **options, **thresholds)
     with pd.option_context("display.width", 200, "display.max_columns", 20):

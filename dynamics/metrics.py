@@ -87,6 +87,28 @@ SHARPNESS_SCHEMA = pa.schema([
 ])
 
 
+# Written by ``dynamics analyze --trace`` (Hutchinson) and ``--density`` (stochastic Lanczos quadrature).
+TRACE_SCHEMA = pa.schema([
+    ("step", pa.int64()),  # optimizer steps done at the checkpoint
+    ("trace", pa.float64()),  # Hutchinson estimate of tr(H), H of the eval loss (nats per target token)
+    ("standard_error", pa.float64()),  # of the estimate; NaN with one sample
+    ("n_hvp", pa.int64()),  # one per Rademacher sample
+    ("converged", pa.bool_()),  # standard_error <= tol * |trace|
+    ("n_examples", pa.int64()),
+    ("seconds", pa.float64()),
+    ("source", pa.string()),  # "checkpoint"
+])
+
+DENSITY_SCHEMA = pa.schema([
+    ("step", pa.int64()),
+    ("probe", pa.int64()),  # which random start vector (0 .. n_runs-1) the node came from
+    ("node", pa.float64()),  # a Ritz value (eigenvalue units)
+    ("weight", pa.float64()),  # its quadrature weight; the weights of one step sum to 1
+    ("n_hvp", pa.int64()),  # HVPs of the whole density at this step
+    ("n_examples", pa.int64()),
+    ("source", pa.string()),  # "checkpoint"
+])
+
 class ParquetLog:
     """Rows of one schema, flushed atomically to ``path``.
 

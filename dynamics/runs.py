@@ -29,7 +29,7 @@ import sys
 import tempfile
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -319,6 +319,84 @@ class Run:
     def checkpoints(self) -> list[Path]:
         return [checkpoint_dir(self.path, s) for s in checkpoint_steps(self.path)]
 
+    # --- analysis results (written by ``dynamics analyze``; phases also detected on the fly) ---
+    @property
+    def phases(self) -> pd.DataFrame:
+        """Double-descent phases (``PHASES_SCHEMA``): ``phases.parquet`` when ``dynamics analyze``
+        wrote it, else detected now from the ``loss`` column with the default thresholds (empty
+        for a curve too short to segment)."""
+        from dynamics.metrics import PHASES_SCHEMA
+
+        if (self.path / "phases.parquet").exists():
+            return _read_parquet(self.path / "phases.parquet", PHASES_SCHEMA)
+        from dynamics.analysis import detect_phases
+
+        series = self._curve("loss")
+        try:
+            detected = detect_phases(series["loss"].to_numpy(), series["step"].to_numpy())
+        except ValueError:  # fewer than two points, or a non-finite loss (a diverged run)
+            return PHASES_SCHEMA.empty_table().to_pandas()
+        return detected.assign(curve="loss")
+
+    @property
+    def phase_summary(self) -> dict[str, Any]:
+        """``has_double_descent``, ``divergence_amplitude``, ``steps_lost``, ``n_spikes``,
+        ``n_episodes`` and ``curve`` (see :func:`dynamics.analysis.phase_summary`): the entry
+        ``dynamics analyze`` stored in summary.json, else computed now from ``loss``; ``{}`` when
+        the curve cannot be segmented."""
+        stored = self.summary.get("phases")
+        if stored:
+            return dict(stored)
+        from dynamics.analysis import phase_summary
+
+        series = self._curve("loss")
+        try:
+            return {"curve": "loss", **phase_summary(series["loss"].to_numpy(), series["step"].to_numpy())}
+        except ValueError:
+            return {}
+
+    def smoothed_loss(self, curve: str = "loss", **thresholds: float) -> pd.DataFrame:
+        """Columns ``step``, ``loss`` (raw ``curve``) and ``smoothed``: the curve the phase detector
+        segments (:func:`dynamics.analysis.smooth_loss`); empty when it has fewer than two points
+        or a non-finite value."""
+        from dynamics.analysis import smooth_loss
+
+        series = self._curve(curve).rename(columns={curve: "loss"})
+        try:
+            smoothed = smooth_loss(series["loss"].to_numpy(), series["step"].to_numpy(), **thresholds)
+        except ValueError:
+            return pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
+                                 "smoothed": pd.Series(dtype="float64")})
+        return series.assign(smoothed=smoothed)
+
+    @property
+    def sharpness(self) -> pd.DataFrame:
+        """Top Hessian eigenvalues (``SHARPNESS_SCHEMA``), one row per (step, source, rank)."""
+        from dynamics.metrics import SHARPNESS_SCHEMA
+
+        return _read_parquet(self.path / "sharpness.parquet", SHARPNESS_SCHEMA)
+
+    @property
+    def trace(self) -> pd.DataFrame:
+        """Hutchinson estimates of tr(H) (``TRACE_SCHEMA``) from ``dynamics analyze --trace``."""
+        from dynamics.metrics import TRACE_SCHEMA
+
+        return _read_parquet(self.path / "trace.parquet", TRACE_SCHEMA)
+
+    @property
+    def density(self) -> pd.DataFrame:
+        """Spectral density nodes and weights (``DENSITY_SCHEMA``) from ``dynamics analyze --density``;
+        smooth them with :func:`dynamics.analysis.gaussian_density`."""
+        from dynamics.metrics import DENSITY_SCHEMA
+
+        return _read_parquet(self.path / "density.parquet", DENSITY_SCHEMA)
+
+    def _curve(self, column: str) -> pd.DataFrame:
+        metrics = self.metrics
+        if column not in metrics:
+            raise ConfigError(f"--curve {column}: not a metrics column; use loss or loss_clean")
+        return metrics[["step", column]].dropna().reset_index(drop=True)
+
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.summary.get('status')!r})"
 
@@ -337,13 +415,17 @@ def load_run(path: str | os.PathLike) -> Run:
 
 
 RUN_TABLE_COLUMNS = ["run_id", "method", "model", "task", "rank", "alpha", "lr", "seed", "steps", "status",
-                     "steps_done", "final_loss", "eval_loss", "eval_metric", "double_descent", "top_eigenvalue",
-                     "wall_time_s", "path"]
+                     "steps_done", "final_loss", "eval_loss", "eval_metric", "double_descent",
+                     "divergence_amplitude", "steps_lost", "n_episodes", "top_eigenvalue", "wall_time_s", "path"]
 
 
 def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
     """One row per run folder under ``root`` (searched recursively): settings, status and the
-    summary's final numbers. Columns: ``RUN_TABLE_COLUMNS`` then every other config field."""
+    summary's final numbers. Columns: ``RUN_TABLE_COLUMNS`` then every other config field.
+
+    The phase columns (``double_descent``, ``divergence_amplitude``, ``steps_lost``,
+    ``n_episodes``) come from ``dynamics analyze`` where it ran, else from the loss curve now
+    (:attr:`Run.phase_summary`); None where there is no curve to segment yet."""
     root = Path(root)
     rows = []
     for config_path in sorted(root.rglob("config.json")) if root.exists() else []:
@@ -355,6 +437,7 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
         except (ValueError, KeyError):
             continue
         summary = read_summary(run_dir)
+        phases = Run(run_dir).phase_summary if (run_dir / "metrics.parquet").exists() else {}
         final_eval = summary.get("final_eval") or {}
         settings = {k: v for k, v in config.items() if k not in ("run_id", "resume", "overwrite", "progress")}
         rows.append({
@@ -366,7 +449,10 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
             "eval_loss": final_eval.get("loss"),
             "eval_metric": final_eval.get("exact_match", final_eval.get("accuracy")),
             "wall_time_s": summary.get("wall_time_s"),
-            "double_descent": (summary.get("phases") or {}).get("has_double_descent"),
+            "double_descent": phases.get("has_double_descent"),
+            "divergence_amplitude": phases.get("divergence_amplitude"),
+            "steps_lost": phases.get("steps_lost"),
+            "n_episodes": phases.get("n_episodes"),
             "top_eigenvalue": ((summary.get("sharpness") or {}).get("eigenvalues") or [None])[0],
             "path": str(run_dir),
         })
@@ -375,3 +461,62 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
         return pd.DataFrame(columns=RUN_TABLE_COLUMNS)
     ordered = [c for c in RUN_TABLE_COLUMNS if c in frame] + [c for c in frame if c not in RUN_TABLE_COLUMNS]
     return frame[ordered]
+
+
+DEFAULT_SETTINGS = ("method", "rank", "alpha", "lr", "seed")
+
+
+def load_metrics(root: str | os.PathLike | pd.DataFrame = "runs", with_settings: Sequence[str] = DEFAULT_SETTINGS,
+                 table: str = "metrics") -> pd.DataFrame:
+    """One long frame of every run's per-step rows, for plotting across runs with pandas.
+
+    Parameters
+    ----------
+    root
+        A folder of runs (searched like :func:`load_runs`), a run folder, or a ``load_runs`` frame
+        (any subset of its rows).
+    with_settings
+        Config fields added as columns (e.g. ``("method", "rank", "lr")``); unknown names raise
+        ConfigError naming the allowed ones.
+    table
+        ``metrics`` (``METRICS_SCHEMA``, one row per step), ``layers``, ``evals``, ``phases``,
+        ``smoothed_loss`` (step, loss, smoothed), ``sharpness``, ``trace`` or ``density``: the
+        :class:`Run` attribute of that name, stacked.
+
+    Returns
+    -------
+    DataFrame
+        ``run_id``, the settings, then the table's columns; runs without rows add none. A table
+        column named like a setting is renamed ``step_<name>``: with ``lr`` among the settings the
+        config's peak learning rate is ``lr`` and the scheduled per-step value ``step_lr``.
+    """
+    allowed = ("metrics", "layers", "evals", "phases", "smoothed_loss", "sharpness", "trace", "density")
+    if table not in allowed:
+        raise ConfigError(f"table {table}: must be one of {', '.join(allowed)}")
+    if isinstance(root, pd.DataFrame):
+        frame = root
+    elif (Path(root) / "config.json").exists():
+        frame = load_runs(Path(root).parent)
+        frame = frame[frame["path"] == str(Path(root))]
+    else:
+        frame = load_runs(root)
+    settings = list(with_settings)
+    unknown = [name for name in settings if len(frame) and name not in frame]
+    if unknown:
+        known = [c for c in frame.columns if c not in ("path",)]
+        raise ConfigError(f"with_settings {', '.join(unknown)}: not a run setting; allowed: {', '.join(known)}")
+    parts = []
+    for _, row in frame.iterrows():
+        rows = getattr(Run(Path(row["path"])), table)
+        rows = rows() if callable(rows) else rows  # smoothed_loss is a method (it takes thresholds)
+        if len(rows):
+            rows = rows.rename(columns={name: f"step_{name}" for name in settings if name in rows})
+            parts.append(rows.assign(run_id=row["run_id"], **{name: row[name] for name in settings}))
+    from dynamics import metrics as schemas
+
+    names = (["step", "loss", "smoothed"] if table == "smoothed_loss" else
+             getattr(schemas, {"evals": "EVAL", "metrics": "METRICS"}.get(table, table.upper()) + "_SCHEMA").names)
+    columns = ["run_id", *settings, *[f"step_{c}" if c in settings else c for c in names]]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(parts, ignore_index=True)[columns]

@@ -1,6 +1,6 @@
 """Pure analysis of runs: double-descent phases of loss curves and Hessian sharpness.
 
-Phase detection needs numpy, pandas and scipy only; the sharpness functions import torch on
+Phase detection and density smoothing need numpy, pandas and scipy only; the sharpness functions import torch on
 first use, so ``import dynamics.analysis`` stays light for table and figure code.
 """
 
@@ -9,18 +9,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from dynamics.analysis.density import gaussian_density
 from dynamics.analysis.phases import (
     PhaseThresholds,
     SpikeThresholds,
     detect_phases,
     phase_summary,
+    smooth_loss,
 )
 
 _SHARPNESS_NAMES = (
     "HessianEigenResult",
     "HessianTraceResult",
     "SpectralDensityResult",
-    "gaussian_density",
     "hessian_eigenvalues",
     "hessian_trace",
     "model_loss_fn",
@@ -31,7 +32,9 @@ __all__ = [
     "PhaseThresholds",
     "SpikeThresholds",
     "detect_phases",
+    "gaussian_density",
     "phase_summary",
+    "smooth_loss",
     *_SHARPNESS_NAMES,
 ]
 

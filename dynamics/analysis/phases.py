@@ -288,6 +288,28 @@ def find_episodes(
     return episodes
 
 
+def smooth_loss(
+    loss: np.ndarray | pd.Series, step: np.ndarray | pd.Series | None = None, **thresholds: float
+) -> np.ndarray:
+    """The smoothed curve ``s(t)`` that :func:`detect_phases` segments (its step 1).
+
+    Parameters
+    ----------
+    loss, step
+        As in :func:`detect_phases`.
+    **thresholds : float
+        Fields of :class:`PhaseThresholds`; only ``smooth_steps`` and ``despike_steps`` matter.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        Median-filtered then Hann-smoothed loss, in the units of ``loss`` (nats/token).
+    """
+    phase_thresholds = _thresholds_from_kwargs(thresholds, (PhaseThresholds,))[0]
+    loss_values, steps = _checked_curve(loss, step)
+    return _smoothed(loss_values, steps, phase_thresholds)[0]
+
+
 def phases_frame(episodes: list[DivergenceEpisode], smoothed: np.ndarray, step: np.ndarray) -> pd.DataFrame:
     """The phases table of :func:`detect_phases` from episodes found on ``smoothed``."""
     rows = []
@@ -313,6 +335,24 @@ def _smooth_and_find_episodes(
     loss: np.ndarray, step: np.ndarray, thresholds: PhaseThresholds
 ) -> tuple[np.ndarray, list[DivergenceEpisode]]:
     """Steps 1-5 of :func:`detect_phases`: the smoothed curve and its divergence episodes."""
+    smoothed, window_weights = _smoothed(loss, step, thresholds)
+    absolute_residual = pd.Series(np.abs(loss / smoothed - 1.0))
+    smooth_points = window_weights.size
+    noise_window = absolute_residual.rolling(NOISE_WINDOW_SMOOTHINGS * smooth_points, center=True, min_periods=1)
+    local_noise_sigma = MAD_TO_SIGMA * noise_window.median().to_numpy()
+    smoothed_noise_sigma = local_noise_sigma * np.sqrt(np.sum(window_weights**2))
+    episodes = find_episodes(
+        smoothed,
+        step,
+        near_min=thresholds.near_min + thresholds.near_sigmas * smoothed_noise_sigma,
+        min_rise=thresholds.min_rise + thresholds.rise_sigmas * smoothed_noise_sigma,
+        min_duration=thresholds.min_duration,
+    )
+    return smoothed, episodes
+
+
+def _smoothed(loss: np.ndarray, step: np.ndarray, thresholds: PhaseThresholds) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1 of :func:`detect_phases`: the smoothed loss and the Hann window's weights."""
     step_spacing = float(np.median(np.diff(step)))
     despike_points = _odd_points(thresholds.despike_steps, step_spacing, minimum=1)
     smooth_points = _odd_points(thresholds.smooth_steps, step_spacing, minimum=3)
@@ -329,19 +369,7 @@ def _smooth_and_find_episodes(
     despiked = ndimage.median_filter(loss, size=despike_points, mode="nearest")
     window_weights = signal.windows.hann(smooth_points + 2)[1:-1]  # drop the two zero ends
     window_weights /= window_weights.sum()
-    smoothed = ndimage.convolve1d(despiked, window_weights, mode="nearest")
-    absolute_residual = pd.Series(np.abs(loss / smoothed - 1.0))
-    noise_window = absolute_residual.rolling(NOISE_WINDOW_SMOOTHINGS * smooth_points, center=True, min_periods=1)
-    local_noise_sigma = MAD_TO_SIGMA * noise_window.median().to_numpy()
-    smoothed_noise_sigma = local_noise_sigma * np.sqrt(np.sum(window_weights**2))
-    episodes = find_episodes(
-        smoothed,
-        step,
-        near_min=thresholds.near_min + thresholds.near_sigmas * smoothed_noise_sigma,
-        min_rise=thresholds.min_rise + thresholds.rise_sigmas * smoothed_noise_sigma,
-        min_duration=thresholds.min_duration,
-    )
-    return smoothed, episodes
+    return ndimage.convolve1d(despiked, window_weights, mode="nearest"), window_weights
 
 
 def _count_spikes(loss: np.ndarray, step: np.ndarray, thresholds: SpikeThresholds) -> int:

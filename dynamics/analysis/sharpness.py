@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
+from dynamics.analysis.density import gaussian_density  # noqa: F401  (re-exported; numpy-only home)
+
 LossFn = Callable[[], torch.Tensor]
 
 # An exhausted Krylov space shows as a new Lanczos vector whose norm is at rounding level
@@ -78,6 +80,7 @@ class SpectralDensityResult:
     nodes: np.ndarray  # (n_runs * n_steps,) float64, Ritz values of every run
     weights: np.ndarray  # (n_runs * n_steps,) float64, >= 0, sum 1 (1 / n_runs per run)
     n_hvp: int
+    probes: np.ndarray | None = None  # (n_runs * n_steps,) int64, the run (start vector) of each node
 
 
 def hessian_eigenvalues(
@@ -260,10 +263,10 @@ def spectral_density(
     if n_runs < 1 or n_steps < 1:
         raise ValueError(f"n_runs={n_runs}, n_steps={n_steps}: both must be at least 1")
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    nodes, weights = [], []
+    nodes, weights, probes = [], [], []
     with _params_preserved(params):
         hessian = _HessianVectorProduct(loss_fn, params)
-        for _ in range(n_runs):
+        for probe in range(n_runs):
             start = _rademacher(hessian.size, generator, hessian.device)
             lanczos = _Lanczos(hessian, start, generator, max_size=min(n_steps, hessian.size))
             while lanczos.size < min(n_steps, hessian.size) and not lanczos.exhausted:
@@ -271,33 +274,8 @@ def spectral_density(
             ritz_values, ritz_coefficients = lanczos.ritz()
             nodes.append(ritz_values)
             weights.append(ritz_coefficients[0] ** 2 / n_runs)
-    return SpectralDensityResult(np.concatenate(nodes), np.concatenate(weights), hessian.n_hvp)
-
-
-def gaussian_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
-    """Smooth a weighted set of nodes into a density on ``grid``.
-
-    ``p(x) = sum_j weights[j] * exp(-(x - nodes[j])^2 / (2 sigma^2)) / (sigma sqrt(2 pi))``;
-    it integrates to ``sum(weights)`` (1 for :func:`spectral_density`) over a wide grid.
-
-    Parameters
-    ----------
-    nodes, weights : ndarray, shape (m,)
-        E.g. ``SpectralDensityResult.nodes`` and ``.weights``.
-    grid : ndarray, shape (g,)
-        Eigenvalues at which to evaluate the density.
-    sigma : float
-        Gaussian width, in eigenvalue units.
-
-    Returns
-    -------
-    ndarray, shape (g,)
-    """
-    if not sigma > 0:
-        raise ValueError(f"sigma={sigma}: must be positive")
-    offsets = (np.asarray(grid, dtype=np.float64)[:, None] - np.asarray(nodes)[None, :]) / sigma
-    kernel = np.exp(-0.5 * offsets**2) / (sigma * math.sqrt(2 * math.pi))
-    return kernel @ np.asarray(weights, dtype=np.float64)
+            probes.append(np.full(ritz_values.size, probe, dtype=np.int64))
+    return SpectralDensityResult(np.concatenate(nodes), np.concatenate(weights), hessian.n_hvp, np.concatenate(probes))
 
 
 def model_loss_fn(
