@@ -1,4 +1,4 @@
-"""``dynamics train | grid | analyze | runs``: flags generated from ``RunConfig``, parsed into a config.
+"""``dynamics train | grid | analyze | figures | runs``: flags generated from ``RunConfig``, parsed into a config.
 
 Every ``RunConfig`` field is a flag (``batch_size`` -> ``--batch-size``); ``--config FILE`` reads a
 TOML file of the same keys and flags given on the command line win. Bad input prints one line
@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "(default: 50)")
     analyze.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                          help="a phase-detection threshold (see dynamics.analysis.PhaseThresholds); repeatable")
+
+    from dynamics.figure_set import add_figures_arguments
+
+    figures = commands.add_parser("figures", help="every figure from folders of runs, as PNG and PDF",
+                                  description="Draw every figure the runs support into --out as NAME.png and "
+                                              "NAME.pdf, plus index.md (run ids and command of each). Figures "
+                                              "the runs cannot make are skipped with one line each.")
+    add_figures_arguments(figures)
 
     table = commands.add_parser("runs", help="table of runs under a folder")
     table.add_argument("runs_dir", nargs="?", default="runs", help="folder of run folders (default: runs)")
@@ -218,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dynamics.grid import cmd_grid
 
             return cmd_grid(args)
+        if args.command == "figures":
+            from dynamics.figure_set import cmd_figures
+
+            return cmd_figures(args)
         return {"train": cmd_train, "runs": cmd_runs, "analyze": cmd_analyze}[args.command](args)
     except ConfigError as error:
         print(f"dynamics {args.command}: {error}", file=sys.stderr)

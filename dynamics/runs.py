@@ -415,8 +415,9 @@ def load_run(path: str | os.PathLike) -> Run:
 
 
 RUN_TABLE_COLUMNS = ["run_id", "method", "model", "task", "rank", "alpha", "lr", "seed", "steps", "status",
-                     "steps_done", "final_loss", "eval_loss", "eval_metric", "double_descent",
-                     "divergence_amplitude", "steps_lost", "n_episodes", "top_eigenvalue", "wall_time_s", "path"]
+                     "steps_done", "final_loss", "eval_loss", "eval_metric", "eval_macro_f1", "double_descent",
+                     "divergence_amplitude", "steps_lost", "n_episodes", "top_eigenvalue", "wall_time_s",
+                     "trainable_params", "path"]
 
 
 def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
@@ -433,9 +434,11 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
         if any(part.startswith(".") for part in run_dir.relative_to(root).parts) or "checkpoints" in run_dir.parts:
             continue
         try:
-            config = read_json(config_path)["config"]
+            stored = read_json(config_path)
+            config = stored["config"]
         except (ValueError, KeyError):
             continue
+        runtime = stored.get("runtime") or {}
         summary = read_summary(run_dir)
         phases = Run(run_dir).phase_summary if (run_dir / "metrics.parquet").exists() else {}
         final_eval = summary.get("final_eval") or {}
@@ -448,7 +451,9 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
             "final_loss": summary.get("final_loss"),
             "eval_loss": final_eval.get("loss"),
             "eval_metric": final_eval.get("exact_match", final_eval.get("accuracy")),
+            "eval_macro_f1": final_eval.get("macro_f1"),
             "wall_time_s": summary.get("wall_time_s"),
+            "trainable_params": runtime.get("trainable_params"),
             "double_descent": phases.get("has_double_descent"),
             "divergence_amplitude": phases.get("divergence_amplitude"),
             "steps_lost": phases.get("steps_lost"),
@@ -487,8 +492,9 @@ def load_metrics(root: str | os.PathLike | pd.DataFrame = "runs", with_settings:
     -------
     DataFrame
         ``run_id``, the settings, then the table's columns; runs without rows add none. A table
-        column named like a setting is renamed ``step_<name>``: with ``lr`` among the settings the
-        config's peak learning rate is ``lr`` and the scheduled per-step value ``step_lr``.
+        column named like a setting is renamed: the scheduled per-step ``lr`` of ``metrics`` becomes
+        ``step_lr`` (``lr`` is the config's peak learning rate), the eigenvalue index ``rank`` of
+        ``sharpness`` becomes ``eigen_rank`` (``rank`` is the LoRA rank), others ``<table>_<name>``.
     """
     allowed = ("metrics", "layers", "evals", "phases", "smoothed_loss", "sharpness", "trace", "density")
     if table not in allowed:
@@ -510,13 +516,19 @@ def load_metrics(root: str | os.PathLike | pd.DataFrame = "runs", with_settings:
         rows = getattr(Run(Path(row["path"])), table)
         rows = rows() if callable(rows) else rows  # smoothed_loss is a method (it takes thresholds)
         if len(rows):
-            rows = rows.rename(columns={name: f"step_{name}" for name in settings if name in rows})
+            rows = rows.rename(columns={name: _renamed(table, name) for name in settings if name in rows})
             parts.append(rows.assign(run_id=row["run_id"], **{name: row[name] for name in settings}))
     from dynamics import metrics as schemas
 
     names = (["step", "loss", "smoothed"] if table == "smoothed_loss" else
              getattr(schemas, {"evals": "EVAL", "metrics": "METRICS"}.get(table, table.upper()) + "_SCHEMA").names)
-    columns = ["run_id", *settings, *[f"step_{c}" if c in settings else c for c in names]]
+    columns = ["run_id", *settings, *[_renamed(table, c) if c in settings else c for c in names]]
     if not parts:
         return pd.DataFrame(columns=columns)
     return pd.concat(parts, ignore_index=True)[columns]
+
+
+def _renamed(table: str, column: str) -> str:
+    """The name :func:`load_metrics` gives a table column that clashes with a setting."""
+    return {("metrics", "lr"): "step_lr", ("sharpness", "rank"): "eigen_rank"}.get((table, column),
+                                                                                 f"{table}_{column}")

@@ -1,0 +1,306 @@
+"""``dynamics figures``: every figure of ``dynamics.figures`` from folders of runs, as PNG + PDF.
+
+Reads only run folders (config, summary, metrics, layers, eval, phases, sharpness, trace and
+density parquet); phases missing on disk are detected on the fly, curvature is never computed
+here. Each figure goes to ``OUT/NAME.png`` (README, docs) and ``OUT/NAME.pdf`` (vector, papers),
+written to a temporary file and renamed, so an interrupted run leaves the previous figure whole.
+``OUT/index.md`` lists every figure with the run ids it drew and the command; a figure the runs
+cannot make is skipped with one line saying what it needs and which grid file makes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dynamics import figures, runs
+from dynamics.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class RunsData:
+    """The frames the figures draw, read once from the run folders of ``table`` (a load_runs frame)."""
+
+    table: pd.DataFrame
+
+    @cached_property
+    def curves(self) -> pd.DataFrame:
+        return runs.load_metrics(self.table, table="smoothed_loss")
+
+    @cached_property
+    def phases(self) -> pd.DataFrame:
+        return runs.load_metrics(self.table, table="phases")
+
+    @cached_property
+    def sharpness(self) -> pd.DataFrame:
+        return runs.load_metrics(self.table, table="sharpness")
+
+    @cached_property
+    def density(self) -> pd.DataFrame:
+        return runs.load_metrics(self.table, table="density")
+
+    @cached_property
+    def metrics(self) -> pd.DataFrame:
+        return runs.load_metrics(self.table, table="metrics")
+
+
+@dataclasses.dataclass(frozen=True)
+class Drawn:
+    """A figure and the run ids it used; ``tables`` are extra files (name -> text) beside it."""
+
+    figure: Any
+    run_ids: list[str]
+    tables: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _ids(frame: pd.DataFrame) -> list[str]:
+    return sorted(frame["run_id"].unique()) if len(frame) else []
+
+
+def _missing_curvature(data: RunsData, frame: pd.DataFrame, what: str, flag: str) -> figures.NotEnoughRuns:
+    lacking = sorted(set(data.table["run_id"]) - set(frame["run_id"] if len(frame) else []))
+    shown = ", ".join(lacking[:4]) + (f" and {len(lacking) - 4} more" if len(lacking) > 4 else "")
+    return figures.NotEnoughRuns(f"needs {what}; run `dynamics analyze{flag}` on the runs first "
+                                 f"(lacking: {shown or 'none'})")
+
+
+def draw_loss_vs_rank(data: RunsData) -> Drawn:
+    chosen, reference, _ = figures.rank_sweep(data.curves)
+    return Drawn(figures.loss_vs_rank(data.curves, data.phases), _ids(pd.concat([chosen, reference])))
+
+
+def draw_loss_vs_lr(data: RunsData) -> Drawn:
+    chosen, _ = figures.lr_sweep(data.curves)
+    return Drawn(figures.loss_vs_lr(data.curves, data.phases), _ids(chosen))
+
+
+def draw_phase_map(data: RunsData) -> Drawn:
+    return Drawn(figures.phase_map(data.table), _ids(data.table[data.table["method"] != "full"]))
+
+
+def draw_sharpness(data: RunsData) -> Drawn:
+    if data.sharpness.empty:
+        raise _missing_curvature(data, data.sharpness, "top Hessian eigenvalues", "")
+    return Drawn(figures.sharpness(data.sharpness), _ids(data.sharpness))
+
+
+def draw_spectrum(data: RunsData) -> Drawn:
+    if data.density.empty:
+        raise _missing_curvature(data, data.density, "spectral densities of a lora and a lora+mgpo run",
+                                 " --density")
+    run_ids = figures.paired_runs(data.density[data.density["step"] == data.density.groupby("run_id")["step"]
+                                                .transform("max")])
+    return Drawn(figures.spectrum(data.density, run_ids=run_ids), sorted(run_ids))
+
+
+def draw_mgpo_state(data: RunsData) -> Drawn:
+    candidates = data.table[data.table["method"].str.endswith("+mgpo")]
+    if candidates.empty:
+        raise figures.NotEnoughRuns("needs a lora+mgpo run")
+    chosen = candidates.sort_values(["steps_done", "rank", "lr"], ascending=False).iloc[0]
+    run = runs.load_run(chosen["path"])
+    title = (f"{figures.method_label(chosen['method'])} state over training: {chosen['run_id']} "
+             f"(rank {int(chosen['rank'])}, lr {chosen['lr']:g})")
+    figure = figures.mgpo_state(run.metrics, run.layers, apn_cap=run.config.get("apn_cap"), title=title)
+    return Drawn(figure, [chosen["run_id"]])
+
+
+def draw_ablation(data: RunsData) -> Drawn:
+    figure = figures.ablation(data.table)
+    return Drawn(figure, _ids(figures.comparable_runs(data.table, figures.ABLATION_METHODS)))
+
+
+def draw_noise(data: RunsData) -> Drawn:
+    figure = figures.noise(data.table)
+    return Drawn(figure, _ids(figures.comparable_runs(data.table, figures.NOISE_METHODS)))
+
+
+def draw_cost(data: RunsData) -> Drawn:
+    table = figures.cost_table(data.table, data.metrics)
+    used = figures.comparable_runs(data.table, sorted(data.table["method"].unique()))
+    columns = ["task", "method", "full_name", "rank", "lr", "runs", "trainable_params", "peak_mem_mb", "step_time_s",
+               "trainable_params_vs_lora", "peak_mem_mb_vs_lora", "step_time_s_vs_lora"]
+    markdown = _cost_markdown(table)
+    return Drawn(figures.cost(table), _ids(used), {"cost.csv": table[columns].to_csv(index=False),
+                                                  "cost.md": markdown})
+
+
+def _cost_markdown(table: pd.DataFrame) -> str:
+    lines = ["| task | method | rank | runs | trainable params | peak memory (MB) | time per step (s) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for _, row in table.iterrows():
+        params = "n/a" if pd.isna(row["trainable_params"]) else (
+            f"{row['trainable_params']:,.0f} ({row['trainable_params_vs_lora']:.2f}x)")
+        lines.append(f"| {row['task']} | {row['full_name']} | {int(row['rank'])} | {int(row['runs'])} | {params} | "
+                     f"{row['peak_mem_mb']:.0f} ({row['peak_mem_mb_vs_lora']:.2f}x) | "
+                     f"{row['step_time_s']:.3f} ({row['step_time_s_vs_lora']:.2f}x) |")
+    return "\n".join(lines) + "\n\nRatios are relative to LoRA at the same task and setting; time per step is the " \
+                              "median step_time_s, peak memory the largest peak_mem_mb of a run.\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class FigureSpec:
+    name: str
+    draw: Callable[[RunsData], Drawn]
+    what: str  # one line for index.md
+    grid: str  # the grid file in grids/ that makes the runs it needs
+
+
+FIGURES = (
+    FigureSpec("loss_vs_rank", draw_loss_vs_rank, "training loss across ranks (r = alpha), phases shaded",
+               "grids/rank_sweep.toml"),
+    FigureSpec("loss_vs_lr", draw_loss_vs_lr, "training loss across learning rates", "grids/lr_sweep.toml"),
+    FigureSpec("phase_map", draw_phase_map, "rank x lr map of what each run did, with divergence amplitude",
+               "grids/rank_sweep.toml and grids/lr_sweep.toml"),
+    FigureSpec("sharpness", draw_sharpness, "top Hessian eigenvalue against rank / lr (and over training)",
+               "grids/rank_sweep.toml, then dynamics analyze"),
+    FigureSpec("spectrum", draw_spectrum, "Hessian eigenvalue density (SLQ), LoRA vs LoRA-MGPO",
+               "grids/methods_gsm.toml, then dynamics analyze --density"),
+    FigureSpec("mgpo_state", draw_mgpo_state, "LoRA-MGPO's state over training (loss, norms, g_ema, APN)",
+               "any grid with lora+mgpo, e.g. grids/methods_gsm.toml"),
+    FigureSpec("ablation", draw_ablation, "APN ablation: task metric of lora, lora+mgpo-noapn, lora+mgpo",
+               "grids/apn_ablation_gsm.toml or grids/apn_ablation_bbc.toml"),
+    FigureSpec("noise", draw_noise, "MGPO against random-noise and SAM perturbations",
+               "grids/random_noise.toml"),
+    FigureSpec("cost", draw_cost, "trainable parameters, peak memory, time per step relative to LoRA "
+                                  "(also cost.md, cost.csv)", "grids/methods_gsm.toml"),
+)
+FIGURE_NAMES = tuple(spec.name for spec in FIGURES)
+
+
+# --- finding runs ---------------------------------------------------------------------------------------
+def find_runs(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """The load_runs rows of every run folder named or found (recursively) under ``paths``."""
+    frames = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ConfigError(f"{path}: no such run folder or folder of runs")
+        if (path / "config.json").exists():
+            table = runs.load_runs(path.parent)
+            frames.append(table[table["path"] == str(path)])
+            continue
+        if not path.is_dir():
+            raise ConfigError(f"{path}: not a run folder (no config.json) nor a folder of runs")
+        table = runs.load_runs(path)
+        if table.empty:
+            raise ConfigError(f"{path}: not a run folder (no config.json) and holds no run folders")
+        frames.append(table)
+    table = pd.concat(frames, ignore_index=True).drop_duplicates("path")
+    return table.reset_index(drop=True)
+
+
+def parse_only(only: str | None) -> list[str]:
+    if not only:
+        return list(FIGURE_NAMES)
+    names = [name.strip() for name in only.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FIGURE_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"--only {only}: unknown figure {', '.join(unknown) or '(none given)'}; "
+                          f"allowed: {', '.join(FIGURE_NAMES)}")
+    return names
+
+
+# --- writing ------------------------------------------------------------------------------------------
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_figure(drawn: Drawn, out: Path, name: str) -> list[Path]:
+    written = []
+    for suffix in (".png", ".pdf"):
+        target = out / f"{name}{suffix}"
+        _write_atomic(target, lambda tmp: drawn.figure.savefig(tmp, format=suffix[1:], bbox_inches="tight"))
+        written.append(target)
+    for file_name, text in drawn.tables.items():
+        _write_atomic(out / file_name, lambda tmp, text=text: tmp.write_text(text))
+        written.append(out / file_name)
+    return written
+
+
+def write_index(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
+    """``index.md`` (for people) from ``.index.json`` (kept so ``--only`` updates one entry)."""
+    state_path = out / ".index.json"
+    previous = json.loads(state_path.read_text()) if state_path.exists() else {}
+    merged = {**previous, **entries}
+    merged = {name: merged[name] for name in FIGURE_NAMES if name in merged}
+    _write_atomic(state_path, lambda tmp: tmp.write_text(json.dumps(merged, indent=2) + "\n"))
+    lines = ["# Figures", "", "Regenerate any of them with the command in its entry. Run ids name folders under "
+             "the runs folder given.", ""]
+    for name, entry in merged.items():
+        spec = next(s for s in FIGURES if s.name == name)
+        lines += [f"## {name}", "", f"{spec.what}.", "", f"![{name}]({name}.png) ([pdf]({name}.pdf))"
+                  + "".join(f" ([{extra}]({extra}))" for extra in entry.get("extra", [])), "",
+                  f"- command: `{entry['command']}`", f"- written: {entry['written_at']} (dynamics "
+                  f"commit {entry['git_commit']})", f"- runs ({len(entry['run_ids'])}): "
+                  + ", ".join(f"`{run_id}`" for run_id in entry["run_ids"]), ""]
+    index = out / "index.md"
+    _write_atomic(index, lambda tmp: tmp.write_text("\n".join(lines)))
+    return index
+
+
+def make_figures(paths: Sequence[str | Path], out: str | Path = "figures", only: str | None = None,
+                 command: str | None = None, log=print) -> dict[str, list[Path]]:
+    """Draw and write the figures; returns figure name -> files written (skipped ones absent)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # files only; a notebook's backend is left alone (no pyplot here)
+    names = parse_only(only)
+    table = find_runs(paths)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    data = RunsData(table)
+    command = command or "dynamics figures " + " ".join(map(str, paths)) + f" --out {out}"
+    written: dict[str, list[Path]] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    for spec in (s for s in FIGURES if s.name in names):
+        started = time.perf_counter()
+        try:
+            drawn = spec.draw(data)
+        except figures.NotEnoughRuns as reason:
+            log(f"figures: {spec.name:<13} skipped: {reason}; {spec.grid} makes such runs")
+            continue
+        files = write_figure(drawn, out, spec.name)
+        written[spec.name] = files
+        entries[spec.name] = {"command": f"{command} --only {spec.name}" if " --only " not in command else command,
+                              "run_ids": drawn.run_ids, "written_at": runs.now_iso(),
+                              "git_commit": runs.git_commit(), "extra": sorted(drawn.tables)}
+        log(f"figures: {spec.name:<13} {out / spec.name}.png, .pdf ({len(drawn.run_ids)} runs, "
+            f"{time.perf_counter() - started:.1f} s)")
+    if entries:
+        log(f"figures: index        {write_index(out, entries)}")
+    return written
+
+
+def add_figures_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="*", default=["runs"], metavar="RUNS_DIR_OR_RUN",
+                        help="run folders or folders of runs (default: runs)")
+    parser.add_argument("--out", default="figures", metavar="DIR", help="folder for NAME.png, NAME.pdf and "
+                                                                        "index.md (default: figures)")
+    parser.add_argument("--only", metavar="NAME,...", help="these figures only; any of: " + ", ".join(FIGURE_NAMES))
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    command = " ".join(["dynamics figures", *map(str, args.paths), "--out", str(args.out)]
+                       + (["--only", args.only] if args.only else []))
+    written = make_figures(args.paths, args.out, args.only, command=command,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+    for files in written.values():
+        print(files[0])
+    return 0
