@@ -85,7 +85,7 @@ def draw_loss_vs_lr(data: RunsData) -> Drawn:
 
 
 def draw_phase_map(data: RunsData) -> Drawn:
-    return Drawn(figures.phase_map(data.table), _ids(data.table[data.table["method"] != "full"]))
+    return Drawn(figures.phase_map(data.table), _ids(figures.phase_map_runs(data.table)))
 
 
 def draw_sharpness(data: RunsData) -> Drawn:
@@ -224,7 +224,7 @@ def write_figure(drawn: Drawn, out: Path, name: str) -> list[Path]:
     written = []
     for suffix in (".png", ".pdf"):
         target = out / f"{name}{suffix}"
-        _write_atomic(target, lambda tmp: drawn.figure.savefig(tmp, format=suffix[1:], bbox_inches="tight"))
+        _write_atomic(target, lambda tmp, kind=suffix[1:]: drawn.figure.savefig(tmp, format=kind, bbox_inches="tight"))
         written.append(target)
     for file_name, text in drawn.tables.items():
         _write_atomic(out / file_name, lambda tmp, text=text: tmp.write_text(text))

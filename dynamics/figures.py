@@ -280,18 +280,24 @@ def run_outcome(row: pd.Series) -> str:
     return "smooth"
 
 
+def phase_map_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs :func:`phase_map` draws: LoRA-family methods run at two or more (rank, lr) cells."""
+    runs = _require(runs, ("run_id", "method", "rank", "lr", "status", "final_loss", "double_descent",
+                           "divergence_amplitude", "n_episodes"), "runs (load_runs)")
+    runs = runs[runs["method"] != "full"]
+    cells_per_method = runs.drop_duplicates(["method", "rank", "lr"]).groupby("method").size()
+    runs = runs[runs["method"].isin(cells_per_method[cells_per_method >= 2].index)]
+    if runs.empty:
+        raise NotEnoughRuns("needs LoRA-family runs of one method at two or more (rank, lr) settings")
+    return runs
+
+
 def phase_map(runs: pd.DataFrame) -> Figure:
     """A rank x learning-rate grid per method, each cell coloured by what its run did
     (:func:`run_outcome`) and annotated with the divergence amplitude (peak smoothed loss over the
     first minimum, minus 1, in %); with several seeds, the most common outcome and the mean
     amplitude, and the seed count."""
-    runs = _require(runs, ("method", "rank", "lr", "status", "final_loss", "double_descent",
-                           "divergence_amplitude", "n_episodes"), "runs (load_runs)")
-    runs = runs[runs["method"] != "full"].assign(outcome=lambda frame: frame.apply(run_outcome, axis=1))
-    cells_per_method = runs.groupby("method")[["rank", "lr"]].apply(lambda frame: len(frame.drop_duplicates()))
-    runs = runs[runs["method"].isin(cells_per_method[cells_per_method >= 2].index)]
-    if runs.empty:
-        raise NotEnoughRuns("needs LoRA-family runs of one method at two or more (rank, lr) settings")
+    runs = phase_map_runs(runs).assign(outcome=lambda frame: frame.apply(run_outcome, axis=1))
     ranks, lrs = sorted(runs["rank"].unique()), sorted(runs["lr"].unique())
     methods = _methods(runs)
     outcomes = list(OUTCOME_COLORS)
@@ -418,7 +424,8 @@ def spectrum(density: pd.DataFrame, run_ids: Sequence[str] | None = None, sigma:
     with figure_style():
         figure, (ax,) = _new_figure(1, panel_width=6.0, height=3.4)
         peak = 0.0
-        for run_id, rows in sorted(chosen.groupby("run_id"), key=lambda item: method_sort_key(item[1]["method"].iloc[0])):
+        by_run = sorted(chosen.groupby("run_id"), key=lambda item: method_sort_key(item[1]["method"].iloc[0]))
+        for _, rows in by_run:
             method = rows["method"].iloc[0]
             weights = rows["weight"].to_numpy()
             values = gaussian_density(rows["node"].to_numpy(), weights / weights.sum(), grid, sigma)
@@ -612,7 +619,7 @@ def _method_bars(runs: pd.DataFrame, methods: Sequence[str], title: str) -> Figu
     return figure
 
 
-# --- cost (paper Table 3) -----------------------------------------------------------------------------------------------
+# --- cost (paper Table 3) ------------------------------------------------------------------------------
 def cost_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     """Trainable parameters, peak memory and time per step of each method, and each relative to LoRA
     at the same setting (:func:`comparable_runs`).
@@ -629,8 +636,9 @@ def cost_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     per_run = metrics.groupby("run_id").agg(step_time_s=("step_time_s", "median"), peak_mem_mb=("peak_mem_mb", "max"))
     table = chosen[["run_id", "method", "task", "rank", "lr", "trainable_params"]].join(per_run, on="run_id")
     table = table.groupby(["task", "method"], as_index=False).agg(
-        rank=("rank", "first"), lr=("lr", "first"), runs=("run_id", "size"), trainable_params=("trainable_params", "mean"),
-        peak_mem_mb=("peak_mem_mb", "mean"), step_time_s=("step_time_s", "mean"))
+        rank=("rank", "first"), lr=("lr", "first"), runs=("run_id", "size"),
+        trainable_params=("trainable_params", "mean"), peak_mem_mb=("peak_mem_mb", "mean"),
+        step_time_s=("step_time_s", "mean"))
     parts = []
     for _, of_task in table.groupby("task"):
         lora = of_task[of_task["method"] == "lora"]
@@ -658,8 +666,9 @@ def cost(table: pd.DataFrame) -> Figure:
             values = table[column].to_numpy(dtype=float)
             ax.barh(range(len(methods)), values, color=[method_color(m) for m in methods], alpha=0.85, height=0.7)
             for position, value in enumerate(values):
-                ax.annotate(f"{value:,.0f}x" if value >= 1000 else f"{value:.3g}x", (value, position), xytext=(3, 0), textcoords="offset points",
-                            va="center", fontsize=8)
+                text = f"{value:,.0f}x" if value >= 1000 else f"{value:.3g}x"
+                ax.annotate(text, (value, position), xytext=(3, 0), textcoords="offset points", va="center",
+                            fontsize=8)
             ax.axvline(1.0, color="0.3", ls="--", lw=0.8)
             if _spans_decades(values):
                 ax.set_xscale("log")

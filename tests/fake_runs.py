@@ -24,8 +24,9 @@ def write_fake_run(root: Path, *, method: str = "lora", rank: int = 8, lr: float
                    sharpness_over_training: bool = False, density_center: float | None = None) -> Path:
     """One run folder under ``root``; ``kind`` is a :func:`make_curve` kind (``bump`` = a double
     descent). Returns its path."""
-    cfg = RunConfig.from_dict(dict(model="tiny-llama" if task == "tiny" else "smollm2-135m", task=task, method=method, rank=rank, alpha=rank, lr=lr,
-                                   seed=seed, steps=steps, runs_dir=str(root), progress=False))
+    model = "tiny-llama" if task == "tiny" else "smollm2-135m"
+    cfg = RunConfig.from_dict(dict(model=model, task=task, method=method, rank=rank, alpha=rank, lr=lr, seed=seed,
+                                   steps=steps, runs_dir=str(root), progress=False))
     run_dir = cfg.resolved().run_dir
     run_dir.mkdir(parents=True)
     params = trainable_params if trainable_params is not None else 1000 * rank

@@ -100,3 +100,66 @@ def test_cli_prints_a_table_and_fails_in_one_line(trained, capsys):
     assert trained.run_id in out and "double_descent" in out
     assert main(["analyze", str(trained.path), "--k", "zero"]) == 2
     assert capsys.readouterr().err.strip() == "dynamics analyze: --k zero: must be an integer >= 1"
+
+
+def test_trace_and_density_land_in_the_run_folder(trained):
+    analyze_run(trained.path, checkpoints="all", sharpness=True, k=1, trace=True, trace_samples=30, density=True,
+                density_runs=2, density_steps=8)
+    run = dynamics.load_run(trained.path)
+    trace = run.trace
+    assert trace["step"].tolist() == [20, 40] and (trace["n_hvp"] > 0).all()
+    density = run.density
+    assert set(density["step"]) == {20, 40} and set(density["probe"]) == {0, 1}
+    for _, rows in density.groupby("step"):
+        assert rows["weight"].sum() == pytest.approx(1.0)
+        # the top Ritz value of the density bounds the top eigenvalue from below
+        top = run.sharpness.query("step == @rows.step.iloc[0] and rank == 1")["eigenvalue"].iloc[0]
+        assert rows["node"].max() <= top * (1 + 1e-3)
+    assert trace["trace"].notna().all() and (trace["standard_error"] > 0).all()
+    analyze_run(trained.path, checkpoints="40", sharpness=False, trace=True, trace_samples=10)
+    assert run.trace["step"].tolist() == [20, 40]  # step 40 replaced, not duplicated
+    assert json.loads((trained.path / "summary.json").read_text())["trace"]["step"] == 40
+
+
+def test_cli_analyze_trace_density_flags(trained, capsys):
+    code = main(["analyze", str(trained.path), "--no-sharpness", "--trace", "--trace-samples", "5", "--density",
+                 "--density-runs", "1", "--density-steps", "4"])
+    assert code == 0
+    assert "trace" in capsys.readouterr().out
+    assert (trained.path / "trace.parquet").exists() and (trained.path / "density.parquet").exists()
+    assert dynamics.load_run(trained.path).sharpness.empty
+    assert main(["analyze", str(trained.path), "--trace-samples", "0"]) == 2
+
+
+def test_phases_are_detected_on_the_fly_until_analyze_stores_them(trained):
+    loss, _ = make_curve("bump", n_steps=400, noise=0.02, seed=0)
+    plant_curve(trained, loss)
+    run = dynamics.load_run(trained.path)
+    assert not (trained.path / "phases.parquet").exists()
+    assert run.phases["phase"].tolist()[:3] == ["converge", "diverge", "restabilise"]
+    assert run.phase_summary["has_double_descent"] is True
+    smoothed = run.smoothed_loss()
+    assert smoothed.columns.tolist() == ["step", "loss", "smoothed"] and len(smoothed) == 400
+    assert smoothed["smoothed"].std() < smoothed["loss"].std()
+    table = dynamics.load_runs(trained.path.parent)
+    assert table["n_episodes"].iloc[0] >= 1 and table["divergence_amplitude"].iloc[0] > 0.05
+    analyze_run(trained.path, sharpness=False, min_rise=5.0)  # stored phases win over on-the-fly ones
+    assert run.phases.empty and run.phase_summary["has_double_descent"] is False
+
+
+def test_load_metrics_stacks_runs_with_their_settings(tiny):
+    for rank in (2, 4):
+        dynamics.train(tiny(method="lora", rank=rank, alpha=rank, steps=6, eval_every=0, checkpoint_every=0,
+                            n_eval_generate=0))
+    root = tiny()["runs_dir"]
+    frame = dynamics.runs.load_metrics(root, with_settings=("method", "rank", "lr"))
+    assert frame.columns[:4].tolist() == ["run_id", "method", "rank", "lr"]
+    assert "step_lr" in frame and len(frame) == 12
+    assert sorted(frame.groupby("rank")["step"].max().tolist()) == [6, 6]
+    assert (frame["lr"] == tiny()["lr"]).all() and frame["step_lr"].max() <= tiny()["lr"]
+    with pytest.raises(ConfigError, match="with_settings colour: not a run setting"):
+        dynamics.runs.load_metrics(root, with_settings=("colour",))
+    with pytest.raises(ConfigError, match="table weights: must be one of metrics"):
+        dynamics.runs.load_metrics(root, table="weights")
+    assert dynamics.runs.load_metrics(root, table="sharpness").columns[:6].tolist() == [
+        "run_id", "method", "rank", "alpha", "lr", "seed"]
