@@ -64,7 +64,7 @@ STEP_LABEL = "step (optimizer steps)"
 
 # What each run did, for the phase map (colour-blind-safe: light blue, orange, vermillion, grey).
 OUTCOME_COLORS = {"smooth": "#D6EAF8", "double descent": OKABE_ITO["orange"],
-                  "no recovery": OKABE_ITO["vermillion"], "diverged": "#4D4D4D"}
+                  "collapse": OKABE_ITO["vermillion"], "diverged": "#4D4D4D"}
 
 STYLE = {"font.size": 10, "axes.titlesize": 10.5, "axes.labelsize": 10, "legend.fontsize": 8.5,
          "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False,
@@ -269,26 +269,28 @@ def _draw_seeds(ax, group: pd.DataFrame, color, label: str) -> None:
 
 # --- where the phenomenon lives ----------------------------------------------------------------------------------
 def run_outcome(row: pd.Series) -> str:
-    """What a run did: ``diverged`` (status diverged, or a non-finite loss), ``no recovery`` (a
+    """What a run did: ``diverged`` (status diverged, or a non-finite loss), ``collapse`` (a
     divergence that never came back to its first minimum), ``double descent`` or ``smooth``."""
-    if row.get("status") in ("diverged", "failed") or not np.isfinite(float(row.get("final_loss") or np.nan)):
+    if row.get("status") == "diverged" or not np.isfinite(float(row.get("final_loss") or np.nan)):
         return "diverged"
     if bool(row.get("double_descent")):
         return "double descent"
     if (row.get("n_episodes") or 0) > 0:
-        return "no recovery"
+        return "collapse"
     return "smooth"
 
 
 def phase_map_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs :func:`phase_map` draws: LoRA-family methods run at two or more (rank, lr) cells."""
+    """The runs :func:`phase_map` draws: methods run at two or more (rank, lr) cells; full
+    fine-tuning's rank setting means nothing, so its runs count by lr alone (``rank`` set to 0).
+    Failed runs, which stopped for a reason other than their loss, are left out."""
     runs = _require(runs, ("run_id", "method", "rank", "lr", "status", "final_loss", "double_descent",
                            "divergence_amplitude", "n_episodes"), "runs (load_runs)")
-    runs = runs[runs["method"] != "full"]
+    runs = runs[runs["status"] != "failed"].assign(rank=lambda frame: frame["rank"].where(frame["method"] != "full", 0))
     cells_per_method = runs.drop_duplicates(["method", "rank", "lr"]).groupby("method").size()
     runs = runs[runs["method"].isin(cells_per_method[cells_per_method >= 2].index)]
     if runs.empty:
-        raise NotEnoughRuns("needs LoRA-family runs of one method at two or more (rank, lr) settings")
+        raise NotEnoughRuns("needs runs of one method at two or more (rank, lr) settings")
     return runs
 
 
@@ -298,7 +300,8 @@ def phase_map(runs: pd.DataFrame) -> Figure:
     first minimum, minus 1, in %); with several seeds, the most common outcome and the mean
     amplitude, and the seed count."""
     runs = phase_map_runs(runs).assign(outcome=lambda frame: frame.apply(run_outcome, axis=1))
-    ranks, lrs = sorted(runs["rank"].unique()), sorted(runs["lr"].unique())
+    lrs = sorted(runs["lr"].unique())
+    ranks = sorted(runs.loc[runs["method"] != "full", "rank"].unique()) or [0]
     methods = _methods(runs)
     outcomes = list(OUTCOME_COLORS)
     cmap = ListedColormap([OUTCOME_COLORS[o] for o in outcomes])
@@ -306,9 +309,10 @@ def phase_map(runs: pd.DataFrame) -> Figure:
         figure, axes = _new_figure(len(methods), panel_width=max(2.6, 0.75 * len(lrs) + 1.4),
                                    height=max(2.4, 0.5 * len(ranks) + 1.4), ncols=min(len(methods), 3))
         for ax, method in zip(axes, methods, strict=True):
-            cells = np.full((len(ranks), len(lrs)), np.nan)
+            rows = [0] if method == "full" else ranks
+            cells = np.full((len(rows), len(lrs)), np.nan)
             for (rank, lr), group in runs[runs["method"] == method].groupby(["rank", "lr"]):
-                i, j = ranks.index(rank), lrs.index(lr)
+                i, j = rows.index(rank), lrs.index(lr)
                 outcome = group["outcome"].value_counts().idxmax()
                 cells[i, j] = outcomes.index(outcome)
                 amplitude = group["divergence_amplitude"].astype(float).mean()
@@ -316,15 +320,15 @@ def phase_map(runs: pd.DataFrame) -> Figure:
                 if len(group) > 1:
                     text += f"\n{len(group)} seeds"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                        color="white" if outcome in ("diverged", "no recovery") else "black")
+                        color="white" if outcome in ("diverged", "collapse") else "black")
             ax.imshow(np.ma.masked_invalid(cells), cmap=cmap, vmin=-0.5, vmax=len(outcomes) - 0.5, origin="lower",
                       aspect="auto")
             for (i, j) in zip(*np.nonzero(np.isnan(cells)), strict=True):
                 ax.text(j, i, "not run", ha="center", va="center", fontsize=7, color="0.55")
             ax.set_xticks(range(len(lrs)), [_format_lr(lr) for lr in lrs])
-            ax.set_yticks(range(len(ranks)), [str(int(r)) for r in ranks])
+            ax.set_yticks(range(len(rows)), ["all weights"] if method == "full" else [str(int(r)) for r in rows])
             ax.set_xlabel("learning rate")
-            ax.set_ylabel("rank r")
+            ax.set_ylabel("" if method == "full" else "rank r")
             ax.set_title(method_label(method), color=method_color(method), fontweight="bold")
             ax.tick_params(length=0)
             for spine in ax.spines.values():

@@ -99,13 +99,13 @@ def test_loss_figures_need_a_sweep(tmp_path):
 def test_phase_map_cells_say_what_each_run_did(runs_table):
     figure = figures.phase_map(runs_table)
     lora = next(ax for ax in figure.axes if ax.get_title() == "LoRA")
-    assert [ax.get_title() for ax in figure.axes if ax.get_title()] == ["LoRA", "LoRA-MGPO"]
+    assert [ax.get_title() for ax in figure.axes if ax.get_title()] == ["LoRA", "LoRA-MGPO", "Full FT"]
     cells = lora.images[0].get_array()
     outcomes = list(figures.OUTCOME_COLORS)
     # rows: ranks 8, 32, 128; columns: lr 1e-4, 5e-4, 1e-3 (origin lower)
     assert [outcomes[int(v)] for v in cells[0]] == ["smooth"] * 3
     assert outcomes[int(cells[1, 1])] == "double descent"
-    assert outcomes[int(cells[2, 2])] == "no recovery"
+    assert outcomes[int(cells[2, 2])] == "collapse"
     texts = [text.get_text() for text in lora.texts]
     assert any(text.startswith("+") and text.endswith("%\n2 seeds") for text in texts)
     assert lora.get_xlabel() == "learning rate" and lora.get_ylabel() == "rank r"
@@ -115,7 +115,7 @@ def test_run_outcome_covers_diverged_runs():
     assert figures.run_outcome({"status": "diverged", "final_loss": float("nan")}) == "diverged"
     assert figures.run_outcome({"status": "completed", "final_loss": 1.0, "double_descent": True}) == "double descent"
     assert figures.run_outcome({"status": "completed", "final_loss": 1.0, "double_descent": False,
-                                "n_episodes": 1}) == "no recovery"
+                                "n_episodes": 1}) == "collapse"
     assert figures.run_outcome({"status": "completed", "final_loss": 1.0, "double_descent": False,
                                 "n_episodes": 0}) == "smooth"
 
