@@ -217,14 +217,20 @@ def curvature_at_checkpoint(run: runs.Run, step: int, measures: dict[str, dict[s
     from dynamics.models import build_model, load_tokenizer
 
     cfg = runs.stored_config(run.path).resolved()
-    task = load_task(cfg, load_tokenizer(cfg))
-    model = build_model(cfg, num_labels=len(task.label_names) or None)
-    runs.load_weights(model, runs.checkpoint_dir(run.path, step))
-    device = next(model.parameters()).device
-    measure = {"sharpness": measure_sharpness, "trace": measure_trace, "density": measure_density}
-    return {name: measure[name](model, task, cfg, device, n_batches=n_batches, step=step, source="checkpoint",
-                                seed=cfg.seed, **options)
-            for name, options in measures.items()}
+    previous_threads = torch.get_num_threads()
+    if cfg.threads:  # as in training: the run's --threads, restored afterwards
+        torch.set_num_threads(cfg.threads)
+    try:
+        task = load_task(cfg, load_tokenizer(cfg))
+        model = build_model(cfg, num_labels=len(task.label_names) or None)
+        runs.load_weights(model, runs.checkpoint_dir(run.path, step))
+        device = next(model.parameters()).device
+        measure = {"sharpness": measure_sharpness, "trace": measure_trace, "density": measure_density}
+        return {name: measure[name](model, task, cfg, device, n_batches=n_batches, step=step, source="checkpoint",
+                                    seed=cfg.seed, **options)
+                for name, options in measures.items()}
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def _replace_checkpoint_rows(run: runs.Run, table: str, steps: list[int], rows: list[dict[str, Any]]) -> None:

@@ -11,6 +11,9 @@ files). The frames are those of ``dynamics.runs``:
 * ``density``: ``load_metrics(root, table="density")``;
 * ``metrics``, ``layers``: one run's ``Run.metrics`` / ``Run.layers``, or ``load_metrics`` frames.
 
+The figures are not attached to pyplot: in Jupyter run ``%matplotlib inline`` (or import
+``matplotlib.pyplot``) once, so a returned ``Figure`` shows as an image rather than as text.
+
 A function that cannot draw its figure from what it is given raises :class:`NotEnoughRuns`, whose
 message says what is missing. Units: loss in nats per target token, steps are optimizer steps.
 Colours: one per method in every figure (:func:`method_color`, the Okabe-Ito colour-blind-safe

@@ -414,10 +414,10 @@ def load_run(path: str | os.PathLike) -> Run:
     return Run(path)
 
 
-RUN_TABLE_COLUMNS = ["run_id", "method", "model", "task", "rank", "alpha", "lr", "seed", "steps", "status",
-                     "steps_done", "final_loss", "eval_loss", "eval_metric", "eval_macro_f1", "double_descent",
-                     "divergence_amplitude", "steps_lost", "n_episodes", "top_eigenvalue", "wall_time_s",
-                     "trainable_params", "path"]
+RUN_TABLE_COLUMNS = ["run_id", "method", "adapter", "perturbation", "model", "task", "rank", "alpha", "lr", "seed",
+                     "steps", "status", "steps_done", "final_loss", "eval_loss", "eval_metric", "eval_macro_f1",
+                     "double_descent", "divergence_amplitude", "steps_lost", "n_episodes", "top_eigenvalue",
+                     "wall_time_s", "trainable_params", "path"]
 
 
 def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
@@ -443,8 +443,11 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
         phases = Run(run_dir).phase_summary if (run_dir / "metrics.parquet").exists() else {}
         final_eval = summary.get("final_eval") or {}
         settings = {k: v for k, v in config.items() if k not in ("run_id", "resume", "overwrite", "progress")}
+        adapter, _, perturbation = str(config.get("method", "")).partition("+")
         rows.append({
             **settings,
+            "adapter": adapter,
+            "perturbation": perturbation or None,
             "run_id": run_dir.name,
             "status": summary.get("status"),
             "steps_done": summary.get("steps_done"),
