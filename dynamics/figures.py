@@ -429,7 +429,7 @@ def spectrum(density: pd.DataFrame, run_ids: Sequence[str] | None = None, sigma:
     sigma = sigma or 0.01 * spread
     grid = np.linspace(low - 0.05 * spread, high + 0.05 * spread, n_grid)
     with figure_style():
-        figure, (ax,) = _new_figure(1, panel_width=6.0, height=3.4)
+        figure, (ax,) = _new_figure(1, panel_width=6.5, height=4.0)
         peak = 0.0
         by_run = sorted(chosen.groupby("run_id"), key=lambda item: method_sort_key(item[1]["method"].iloc[0]))
         for _, rows in by_run:
@@ -437,8 +437,9 @@ def spectrum(density: pd.DataFrame, run_ids: Sequence[str] | None = None, sigma:
             weights = rows["weight"].to_numpy()
             values = gaussian_density(rows["node"].to_numpy(), weights / weights.sum(), grid, sigma)
             peak = max(peak, values.max())
+            shown = ("lr", "seed") if method == "full" else ("rank", "lr", "seed")
             settings = ", ".join(f"{name} {_format_lr(rows[name].iloc[0]) if name == 'lr' else rows[name].iloc[0]}"
-                                 for name in ("rank", "lr", "seed") if name in rows)
+                                 for name in shown if name in rows)
             ax.plot(grid, values, color=method_color(method), lw=1.5,
                     label=f"{method_label(method)} ({settings}; step {int(rows['step'].iloc[0])}, "
                           f"{int(rows['n_hvp'].iloc[0])} HVPs)" if "n_hvp" in rows else method_label(method))
@@ -448,16 +449,18 @@ def spectrum(density: pd.DataFrame, run_ids: Sequence[str] | None = None, sigma:
         ax.set_xlabel("eigenvalue of the eval-loss Hessian (dotted: largest Ritz value)")
         ax.set_ylabel("density (log scale)")
         ax.grid(alpha=0.25, lw=0.5)
-        ax.legend(loc="upper right")
+        figure.legend(loc="outside lower center", ncols=1)
         figure.suptitle(f"Hessian eigenvalue density (stochastic Lanczos quadrature, Gaussian σ = {sigma:.2g})",
                         fontsize=11)
     return figure
 
 
 def paired_runs(frame: pd.DataFrame) -> list[str]:
-    """One run per method, preferring runs that share rank, lr and seed with a LoRA run."""
+    """One run per LoRA-family method (full fine-tuning's Hessian is over other parameters, so it is
+    left out), preferring runs that share rank, lr and seed (the largest such setting)."""
     keys = [k for k in ("rank", "lr", "seed") if k in frame]
     settings = frame.drop_duplicates("run_id")
+    settings = settings[settings["method"] != "full"] if (settings["method"] != "full").any() else settings
     if keys:
         shared = settings.groupby(keys)["method"].nunique()
         if len(shared) and shared.max() >= 2:
@@ -571,20 +574,24 @@ def comparable_runs(runs: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
 def ablation(runs: pd.DataFrame) -> Figure:
     """Paper Fig. 4: the task metric and held-out loss of LoRA, LoRA + MGPO without APN and
     LoRA-MGPO at one setting, bars at the seed mean, points per seed."""
-    return _method_bars(runs, ABLATION_METHODS, "APN ablation (paper Fig. 4)")
+    return _method_bars(runs, ABLATION_METHODS, "APN ablation (paper Fig. 4)", needs=("lora+mgpo-noapn",))
 
 
 def noise(runs: pd.DataFrame) -> Figure:
     """Paper Table 4: LoRA-MGPO against random weight noise (Flat-LoRA), SAM, LoRA and full
     fine-tuning at one setting, drawn as :func:`ablation`."""
-    return _method_bars(runs, NOISE_METHODS, "Momentum-guided vs random perturbation (paper Table 4)")
+    return _method_bars(runs, NOISE_METHODS, "Momentum-guided vs random perturbation (paper Table 4)",
+                        needs=("lora+noise", "lora+sam"))
 
 
-def _method_bars(runs: pd.DataFrame, methods: Sequence[str], title: str) -> Figure:
+def _method_bars(runs: pd.DataFrame, methods: Sequence[str], title: str, needs: Sequence[str]) -> Figure:
+    """Bars of the methods present at one setting; ``needs``: one of these must be among them (the
+    method the figure is about)."""
     runs = _require(runs, ("method", "task", "rank", "alpha", "lr", "eval_metric", "eval_loss"), "runs (load_runs)")
     chosen = comparable_runs(runs[runs["status"].isin(["completed", "diverged"])], methods)
-    if chosen["method"].nunique() < 2:
-        raise NotEnoughRuns(f"needs finished runs of two or more of {', '.join(methods)} at one setting")
+    if chosen["method"].nunique() < 2 or not set(needs) & set(chosen["method"]):
+        raise NotEnoughRuns(f"needs finished runs of {' or '.join(needs)} and another of {', '.join(methods)} "
+                            "at one setting")
     tasks = sorted(chosen["task"].unique())
     panels = []
     for task in tasks:
