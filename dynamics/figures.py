@@ -384,9 +384,11 @@ def sharpness(sharpness_rows: pd.DataFrame) -> Figure:
                         ax.plot(run_rows["step"], run_rows["eigenvalue"], color=color, lw=1.2, marker=".", ms=4,
                                 alpha=0.8, label=method_label(method))
                     continue
-                ax.scatter(of_method[x], of_method["eigenvalue"], color=color, s=18, alpha=0.7, lw=0)
+                converged = of_method["converged"].fillna(False).astype(bool) if "converged" in of_method else True
+                ax.scatter(of_method[x], of_method["eigenvalue"], s=30, lw=1.2, zorder=3, edgecolors=color,
+                           facecolors=np.where(converged, color, "white"))
                 mean = of_method.groupby(x)["eigenvalue"].mean()
-                ax.plot(mean.index, mean.to_numpy(), color=color, lw=1.6, marker="o", ms=4, label=method_label(method))
+                ax.plot(mean.index, mean.to_numpy(), color=color, lw=1.6, label=method_label(method))
             if x in ("rank", "lr"):
                 ax.set_xscale("log", base=2 if x == "rank" else 10)
                 if x == "rank":
@@ -402,7 +404,10 @@ def sharpness(sharpness_rows: pd.DataFrame) -> Figure:
             handles, labels = ax.get_legend_handles_labels()
             unique = dict(zip(labels, handles, strict=True))
             ax.legend(unique.values(), unique.keys())
-        figure.suptitle("Sharpness: top eigenvalue of the eval-loss Hessian (trainable parameters)", fontsize=11)
+        unconverged = "converged" in final and not final["converged"].fillna(False).astype(bool).all()
+        figure.suptitle("Sharpness: top eigenvalue of the eval-loss Hessian (trainable parameters)"
+                        + ("\nhollow points: Lanczos not converged to --tol (a lower bound)" if unconverged else ""),
+                        fontsize=11)
     return figure
 
 

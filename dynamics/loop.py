@@ -11,6 +11,7 @@ resumed run draws exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import resource
 import signal
@@ -61,13 +62,24 @@ class DataOrder:
 def loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
     """Sum of per-term cross-entropies (nats): next-token over target positions (causal LM, logits
     (B, T, V) shifted by one) or one term per example (classification, logits (B, C))."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return cross_entropy_sum(forward_logits(model, batch, kind), batch["labels"], kind)
+
+
+def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """Logits (B, T, V) or (B, C). A causal LM builds no KV cache here (``use_cache=False``):
+    nothing decodes from it."""
+    no_cache = {"use_cache": False} if kind == "causal_lm" else {}
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache).logits
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """``loss_sum`` from logits already computed (``evaluate`` also reads predictions from them)."""
     if kind == "causal_lm":
         logits = logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1
-        targets = batch["labels"][:, 1:]
+        targets = labels[:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
-    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
 def step_loss_fn(kind: str, n_terms: int):
@@ -103,10 +115,10 @@ def evaluate(model: nn.Module, task: TaskData, cfg: RunConfig, device: torch.dev
     with eval_mode(model):
         for start in range(0, len(task.eval), cfg.batch_size):
             batch = to_device(task.collate(task.eval[start : start + cfg.batch_size]), device)
-            total += float(loss_sum(model, batch, task.kind))
+            logits = forward_logits(model, batch, task.kind)  # one forward for the loss and the predictions
+            total += float(cross_entropy_sum(logits, batch["labels"], task.kind))
             terms += n_loss_terms(batch, task.kind)
             if task.kind == "classification":
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 predictions += logits.argmax(-1).tolist()
                 labels += batch["labels"].tolist()
         row: dict[str, Any] = {"split": "eval", "loss": total / max(terms, 1), "n_examples": len(task.eval)}
@@ -133,15 +145,61 @@ def macro_f1(labels: Sequence[int], predictions: Sequence[int], n_classes: int) 
 
 
 def exact_match(model, task: TaskData, examples: Sequence[Example], cfg: RunConfig, device) -> float:
+    """Fraction of ``examples`` whose greedy continuation (at most ``max_new_tokens``, through the
+    first EOS) ``task.score_generation`` accepts; prompts are decoded ``batch_size`` at a time."""
     correct = 0
     for start in range(0, len(examples), cfg.batch_size):
         chunk = examples[start : start + cfg.batch_size]
         prompts = to_device(task.collate_prompts(chunk), device)
-        generated = model.generate(**prompts, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                   pad_token_id=task.pad_token_id, eos_token_id=task.eos_token_id)
-        new_tokens = generated[:, prompts["input_ids"].shape[1] :].tolist()
-        correct += sum(task.score_generation(ex, ids) for ex, ids in zip(chunk, new_tokens))
+        continuations = greedy_decode(model, prompts, cfg.max_new_tokens, task.eos_token_id)
+        correct += sum(task.score_generation(ex, ids) for ex, ids in zip(chunk, continuations))
     return correct / len(examples)
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, prompts: Mapping[str, torch.Tensor], max_new_tokens: int,
+                  eos_token_id: int | None) -> list[list[int]]:
+    """Greedy (argmax) continuations of a batch of left-padded prompts, ``input_ids`` and
+    ``attention_mask`` (B, T) as ``TaskData.collate_prompts`` makes them: for each row, the new
+    token ids up to and including its first ``eos_token_id``, at most ``max_new_tokens`` of them.
+
+    One forward over the prompts fills the KV cache (logits of the last position only), then each
+    step feeds the B' unfinished rows' last token, (B', 1). Positions count real tokens only
+    (``cumsum(mask) - 1``), so a row decodes as it would alone whatever its padding; a row that
+    emits EOS leaves the batch with its cache rows, and decoding stops when no row is left. Plain
+    argmax: nothing of the model's ``generation_config`` (repetition penalty, sampling) applies.
+    """
+    input_ids, attention_mask = prompts["input_ids"], prompts["attention_mask"]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T); padding gets 0, masked anyway
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    accepted = inspect.signature(base.forward).parameters
+    cache_name = "cache" if "cache" in accepted else "past_key_values"  # transformers >= 5.x renamed it
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                    **last_only)
+    cache = outputs[cache_name]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # (B',): each batch row's prompt
+    next_positions = positions[:, -1:] + 1  # (B', 1)
+    continuations: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    for step in range(max_new_tokens):
+        next_tokens = outputs.logits[:, -1, :].argmax(-1)  # (B',)
+        for row, token in zip(rows.tolist(), next_tokens.tolist()):
+            continuations[row].append(token)
+        if step == max_new_tokens - 1:
+            break
+        if eos_token_id is not None:
+            unfinished = (next_tokens != eos_token_id).nonzero().squeeze(1)
+            if len(unfinished) == 0:
+                break
+            if len(unfinished) < len(rows):
+                cache.batch_select_indices(unfinished)
+                rows, next_tokens = rows[unfinished], next_tokens[unfinished]
+                attention_mask, next_positions = attention_mask[unfinished], next_positions[unfinished]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)  # (B', T + step + 1)
+        outputs = model(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=next_positions,
+                        use_cache=True, **{cache_name: cache})
+        next_positions = next_positions + 1
+    return continuations
 
 
 # --- instrumentation -------------------------------------------------------------------------------
@@ -329,7 +387,10 @@ def train(config: RunConfig | Mapping[str, Any]) -> runs.Run:
             raise ConfigError(f"--model {cfg.model}: cannot load it ({_first_line(error)})") from error
         if plan.mode == "new":
             runtime = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                       "threads": torch.get_num_threads(), "n_train": len(task.train), "n_eval": len(task.eval)}
+                       "threads": torch.get_num_threads(), "n_train": len(task.train), "n_eval": len(task.eval),
+                       # parameters of the model as trained (base + adapter; tied weights once)
+                       "trainable_params": sum(p.numel() for _, p in trainable_parameters(model)),
+                       "total_params": sum(p.numel() for p in model.parameters())}
             runs.create_run_dir(cfg, runtime)
         with runs.RunLock(plan.run_dir):
             return _train_loop(cfg, plan, model, task, device)

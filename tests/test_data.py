@@ -44,6 +44,14 @@ def test_collate_prompts_pads_left():
     assert batch["input_ids"][0, -1].item() == tiny.SEP
 
 
+def test_collate_prompts_right_aligns_prompts_of_different_lengths():
+    task = load_task(RunConfig(model="tiny-llama", task="tiny", n_train=8, n_eval=2))
+    examples = [{"prompt_ids": [5, 6, 7]}, {"prompt_ids": [8]}, {"prompt_ids": [9, 10]}]
+    batch = task.collate_prompts(examples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [tiny.PAD, tiny.PAD, 8], [tiny.PAD, 9, 10]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+
+
 @pytest.mark.parametrize(("text", "number"), [
     ("so 3 + 4 = 7\n#### 7", "7"), ("#### 1,234", "1234"), ("####-5", "-5"), ("#### 12.0", "12"),
     ("#### 2.5 apples", "2.5"), ("no final answer 42", None),

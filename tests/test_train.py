@@ -10,7 +10,9 @@ import torch
 import dynamics
 from dynamics import runs
 from dynamics.config import ConfigError, RunConfig
-from dynamics.loop import DataOrder, eval_mode, layer_name, macro_f1
+from dynamics.data import TaskData
+from dynamics.loop import DataOrder, eval_mode, greedy_decode, layer_name, macro_f1
+from dynamics.models import tiny_llama
 
 METRIC_COLUMNS = ["step", "epoch", "tokens", "loss", "loss_clean", "lr", "grad_norm", "param_norm", "update_norm",
                   "momentum_norm", "grad_ema", "apn_scale", "perturb_norm", "step_time_s", "peak_mem_mb"]
@@ -41,6 +43,9 @@ def test_run_folder_holds_every_file_and_column(tiny):
     assert {"python", "torch", "transformers", "peft", "dynamics"} <= set(stored["versions"])
     assert {"git_commit", "host", "started_at", "runtime"} <= set(stored)
     assert stored["runtime"]["device"] == "cpu"
+    # LoRA r = 8 on tiny-llama's 7 linear layers x 2 blocks: r (in + out) each, 4096 per block
+    assert stored["runtime"]["trainable_params"] == 8192
+    assert stored["runtime"]["total_params"] == sum(p.numel() for p in tiny_llama().parameters()) + 8192
 
 
 def test_first_step_has_warmup_lr_and_schedule_is_cosine(tiny):
@@ -247,3 +252,54 @@ def test_bf16_keeps_base_weights_in_bf16_and_lora_in_fp32(tiny):
     assert {p.dtype for _, p in model.named_parameters() if p.requires_grad} == {torch.float32}
     run = dynamics.train(tiny(method="lora", dtype="bf16", steps=4))
     assert run.summary["status"] == "completed" and run.info["runtime"]["dtype"] == "bfloat16"
+
+
+def _prompts_of_different_lengths() -> dict[str, torch.Tensor]:
+    """Four left-padded prompts of 2 to 9 token ids (3..127, never pad 0 or EOS 2)."""
+    rng = torch.Generator().manual_seed(5)
+    examples = [{"prompt_ids": torch.randint(3, 128, (n,), generator=rng).tolist()} for n in (9, 2, 5, 7)]
+    return TaskData(name="t", kind="causal_lm", train=[], eval=[], pad_token_id=0).collate_prompts(examples)
+
+
+def _greedy_without_cache(model, prompt_ids: list[int], n_tokens: int) -> list[int]:
+    """Greedy decoding by definition: the whole unpadded sequence through the model at every step."""
+    ids = list(prompt_ids)
+    for _ in range(n_tokens):
+        ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+@torch.no_grad()
+def test_batched_cached_greedy_decoding_equals_decoding_each_prompt_alone():
+    model = tiny_llama(seed=0).double().eval()  # float64: padding and cache cannot flip an argmax
+    prompts = _prompts_of_different_lengths()
+    batched = greedy_decode(model, prompts, max_new_tokens=12, eos_token_id=None)
+    for row, continuation in enumerate(batched):
+        prompt_ids = prompts["input_ids"][row][prompts["attention_mask"][row].bool()].tolist()
+        alone = {k: v[row : row + 1, -len(prompt_ids):] for k, v in prompts.items()}  # no padding
+        assert continuation == greedy_decode(model, alone, 12, None)[0]
+        assert continuation == _greedy_without_cache(model, prompt_ids, 12)
+
+
+@torch.no_grad()
+def test_greedy_decoding_stops_each_row_at_eos_and_ends_when_every_row_has():
+    model = tiny_llama(seed=0).double().eval()
+    prompts = _prompts_of_different_lengths()
+    free = greedy_decode(model, prompts, max_new_tokens=12, eos_token_id=None)
+    eos = max(range(128), key=lambda token: sum(token in row for row in free))  # emitted in the most rows
+    finishing = [row for row, continuation in enumerate(free) if eos in continuation]
+    assert 1 < len(finishing) < len(free)
+    forwards = []
+    handle = model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    try:
+        stopped = greedy_decode(model, prompts, max_new_tokens=12, eos_token_id=eos)
+        calls_all = len(forwards)
+        only_finishing = greedy_decode(model, {k: v[finishing] for k, v in prompts.items()}, 12, eos)
+        calls_finishing = len(forwards) - calls_all
+    finally:
+        handle.remove()
+    for row, continuation in zip(free, stopped):
+        assert continuation == (row[: row.index(eos) + 1] if eos in row else row)
+    assert only_finishing == [stopped[row] for row in finishing]
+    assert calls_all == 12  # a row without EOS runs to the budget: the prefill, then 11 steps
+    assert calls_finishing == max(len(c) for c in only_finishing) < 12  # stops once every row has emitted EOS
