@@ -2,7 +2,7 @@
 cores' torch threads, and again with one thread) against ``--workers 2`` (two worker processes,
 half the threads each).
 
-Each measurement runs the real command, ``python -m dynamics.grid FILE --runs-dir NEW_DIR
+Each measurement runs the real command, ``python -m dynamics grid FILE --runs-dir NEW_DIR
 [--workers 2]``, in a fresh runs folder, so it includes everything a user waits for: the worker
 processes' start-up (imports), model loading, data, training, evaluation and checkpoints. The
 modes alternate (``--repeats`` rounds) so a change in the machine's load hits each; the load
@@ -78,7 +78,7 @@ MODES = [("sequential", 1, None), ("sequential, 1 thread", 1, 1), ("--workers 2"
 
 def run_sweep(grid: Path, runs_dir: Path, workers: int) -> float:
     """Seconds of wall time for the grid command (it must exit 0)."""
-    command = [sys.executable, "-m", "dynamics.grid", str(grid), "--runs-dir", str(runs_dir),
+    command = [sys.executable, "-m", "dynamics", "grid", str(grid), "--runs-dir", str(runs_dir),
                "--workers", str(workers)]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)

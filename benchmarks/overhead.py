@@ -30,10 +30,9 @@ import torch
 
 from dynamics.config import RunConfig
 from dynamics.data import load_task
-from dynamics.loop import accumulate_gradients, clip_gradients, peak_memory_mb, reset_peak_memory, to_device
-from dynamics.methods import make_perturbation
-from dynamics.methods.adapters import adapter_hooks, make_optimizer
+from dynamics.loss import to_device
 from dynamics.models import build_model, load_tokenizer
+from dynamics.training.step import TrainState, peak_memory_mb, reset_peak_memory, train_step
 
 # label -> config overrides
 VARIANTS = {
@@ -53,33 +52,24 @@ VARIANTS = {
 def config(args, rank: int, overrides: dict) -> RunConfig:
     values = dict(model=args.model, task=args.task, rank=rank, alpha=2 * rank, lr=1e-4, steps=1000,
                   batch_size=args.batch_size, seq_len=args.seq_len, n_train=64, n_eval=0, clean_loss_every=0,
-                  device=args.device, dtype=args.dtype)
-    return RunConfig(**{**values, **overrides}).resolved()
+                  device=args.device, dtype=args.dtype, instrument=False)  # norms off: the method's cost only
+    return RunConfig(**{**values, **overrides})
 
 
 class Stepper:
-    """One method's optimizer, perturbation and adapter hooks over a shared model."""
+    """One method's optimizer, scheduler, perturbation and adapter hooks (a ``TrainState``) over a
+    shared model, stepped by the training loop's own ``train_step``."""
 
     def __init__(self, cfg: RunConfig, model) -> None:
-        self.cfg, self.model = cfg, model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(cfg, model)
-        self.perturbation = make_perturbation(cfg, model, self.optimizer)
-        self.hooks = adapter_hooks(cfg)
+        self.state = TrainState.create(cfg, model)
+        self.steps = 0
         if cfg.perturbation == "noise":
-            self.perturbation.load_state_dict({"steps": cfg.steps // 2})  # noise ramp f = 0.5
+            self.state.perturbation.load_state_dict({"steps": cfg.steps // 2})  # noise ramp f = 0.5
 
     def step(self, micro_batches, kind: str) -> float:
-        device = micro_batches[0]["input_ids"].device
-        started = time.perf_counter()
-        accumulate_gradients(self.model, micro_batches, kind, self.perturbation, self.hooks, self.optimizer)
-        clip_gradients(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.perturbation.after_optimizer_step(self.model, self.optimizer)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - started
+        """Seconds of one ``train_step``, as it measures itself (``step_time_s``)."""
+        self.steps += 1
+        return train_step(self.state, micro_batches, self.steps).row["step_time_s"]
 
 
 def batches(cfg: RunConfig, device):

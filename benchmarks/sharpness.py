@@ -347,7 +347,7 @@ def lora_problem(model_name: str, n_examples: int, seq_len: int, seed: int, max_
     try:
         from dynamics.config import RunConfig
         from dynamics.data import load_task
-        from dynamics.models import load_model
+        from dynamics.models import build_model, load_tokenizer
     except ImportError as error:
         raise SystemExit(f"this problem needs dynamics.config/models/data: {error}") from error
     task_name = "tiny" if model_name == "tiny-llama" else "gsm"
@@ -362,7 +362,7 @@ def lora_problem(model_name: str, n_examples: int, seq_len: int, seed: int, max_
         attn="eager",
         seed=seed,
     )
-    language_model, tokenizer = load_model(config)
+    language_model, tokenizer = build_model(config), load_tokenizer(config)
     # Double backward through attention needs the eager kernel on CPU; the built-in tiny-llama
     # is constructed without reading config.attn, so set it here.
     language_model.get_base_model().set_attn_implementation("eager")

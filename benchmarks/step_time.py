@@ -71,22 +71,22 @@ def time_instrumentation(args) -> float:
     """Milliseconds of the per-step instrumentation (parameter snapshot, update/param/momentum
     norms) on the same model's trainable parameters, with AdamW state in place."""
     from dynamics.config import RunConfig
-    from dynamics.loop import snapshot, step_norms
-    from dynamics.methods.adapters import make_optimizer
     from dynamics.models import build_model, trainable_parameters
+    from dynamics.training.optim import make_optimizer
+    from dynamics.training.step import step_norms
 
     cfg = RunConfig(model=args.model, task=args.task, method=args.method, rank=args.rank, device=args.device,
                     dtype=args.dtype)
     model = build_model(cfg, num_labels=5 if cfg.task_kind == "classification" else None)
     params = [p for _, p in trainable_parameters(model)]
-    optimizer = make_optimizer(cfg.resolved(), model)
+    optimizer = make_optimizer(cfg, model)
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()
     samples = []
     for _ in range(20):
         started = time.perf_counter()
-        before = snapshot(params)
+        before = [p.detach().clone() for p in params]  # what train_step copies for update_norm
         step_norms(params, before, optimizer)
         samples.append((time.perf_counter() - started) * 1000)
     return statistics.median(samples)

@@ -11,15 +11,18 @@ __all__ = ["RunConfig", "ConfigError", "train", "load_run", "load_runs", "__vers
 
 
 def __getattr__(name):
+    # Every import here is lazy: `import dynamics` must not import torch, pandas or scipy.
     if name in ("RunConfig", "ConfigError"):
-        from dynamics import config
+        from dynamics import config  # lazy: see above
 
         return getattr(config, name)
     if name == "train":
-        from dynamics.loop import train
+        # lazy: torch, transformers and peft load here
+        from dynamics.training import train
 
         return train
     if name in ("load_run", "load_runs", "Run"):
+        # lazy: pandas and scipy load here
         from dynamics import runs
 
         return getattr(runs, name)

@@ -15,9 +15,12 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from dynamics.config import ConfigError, ConfigWarning, RunConfig, config_fields, flag, read_toml
+from dynamics import grid as grids
+from dynamics import runs
+from dynamics.config import ConfigError, ConfigWarning, RunConfig, config_fields, flag
+from dynamics.files import UnreadableFile, read_toml
 
-EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 130}
+EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 130}  # train's, by run status
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -60,8 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE", help="TOML file of config keys (flags given here win)")
     add_config_flags(train)
 
-    from dynamics.grid import add_grid_arguments
-
     grid = commands.add_parser("grid", help="run (or list) every run of a grid file",
                                description="Run every run of a grid file (rank x lr x method sweeps), skipping "
                                            "completed ones and resuming interrupted ones. Exit status: 0 all "
@@ -95,8 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                          help="a phase-detection threshold (see dynamics.analysis.PhaseThresholds); repeatable")
 
-    from dynamics.figure_set import add_figures_arguments
-
     figures = commands.add_parser("figures", help="every figure from folders of runs, as PNG and PDF",
                                   description="Draw every figure the runs support into --out as NAME.png and "
                                               "NAME.pdf, plus index.md (run ids and command of each). Figures "
@@ -111,24 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Flags given, over ``--config``, over the stored config of a run resumed by ``--run-id``."""
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    base = read_toml(args.config) if args.config else {}
+    base = read_toml(args.config, f"--config {args.config}") if args.config else {}
     values = {**{k.replace("-", "_"): v for k, v in base.items()}, **given}
     if values.get("resume") in (True, "true") and values.get("run_id"):
         stored = Path(values.get("runs_dir", "runs")) / values["run_id"] / "config.json"
         if stored.exists():
-            from dynamics.runs import stored_config
-
-            experiment = stored_config(stored.parent).experiment_dict()
+            experiment = runs.stored_config(stored.parent).experiment_dict()
             values = {**experiment, **values}
     return RunConfig.from_dict(values, source=args.config or "flags")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dynamics import runs
-    from dynamics.loop import train
+    from dynamics.training import train  # lazy: torch, transformers and peft take seconds to import
 
     cfg = config_from_args(args)
-    plan = runs.plan_run(cfg.resolved())
+    plan = runs.plan_run(cfg)
     if plan.mode == "done":
         print(f"{plan.run_dir}: already {plan.status}; nothing to do", file=sys.stderr)
     elif plan.mode == "resume":
@@ -175,7 +171,7 @@ def _number(flag_name: str, raw: str, kind: type, minimum: float) -> float:
 def cmd_analyze(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from dynamics.analyze import analyze_paths
+    from dynamics.run_analysis import analyze_paths  # lazy: torch
 
     thresholds = {}
     for item in args.threshold:
@@ -196,11 +192,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from dynamics.runs import load_runs
-
     if not Path(args.runs_dir).is_dir():
         raise ConfigError(f"runs_dir {args.runs_dir}: no such folder")
-    frame = load_runs(args.runs_dir)
+    frame = runs.load_runs(args.runs_dir)
     if frame.empty:
         print(f"no runs under {args.runs_dir}")
         return 0
@@ -209,6 +203,63 @@ def cmd_runs(args: argparse.Namespace) -> int:
                "double_descent", "top_eigenvalue"]
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(frame[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    return 0
+
+
+# --- grid ----------------------------------------------------------------------------------------------
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``dynamics grid``."""
+    parser.add_argument("file", metavar="FILE", help="grid file (TOML): [base], [axes], [[exclude]], [[include]], "
+                                                     "[scales.NAME]; see the grids/ folder")
+    parser.add_argument("--runs-dir", default="runs", metavar="DIR", help="folder of run folders (default: runs)")
+    parser.add_argument("--executor", default="local", choices=("local", "ray"),
+                        help="local: worker processes on this machine (default); ray: one Ray task per run")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="local executor: runs at once, each with cpus/N torch threads (default: 1)")
+    parser.add_argument("--ray-address", metavar="ADDR",
+                        help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray started for the sweep)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="resume failed runs from their last checkpoint (they are skipped otherwise)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and what would be done; run nothing")
+    parser.add_argument("--scale", metavar="NAME", help="apply the file's [scales.NAME] settings (e.g. paper)")
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    """``dynamics grid``: expand, validate, then list (``--dry-run``) or run the grid."""
+    grid = grids.load_grid(args.file, scale=args.scale)
+    configs = grid.configs(args.runs_dir)
+    if args.dry_run:
+        print(grids.describe_plan(grid, configs, args.retry_failed))
+        return 0
+    table = grids.run_grid(configs, executor=args.executor, workers=args.workers, ray_address=args.ray_address,
+                     retry_failed=args.retry_failed)
+    code = grids.exit_status(table)
+    if code == 1:
+        print(f"some runs failed; see their log.txt, and rerun with --retry-failed. Table: dynamics runs "
+              f"{args.runs_dir}", file=sys.stderr)
+    return code
+
+
+# --- figures -------------------------------------------------------------------------------------------
+def add_figures_arguments(parser: argparse.ArgumentParser) -> None:
+    from dynamics.figure_set import FIGURE_NAMES  # lazy: matplotlib takes a second to import
+
+    parser.add_argument("paths", nargs="*", default=["runs"], metavar="RUNS_DIR_OR_RUN",
+                        help="run folders or folders of runs (default: runs)")
+    parser.add_argument("--out", default="figures", metavar="DIR", help="folder for NAME.png, NAME.pdf and "
+                                                                        "index.md (default: figures)")
+    parser.add_argument("--only", metavar="NAME,...", help="these figures only; any of: " + ", ".join(FIGURE_NAMES))
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from dynamics.figure_set import make_figures  # lazy: matplotlib
+
+    command = " ".join(["dynamics figures", *map(str, args.paths), "--out", str(args.out)]
+                       + (["--only", args.only] if args.only else []))
+    written = make_figures(args.paths, args.out, args.only, command=command,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+    for files in written.values():
+        print(files[0])
     return 0
 
 
@@ -221,17 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
     warnings.simplefilter("always", ConfigWarning)
     args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "grid": cmd_grid, "analyze": cmd_analyze, "figures": cmd_figures, "runs": cmd_runs}
     try:
-        if args.command == "grid":
-            from dynamics.grid import cmd_grid
-
-            return cmd_grid(args)
-        if args.command == "figures":
-            from dynamics.figure_set import cmd_figures
-
-            return cmd_figures(args)
-        return {"train": cmd_train, "runs": cmd_runs, "analyze": cmd_analyze}[args.command](args)
-    except ConfigError as error:
+        return commands[args.command](args)
+    except (ConfigError, UnreadableFile) as error:
         print(f"dynamics {args.command}: {error}", file=sys.stderr)
         return 2
 

@@ -7,30 +7,28 @@ grids and the Python API share one path and one set of one-line error messages::
     --lr abc: must be a positive number
     --method lora+mgpo2: perturbation must be one of ...
 
-Fields whose default is ``None`` are resolved from the task (paper defaults: rho/mu/beta are the
-NLG values 0.01/0.8/0.8 for generation tasks, the NLU values 0.05/0.9/0.9 for classification).
+Fields whose default is ``None`` are resolved from the task when the config is built (paper
+defaults: rho/mu/beta are the NLG values 0.01/0.8/0.8 for generation tasks, the NLU values
+0.05/0.9/0.9 for classification), and ``method`` is parsed into ``Method(adapter, perturbation)``
+there too: downstream code reads ``cfg.rho`` and ``cfg.adapter`` and never resolves or splits again.
+(``dataclasses.replace`` keeps resolved values: change the task by building a new config.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import functools
 import hashlib
 import json
 import math
-import os
 import re
-import sys
 import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from dynamics.files import did_you_mean
 
 ADAPTERS = ("full", "lora", "rslora", "dora", "pissa", "loraplus", "adalora")
 PERTURBATIONS = ("mgpo", "mgpo-noapn", "msam", "sam", "noise")
@@ -43,7 +41,6 @@ TASK_KIND = {"gsm": "causal_lm", "tiny": "causal_lm", "bbc": "classification"}
 # Model families by what they can do: an encoder has no causal LM head, tiny-llama has no tokenizer.
 ENCODER_MODELS = ("minilm-l6",)
 TOKENIZER_FREE_MODELS = ("tiny-llama",)
-STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 
 # Paper defaults (Sec. 4, implementation details): NLU (T5-base, GLUE) and NLG (LLaMA-2-7B).
 PAPER_DEFAULTS = {
@@ -59,6 +56,37 @@ class ConfigError(ValueError):
 
 class ConfigWarning(UserWarning):
     """A setting that has no effect under the chosen method, model or task."""
+
+
+class Method(NamedTuple):
+    """``--method ADAPTER[+PERTURBATION]`` parsed: ``lora+mgpo`` -> ``Method("lora", "mgpo")``."""
+
+    adapter: str
+    perturbation: str | None
+
+
+def parse_method(text: str) -> Method:
+    """Split and check ``--method``; raises ConfigError naming what is allowed."""
+    parts = text.split("+")
+    _check(len(parts) in (1, 2) and all(parts), "method", text, "must be ADAPTER or ADAPTER+PERTURBATION")
+    _check(parts[0] in ADAPTERS, "method", text, "adapter must be one of " + ", ".join(ADAPTERS))
+    if len(parts) == 1:
+        return Method(parts[0], None)
+    _check(parts[1] in PERTURBATIONS, "method", text, "perturbation must be one of " + ", ".join(PERTURBATIONS))
+    if parts[0] == "full" and parts[1] in WEIGHT_SPACE_PERTURBATIONS:
+        raise ConfigError(f"--method {text}: adapter full has no low-rank merged weight space for "
+                          f"{parts[1]}; use full+msam, full+sam or full+noise, or {parts[1]} with one of "
+                          + ", ".join(LORA_FAMILY))
+    return Method(parts[0], parts[1])
+
+
+def _task_defaults(cfg: RunConfig) -> dict[str, Any]:
+    """The ``None`` fields of ``cfg`` that the task gives a value (paper defaults, data sizes)."""
+    kind = TASK_KIND[cfg.task]
+    values = {name: value for name, value in PAPER_DEFAULTS[kind].items() if getattr(cfg, name) is None}
+    if cfg.n_train is None and DEFAULT_N_TRAIN[cfg.task] is not None:
+        values["n_train"] = DEFAULT_N_TRAIN[cfg.task]
+    return values
 
 
 def _field(default: Any, help: str, choices: tuple | None = None, control: bool = False, **kw):
@@ -143,29 +171,24 @@ class RunConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name)))
+        # Parsed and resolved once, here (module doc).
+        object.__setattr__(self, "_method", parse_method(self.method))
         _validate(self)
+        for name, value in _task_defaults(self).items():
+            object.__setattr__(self, name, value)
 
     # --- derived views -------------------------------------------------------------------
     @property
     def adapter(self) -> str:
-        return self.method.split("+", 1)[0]
+        return self._method.adapter
 
     @property
     def perturbation(self) -> str | None:
-        parts = self.method.split("+", 1)
-        return parts[1] if len(parts) == 2 else None
+        return self._method.perturbation
 
     @property
     def task_kind(self) -> str:
         return TASK_KIND[self.task]
-
-    def resolved(self) -> RunConfig:
-        """The same config with every ``None`` default filled from the task (deterministic)."""
-        paper = PAPER_DEFAULTS[self.task_kind]
-        updates = {k: v for k, v in paper.items() if getattr(self, k) is None}
-        if self.n_train is None and DEFAULT_N_TRAIN[self.task] is not None:
-            updates["n_train"] = DEFAULT_N_TRAIN[self.task]
-        return dataclasses.replace(self, **updates) if updates else self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,7 +198,7 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata["control"]}
 
     def config_hash(self) -> str:
-        payload = json.dumps(self.resolved().experiment_dict(), sort_keys=True)
+        payload = json.dumps(self.experiment_dict(), sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:6]
 
     def default_run_id(self) -> str:
@@ -200,26 +223,10 @@ class RunConfig:
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:
-                close = difflib.get_close_matches(name, sorted(known), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"unknown key '{key}' in {source}{hint}; see 'dynamics train --help'")
+                raise ConfigError(f"unknown key '{key}' in {source}{did_you_mean(name, sorted(known))}; "
+                                  "see 'dynamics train --help'")
             normalised[name] = value
         return cls(**normalised)
-
-    @classmethod
-    def from_toml(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-        """Read a TOML file of config keys; ``overrides`` (e.g. CLI flags) win."""
-        return cls.from_dict({**read_toml(path), **(overrides or {})}, source=str(path))
-
-
-def read_toml(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"--config {path}: not valid TOML ({err})") from None
 
 
 def config_fields() -> list[dataclasses.Field]:
@@ -230,15 +237,14 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-_HINTS = None
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(RunConfig)
 
 
 def _type_of(f: dataclasses.Field) -> tuple[type, bool]:
     """(base type, optional) of a field, from the dataclass annotations."""
-    global _HINTS
-    if _HINTS is None:
-        _HINTS = typing.get_type_hints(RunConfig)
-    hint = _HINTS[f.name]
+    hint = _type_hints()[f.name]
     args = typing.get_args(hint)
     if type(None) in args:
         return next(a for a in args if a is not type(None)), True
@@ -248,7 +254,8 @@ def _type_of(f: dataclasses.Field) -> tuple[type, bool]:
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """Turn ``value`` (maybe a string from the CLI) into the field's type, or raise ConfigError."""
     base, optional = _type_of(f)
-    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+    spelled_none = isinstance(value, str) and (value.lower() in ("none", "null") or (value == "" and base is not str))
+    if optional and (value is None or spelled_none):  # an empty --run-id is refused, not the default
         return None
     try:
         if base is bool:
@@ -258,11 +265,9 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
                 return value.lower() in ("true", "1", "yes", "on")
             raise ValueError
         if base is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            return int(value)
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError  # 1.5 is not a rank; 8.0 is
+            return int(value)  # inf raises OverflowError, "1.5" ValueError
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -271,7 +276,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
         raise ConfigError(f"{flag(f.name)} {value!r}: must be {kind}") from None
     raise TypeError(f"unsupported field type {base}")  # pragma: no cover - programming error
@@ -287,17 +292,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 def _validate(cfg: RunConfig) -> None:
     _check(cfg.task in TASKS, "task", cfg.task, "must be one of " + ", ".join(TASKS))
-    parts = cfg.method.split("+")
-    _check(len(parts) in (1, 2) and all(parts), "method", cfg.method, "must be ADAPTER or ADAPTER+PERTURBATION")
-    _check(parts[0] in ADAPTERS, "method", cfg.method, "adapter must be one of " + ", ".join(ADAPTERS))
-    if len(parts) == 2:
-        _check(parts[1] in PERTURBATIONS, "method", cfg.method,
-               "perturbation must be one of " + ", ".join(PERTURBATIONS))
-        if parts[0] == "full" and parts[1] in WEIGHT_SPACE_PERTURBATIONS:
-            raise ConfigError(f"--method {cfg.method}: adapter full has no low-rank merged weight space for "
-                              f"{parts[1]}; use full+msam, full+sam or full+noise, or {parts[1]} with one of "
-                              + ", ".join(LORA_FAMILY))
-    if cfg.perturb_application == "fused" and (parts[0] in ("full", "dora", "adalora") or cfg.lora_dropout > 0):
+    adapter = cfg.adapter
+    if cfg.perturb_application == "fused" and (adapter in ("full", "dora", "adalora") or cfg.lora_dropout > 0):
         raise ConfigError(f"--perturb-application fused: needs plain LoRA layers without dropout (adapter one of lora, "
                           f"rslora, pissa, loraplus and --lora-dropout 0), got --method {cfg.method} with "
                           f"--lora-dropout {cfg.lora_dropout}; use auto, dense or lowrank")

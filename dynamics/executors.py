@@ -43,8 +43,9 @@ from typing import Any, TextIO
 
 from dynamics import runs
 from dynamics.config import ConfigError, RunConfig
+from dynamics.files import first_line
 
-FINAL_STATUSES = ("completed", "diverged", "failed", "interrupted")
+FINAL_STATUSES = runs.ENDED  # how one attempt can end
 RAY_MAX_RETRIES = 3  # re-runs of a Ray task whose worker or node is lost (never after an exception)
 POLL_S = 1.0  # seconds between looks at the runs (progress, dead workers)
 
@@ -65,7 +66,7 @@ def run_one(cfg: RunConfig) -> RunOutcome:
     once when it is already completed or diverged (``train`` with ``resume=True``). Never raises
     for a failing run. What the run prints (warnings, a traceback) is appended to ``log.txt`` in
     its folder, one section per attempt."""
-    from dynamics.loop import train
+    from dynamics.training import train  # lazy: `dynamics grid --dry-run` must not import torch
 
     cfg = dataclasses.replace(cfg, resume=True, overwrite=False, progress=False)
     run_id, run_dir = cfg.resolved_run_id, cfg.run_dir
@@ -214,7 +215,7 @@ def _worker_context():
     if sys.platform != "linux":
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["dynamics.executors", "dynamics.loop", "peft"])
+    context.set_forkserver_preload(["dynamics.executors", "dynamics.training", "peft"])
     return context
 
 
@@ -312,12 +313,7 @@ def _init_ray(ray, address: str | None) -> None:
     try:
         ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise ConfigError(f"--ray-address {address}: cannot connect to Ray ({_first_line(error)})") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise ConfigError(f"--ray-address {address}: cannot connect to Ray ({first_line(error)})") from None
 
 
 def _collect_ray(ray, pending: dict[Any, RunConfig], board: SweepBoard) -> list[RunOutcome]:
@@ -330,7 +326,7 @@ def _collect_ray(ray, pending: dict[Any, RunConfig], board: SweepBoard) -> list[
                 try:
                     outcome = ray.get(ref)
                 except ray.exceptions.RayError as error:  # lost more than RAY_MAX_RETRIES times
-                    reason = f"Ray task lost ({type(error).__name__}: {_first_line(error)})"
+                    reason = f"Ray task lost ({type(error).__name__}: {first_line(error)})"
                     outcome = record_lost_worker(cfg, reason)
                 outcomes.append(outcome)
                 board.finished(outcome)

@@ -10,11 +10,9 @@ cannot make is skipped with one line saying what it needs and which grid file ma
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import cached_property
@@ -286,21 +284,3 @@ def make_figures(paths: Sequence[str | Path], out: str | Path = "figures", only:
     if entries:
         log(f"figures: index        {write_index(out, entries)}")
     return written
-
-
-def add_figures_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="*", default=["runs"], metavar="RUNS_DIR_OR_RUN",
-                        help="run folders or folders of runs (default: runs)")
-    parser.add_argument("--out", default="figures", metavar="DIR", help="folder for NAME.png, NAME.pdf and "
-                                                                        "index.md (default: figures)")
-    parser.add_argument("--only", metavar="NAME,...", help="these figures only; any of: " + ", ".join(FIGURE_NAMES))
-
-
-def cmd_figures(args: argparse.Namespace) -> int:
-    command = " ".join(["dynamics figures", *map(str, args.paths), "--out", str(args.out)]
-                       + (["--only", args.only] if args.only else []))
-    written = make_figures(args.paths, args.out, args.only, command=command,
-                           log=lambda line: print(line, file=sys.stderr, flush=True))
-    for files in written.values():
-        print(files[0])
-    return 0

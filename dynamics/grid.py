@@ -49,15 +49,14 @@ is a result), ``running`` (killed) and ``interrupted`` ones resume from their la
 ``failed`` ones are skipped unless ``--retry-failed`` (which resumes them from their last
 checkpoint; delete a run folder to start it afresh).
 
-Command line: ``dynamics grid FILE`` (``python -m dynamics.grid FILE`` works too); exit status 0
-when every run completed or diverged, 1 when some failed, 2 on bad input, 130 when interrupted.
+Command line: ``dynamics grid FILE`` (``python -m dynamics grid FILE``; the flags are in ``cli``);
+exit status 0 when every run completed or diverged, 1 when some failed, 2 on bad input, 130 when
+interrupted.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import itertools
 import os
 import sys
@@ -71,11 +70,7 @@ import pandas as pd
 
 from dynamics import executors, runs
 from dynamics.config import ConfigError, ConfigWarning, RunConfig, config_fields
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from dynamics.files import UnreadableFile, did_you_mean, read_toml
 
 GRID_KEYS = ("description", "base", "axes", "exclude", "include", "scales")
 SCALE_KEYS = ("base", "axes", "exclude", "include")
@@ -181,12 +176,9 @@ def load_grid(path: str | os.PathLike, scale: str | None = None) -> Grid:
     """Read and check a grid file; ``scale`` applies ``[scales.NAME]``. Raises ConfigError."""
     source = str(path)
     try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: no such grid file") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{source}: not valid TOML ({error})") from None
+        raw = read_toml(path, source)
+    except UnreadableFile as error:
+        raise ConfigError(str(error)) from None
     _check_keys(raw, GRID_KEYS, source, "top-level key")
     description = raw.get("description", "")
     if not isinstance(description, str):
@@ -198,8 +190,11 @@ def load_grid(path: str | os.PathLike, scale: str | None = None) -> Grid:
         table = _table(table, where)
         _check_keys(table, SCALE_KEYS, where, "key")
         scales[name] = _parse_section(table, where, in_scale=True)
-    grid = Grid(source, _parse_section(raw, source, in_scale=False), scales, description=description)
-    return grid.at_scale(scale)
+    grid = Grid(source, _parse_section(raw, source, in_scale=False), scales, description=description).at_scale(scale)
+    if not (grid.sweep.base or grid.sweep.axes or grid.sweep.ties or grid.sweep.include):
+        where = f"{source} at scale {scale}" if scale else source
+        raise ConfigError(f"{where}: has no runs; give [base] settings, [axes] to sweep or [[include]] entries")
+    return grid
 
 
 def _parse_section(raw: Mapping[str, Any], where: str, in_scale: bool) -> Section:
@@ -255,8 +250,7 @@ def _values(value: Any, where: str, tie_hint: bool = False) -> tuple:
 def _tie_target(value: str, name: str, where: str) -> str:
     target = value.replace("-", "_")
     if target not in FIELD_NAMES:
-        close = difflib.get_close_matches(target, FIELD_NAMES, n=1, cutoff=0.7)  # 'lora' is a value, not 'lr'
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(target, FIELD_NAMES, cutoff=0.7)  # 'lora' is a value, not 'lr'
         raise ConfigError(f'{where} {name} = "{value}": a string ties {name} to another field, and there is no '
                           f"field '{value}'{hint}; list values as [{value!r}]")
     if target == name:
@@ -274,9 +268,8 @@ def _check_ties(ties: Mapping[str, str], where: str) -> None:
 def _field_name(key: str, where: str) -> str:
     name = key.replace("-", "_")
     if name not in FIELD_NAMES:
-        close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{where}: unknown field '{key}'{hint}; see 'dynamics train --help'")
+        raise ConfigError(f"{where}: unknown field '{key}'{did_you_mean(name, FIELD_NAMES)}; "
+                          "see 'dynamics train --help'")
     if name in RUNNER_FIELDS:
         raise ConfigError(f"{where}: '{key}' is set by dynamics grid (--runs-dir, --retry-failed), not by a grid file")
     return name
@@ -285,9 +278,8 @@ def _field_name(key: str, where: str) -> str:
 def _check_keys(table: Mapping[str, Any], allowed: Sequence[str], where: str, what: str) -> None:
     for key in table:
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: unknown {what} '{key}'{hint}; allowed: {', '.join(allowed)}")
+            raise ConfigError(f"{where}: unknown {what} '{key}'{did_you_mean(key, allowed)}; "
+                              f"allowed: {', '.join(allowed)}")
 
 
 def _table(value: Any, where: str) -> dict[str, Any]:
@@ -329,7 +321,7 @@ def plan_action(cfg: RunConfig, retry_failed: bool = False) -> str:
     status = run_status(cfg.run_dir)
     if status is None:
         return "new"
-    if status in ("completed", "diverged"):
+    if status in runs.FINISHED:
         return "skip"
     if status == "failed":
         return "retry" if retry_failed else "skip"
@@ -396,7 +388,7 @@ def grid_table(configs: Sequence[RunConfig], actions: Mapping[str, str],
         run_id = cfg.resolved_run_id
         outcome = outcomes.get(run_id)
         row = by_path.get(cfg.run_dir.resolve()) or {
-            **cfg.resolved().to_dict(), "run_id": run_id, "path": str(cfg.run_dir),
+            **cfg.to_dict(), "run_id": run_id, "path": str(cfg.run_dir),
             "status": outcome.status if outcome else None}
         error = (outcome.error if outcome else None) or runs.read_summary(cfg.run_dir).get("error")
         rows.append({**row, "action": actions[run_id], "error": error})
@@ -409,41 +401,7 @@ def exit_status(table: pd.DataFrame) -> int:
     statuses = set(table["status"])
     if "interrupted" in statuses:
         return 130
-    return 0 if statuses <= {"completed", "diverged"} else 1
-
-
-# --- command line ----------------------------------------------------------------------------------
-def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of ``dynamics grid``."""
-    parser.add_argument("file", metavar="FILE", help="grid file (TOML): [base], [axes], [[exclude]], [[include]], "
-                                                     "[scales.NAME]; see the grids/ folder")
-    parser.add_argument("--runs-dir", default="runs", metavar="DIR", help="folder of run folders (default: runs)")
-    parser.add_argument("--executor", default="local", choices=("local", "ray"),
-                        help="local: worker processes on this machine (default); ray: one Ray task per run")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="local executor: runs at once, each with cpus/N torch threads (default: 1)")
-    parser.add_argument("--ray-address", metavar="ADDR",
-                        help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray started for the sweep)")
-    parser.add_argument("--retry-failed", action="store_true",
-                        help="resume failed runs from their last checkpoint (they are skipped otherwise)")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and what would be done; run nothing")
-    parser.add_argument("--scale", metavar="NAME", help="apply the file's [scales.NAME] settings (e.g. paper)")
-
-
-def cmd_grid(args: argparse.Namespace) -> int:
-    """``dynamics grid``: expand, validate, then list (``--dry-run``) or run the grid."""
-    grid = load_grid(args.file, scale=args.scale)
-    configs = grid.configs(args.runs_dir)
-    if args.dry_run:
-        print(describe_plan(grid, configs, args.retry_failed))
-        return 0
-    table = run_grid(configs, executor=args.executor, workers=args.workers, ray_address=args.ray_address,
-                     retry_failed=args.retry_failed)
-    code = exit_status(table)
-    if code == 1:
-        print(f"some runs failed; see their log.txt, and rerun with --retry-failed. Table: dynamics runs "
-              f"{args.runs_dir}", file=sys.stderr)
-    return code
+    return 0 if statuses <= set(runs.FINISHED) else 1
 
 
 def describe_plan(grid: Grid, configs: Sequence[RunConfig], retry_failed: bool) -> str:
@@ -463,22 +421,3 @@ def describe_plan(grid: Grid, configs: Sequence[RunConfig], retry_failed: bool) 
         lines.append(f"  {action + note:<18} {cfg.resolved_run_id:<{width}}  {_show_run(cfg.to_dict(), swept)}")
     lines.append(", ".join(f"{counts[a]} {a}" for a in ACTIONS if a in counts) or "no runs")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dynamics.grid FILE ...``, the same as ``dynamics grid FILE ...``."""
-    from dynamics.cli import OneLineParser
-
-    parser = OneLineParser(prog="dynamics grid", description="Run (or list) every run of a grid file.")
-    add_grid_arguments(parser)
-    args = parser.parse_args(argv)
-    warnings.simplefilter("ignore", FutureWarning)  # library deprecation notices
-    try:
-        return cmd_grid(args)
-    except ConfigError as error:
-        print(f"dynamics grid: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

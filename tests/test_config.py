@@ -1,10 +1,12 @@
 import dataclasses
+import json
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynamics.config import ConfigError, RunConfig, ineffective_settings
+from dynamics.files import UnreadableFile, read_toml
 
 
 @pytest.mark.parametrize(
@@ -46,7 +48,7 @@ def test_unknown_key_suggests_the_closest_field():
 
 def test_strings_are_coerced_like_cli_values():
     cfg = RunConfig.from_dict({"rank": "16", "lr": "5e-4", "instrument": "false", "rho": "none", "batch-size": "4"})
-    assert (cfg.rank, cfg.lr, cfg.instrument, cfg.rho, cfg.batch_size) == (16, 5e-4, False, None, 4)
+    assert (cfg.rank, cfg.lr, cfg.instrument, cfg.rho, cfg.batch_size) == (16, 5e-4, False, 0.01, 4)  # none: default
 
 
 def test_bool_string_false_is_false():
@@ -55,11 +57,19 @@ def test_bool_string_false_is_false():
 
 
 def test_paper_defaults_are_resolved_from_the_task_kind():
-    gsm = RunConfig(task="gsm").resolved()
-    bbc = RunConfig(model="minilm-l6", task="bbc").resolved()
-    assert (gsm.rho, gsm.mu, gsm.beta) == (0.01, 0.8, 0.8)
-    assert (bbc.rho, bbc.mu, bbc.beta) == (0.05, 0.9, 0.9)
-    assert RunConfig(task="gsm", mu=0.95).resolved().mu == 0.95
+    gsm = RunConfig(task="gsm")
+    bbc = RunConfig(model="minilm-l6", task="bbc")
+    assert (gsm.rho, gsm.mu, gsm.beta, gsm.n_train) == (0.01, 0.8, 0.8, 2000)
+    assert (bbc.rho, bbc.mu, bbc.beta, bbc.n_train) == (0.05, 0.9, 0.9, None)  # bbc: every article not held out
+    assert RunConfig(task="gsm", mu=0.95).mu == 0.95
+
+
+def test_method_is_parsed_once_into_adapter_and_perturbation():
+    assert (RunConfig(method="dora+mgpo-noapn").adapter, RunConfig(method="dora+mgpo-noapn").perturbation) == (
+        "dora", "mgpo-noapn")
+    assert RunConfig(method="full").perturbation is None
+    with pytest.raises(ConfigError, match=r"--method lora\+mgpo2: perturbation must be one of mgpo, mgpo-noapn"):
+        RunConfig(method="lora+mgpo2")
 
 
 def test_run_id_is_deterministic_readable_and_ignores_run_control():
@@ -77,7 +87,8 @@ def test_settings_without_effect_are_reported():
     assert any(m.startswith("--rank 64 has no effect under method full") for m in messages)
     assert any(m.startswith("--rho 0.05 has no effect") for m in messages)
     assert ineffective_settings(RunConfig()) == []
-    assert ineffective_settings(RunConfig().resolved()) == []  # a stored, resolved config is not "set"
+    stored = RunConfig.from_dict(RunConfig().to_dict())  # a stored config holds the resolved defaults
+    assert ineffective_settings(stored) == []
 
 
 def test_toml_round_trip(tmp_path):
@@ -86,17 +97,17 @@ def test_toml_round_trip(tmp_path):
                      for k, v in cfg.to_dict().items() if v is not None)
     path = tmp_path / "run.toml"
     path.write_text(text.replace("'", '"'))
-    assert RunConfig.from_toml(path) == cfg
-    assert RunConfig.from_toml(path, overrides={"steps": "9"}).steps == 9
+    assert RunConfig.from_dict(read_toml(path)) == cfg
+    assert RunConfig.from_dict({**read_toml(path), "steps": "9"}).steps == 9
 
 
 def test_bad_toml_is_one_line(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("lr = = 3")
-    with pytest.raises(ConfigError, match="not valid TOML"):
-        RunConfig.from_toml(path)
-    with pytest.raises(ConfigError, match="no such file"):
-        RunConfig.from_toml(tmp_path / "missing.toml")
+    with pytest.raises(UnreadableFile, match="not valid TOML"):
+        read_toml(path)
+    with pytest.raises(UnreadableFile, match="no such file"):
+        read_toml(tmp_path / "missing.toml")
 
 
 int_fields = st.sampled_from(["rank", "steps", "batch_size", "grad_accum", "seed", "eval_every"])
@@ -111,11 +122,15 @@ def test_valid_ints_round_trip_through_strings(name, value):
 
 
 @settings(max_examples=50, deadline=None)
-@given(lr=st.floats(min_value=1e-8, max_value=10, allow_nan=False))
-def test_valid_lr_round_trips_through_repr(lr):
-    assert RunConfig.from_dict({"lr": repr(lr)}).lr == lr
+@given(lr=st.floats(min_value=1e-8, max_value=10, allow_nan=False), rho=st.floats(0, 1, allow_nan=False))
+def test_a_config_round_trips_through_config_json_with_the_same_run_id(lr, rho):
+    cfg = RunConfig(method="lora+mgpo", lr=lr, rho=rho)
+    stored = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))  # what config.json holds
+    assert stored == cfg and stored.default_run_id() == cfg.default_run_id()
 
 
-def test_config_is_frozen():
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        RunConfig().lr = 1.0
+def test_replace_validates_again():
+    with pytest.raises(ConfigError, match=r"^--lr -1.0: must be a positive number$"):
+        dataclasses.replace(RunConfig(), lr=-1.0)
+    with pytest.raises(ConfigError, match="--rank 1.5: must be an integer"):
+        dataclasses.replace(RunConfig(), rank=1.5)

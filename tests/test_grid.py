@@ -24,8 +24,16 @@ from hypothesis import strategies as st
 
 import dynamics
 from dynamics import executors, runs
+from dynamics.cli import main as cli_main
 from dynamics.config import ConfigError, ConfigWarning, RunConfig
-from dynamics.grid import load_grid, main, plan_action, run_grid
+from dynamics.files import write_json
+from dynamics.grid import load_grid, plan_action, run_grid
+
+
+def main(argv):
+    """``dynamics grid ARGV``."""
+    return cli_main(["grid", *argv])
+
 
 GRIDS = Path(__file__).resolve().parent.parent / "grids"
 
@@ -259,14 +267,6 @@ def test_unknown_scale_names_the_allowed_ones(tmp_path):
 
 
 # --- the paper's grid files ----------------------------------------------------------------------------
-# TEMPORARY, remove with the methods issue: methods that grids/ names and the training core may not
-# validate yet. A run naming one that is not available is validated with method "lora" instead (every
-# other setting is still checked); once the methods land, every run validates as written and this
-# set (and its one use below) can go.
-def validate(values: dict) -> RunConfig:
-    return RunConfig.from_dict(values)
-
-
 PAPER_GRIDS = {  # file: (runs as written, runs at --scale paper, methods)
     "rank_sweep.toml": (9, 27, {"lora", "lora+mgpo", "full"}),
     "lr_sweep.toml": (12, 36, {"lora", "lora+mgpo", "full"}),
@@ -284,7 +284,7 @@ def test_paper_grid_files_expand_and_validate(name, scale):
     n_small, n_paper, methods = PAPER_GRIDS[name]
     grid = load_grid(GRIDS / name, scale=scale)
     assignments = grid.assignments()
-    configs = [validate(values) for values in assignments]
+    configs = [RunConfig.from_dict(values) for values in assignments]
     assert len(configs) == (n_paper if scale else n_small)
     assert {values["method"] for values in assignments} == methods
     named = {(c.resolved_run_id, values["method"]) for c, values in zip(configs, assignments, strict=True)}
@@ -302,8 +302,8 @@ def test_paper_grid_files_expand_and_validate(name, scale):
 
 def test_tables_share_their_common_runs():
     def ids(name):
-        return {values["method"]: validate(values).default_run_id() for values in load_grid(GRIDS / name).assignments()
-                if values.get("rank", 8) == 8}
+        return {values["method"]: RunConfig.from_dict(values).default_run_id()
+                for values in load_grid(GRIDS / name).assignments() if values.get("rank", 8) == 8}
 
     gsm, ablation, noise = ids("methods_gsm.toml"), ids("apn_ablation_gsm.toml"), ids("random_noise.toml")
     assert gsm["lora"] == ablation["lora"] == noise["lora"]
@@ -326,8 +326,8 @@ def test_plan_action(tmp_path, status, retry, action):
     cfg = RunConfig.from_dict({**TINY, "runs_dir": str(tmp_path)})
     if status:
         cfg.run_dir.mkdir()
-        runs.write_json_atomic(cfg.run_dir / "config.json", {"config": cfg.to_dict()})
-        runs.write_json_atomic(cfg.run_dir / "summary.json", {"status": status})
+        write_json(cfg.run_dir / "config.json", {"config": cfg.to_dict()})
+        write_json(cfg.run_dir / "summary.json", {"status": status})
     assert plan_action(cfg, retry_failed=retry) == action
 
 
@@ -401,8 +401,8 @@ def test_local_sweep_runs_every_run_like_train(local_sweep, tmp_path):
         np.testing.assert_array_equal(losses(cfg.run_dir), reference_losses(cfg, tmp_path))
         assert "starting; ended completed" in (cfg.run_dir / "log.txt").read_text()
     assert "4 runs: 4 completed | elapsed" in local_sweep["stream"]
-    # No "running step" check here: a 12-step tiny run can start and finish between two refreshes of
-    # the board (it did, once in ~6 suite runs). The running line is pinned by the board test above.
+    # The "running step" line is pinned by the board test above: a 12-step run can finish between
+    # two refreshes of the board.
 
 
 def test_rerun_skips_completed_runs_without_touching_them(local_sweep):
@@ -466,7 +466,7 @@ def test_killed_sweep_restarts_and_loses_nothing(tmp_path):
                      n_eval_generate=0, n_train=256, lr=3e-2)
     runs_dir = tmp_path / "runs"
     configs = load_grid(path).configs(runs_dir)
-    command = [sys.executable, "-m", "dynamics.grid", str(path), "--runs-dir", str(runs_dir), "--workers", "2"]
+    command = [sys.executable, "-m", "dynamics", "grid", str(path), "--runs-dir", str(runs_dir), "--workers", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     deadline = time.monotonic() + 90

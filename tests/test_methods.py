@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -11,15 +12,18 @@ from torch import nn
 
 import dynamics
 from dynamics import runs
+from dynamics.adapters.layers import AdapterGroup, adapter_layers, group_layers
 from dynamics.config import ConfigError, RunConfig
-from dynamics.methods.base import make_perturbation
-from dynamics.methods.layers import AdapterGroup, LowRank, LowRankSum, adapter_layers, group_layers
-from dynamics.methods.lora_fused import BACKWARD_WAYS, FORWARD_WAYS, cheapest_ways, fusable, perturbed_lora_layers
-from dynamics.methods.mgpo import MGPO, check_first_moment
-from dynamics.methods.noise import NoiseDelta, ramp
-from dynamics.methods.sam import SAM
-from dynamics.methods.weight_perturbation import LowRankDelta, perturbed_base_layers
+from dynamics.loss import step_loss_fn
 from dynamics.models import build_model
+from dynamics.perturbations import make_perturbation
+from dynamics.perturbations.base import check_first_moment
+from dynamics.perturbations.lora_fused import BACKWARD_WAYS, FORWARD_WAYS, cheapest_ways, fusable, perturbed_lora_layers
+from dynamics.perturbations.mgpo import MGPO
+from dynamics.perturbations.noise import NoiseDelta, ramp
+from dynamics.perturbations.sam import SAM
+from dynamics.perturbations.weight_space import LowRankDelta, LowRankSum, perturbed_base_layers
+from dynamics.training.optim import make_optimizer
 
 PERTURBED = ["lora+mgpo", "lora+mgpo-noapn", "lora+msam", "lora+sam", "lora+noise", "full+msam", "full+sam",
              "full+noise"]
@@ -67,6 +71,17 @@ def numpy_params(layer):
     return {k: v.detach().numpy() for k, v in layer.parameters().items()}
 
 
+def dense(delta: LowRankSum) -> torch.Tensor:
+    """The (m, n) matrix a LowRankSum stands for."""
+    return delta.scale * sum(U @ V for U, V in delta.pairs)
+
+
+def change_along(layer, tangent) -> LowRankSum:
+    """The layer's first-order change of DeltaW along ``tangent``, with its scale."""
+    pairs = layer.change_pairs(tangent)
+    return LowRankSum(pairs, AdapterGroup((layer,)).scales(pairs[0][0])[0])
+
+
 @pytest.mark.parametrize("adapter", ["lora", "rslora", "adalora"])
 def test_change_along_a_tangent_matches_numpy(adapter):
     model = peft_model(adapter)
@@ -74,14 +89,14 @@ def test_change_along_a_tangent_matches_numpy(adapter):
     p = numpy_params(layer)
     rng = np.random.default_rng(0)
     tangent = {k: rng.standard_normal(v.shape) for k, v in p.items()}
-    change = layer.change_along({k: torch.tensor(v) for k, v in tangent.items()})
+    change = change_along(layer, {k: torch.tensor(v) for k, v in tangent.items()})
     if adapter == "adalora":
         k = 3.0 / (2 + 1e-5)  # scaling alpha / (ranknum + 1e-5)
         expected = k * (tangent["B"] @ (p["A"] * p["E"]) + p["B"] @ (tangent["A"] * p["E"] + p["A"] * tangent["E"]))
     else:
         s = 3.0 / 2 if adapter == "lora" else 3.0 / math.sqrt(2)
         expected = s * (tangent["B"] @ p["A"] + p["B"] @ tangent["A"])
-    np.testing.assert_allclose(change.dense().numpy(), expected, rtol=1e-12)  # float64 model: float64 factors
+    np.testing.assert_allclose(dense(change).numpy(), expected, rtol=1e-12)  # float64 model: float64 factors
     norm, _ = AdapterGroup((layer,)).change_norms({k: torch.tensor(v)[None] for k, v in tangent.items()})
     np.testing.assert_allclose(float(norm[0]), np.linalg.norm(expected), rtol=1e-12)
 
@@ -93,7 +108,7 @@ def test_group_change_norms_match_the_dense_changes_with_and_without_shared_gram
     generator = torch.Generator().manual_seed(0)
     tangents = [{role: torch.randn(t.shape, generator=generator, dtype=t.dtype)
                  for role, t in layer.parameters().items()} for layer in group.layers]
-    expected = [np.linalg.norm(layer.change_along(t).dense().numpy()) for layer, t in zip(group.layers, tangents)]
+    expected = [np.linalg.norm(dense(change_along(layer, t)).numpy()) for layer, t in zip(group.layers, tangents)]
 
     norms, grams = group.change_norms(group.stacked(tangents))
     np.testing.assert_allclose(norms.numpy(), expected, rtol=1e-12)
@@ -119,8 +134,8 @@ def test_mgpo_perturbation_and_apn_match_the_equations():
         p = numpy_params(layer)
         ids = {role: id(t) for role, t in layer.parameters().items()}
         norms = [np.linalg.norm(1.5 * (g[ids["B"]] @ p["A"] + p["B"] @ g[ids["A"]])) for g in grads_by_step]
-        torch.testing.assert_close(float(mgpo.state.grad_ema[layer.name]), 0.8 * norms[0] + 0.2 * norms[1], rtol=1e-12,
-                                   atol=0)
+        torch.testing.assert_close(float(mgpo.grad_ema_by_layer()[layer.name]), 0.8 * norms[0] + 0.2 * norms[1],
+                                   rtol=1e-12, atol=0)
     optimizer.step()  # creates exp_avg
     mgpo.after_optimizer_step(model, optimizer)
     deltas = mgpo.step_deltas()
@@ -128,10 +143,10 @@ def test_mgpo_perturbation_and_apn_match_the_equations():
         p = numpy_params(layer)
         m = {role: optimizer.state[t]["exp_avg"].numpy() for role, t in layer.parameters().items()}
         d = 1.5 * (m["B"] @ p["A"] + p["B"] @ m["A"])
-        c = min(1 / (float(mgpo.state.grad_ema[layer.name]) + 1e-12), 10.0)
+        c = min(1 / (float(mgpo.grad_ema_by_layer()[layer.name]) + 1e-12), 10.0)
         expected = -0.05 * c * d / (np.linalg.norm(d) + 1e-12)
-        np.testing.assert_allclose(deltas[layer.name].dense().numpy(), expected, rtol=1e-10, atol=1e-14)
-        np.testing.assert_allclose(np.linalg.norm(deltas[layer.name].dense().numpy()), 0.05 * c, rtol=1e-10)
+        np.testing.assert_allclose(dense(deltas[layer.name]).numpy(), expected, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(np.linalg.norm(dense(deltas[layer.name]).numpy()), 0.05 * c, rtol=1e-10)
         row = mgpo.layer_metrics()[layer.name]  # the logged numbers are the ones applied
         np.testing.assert_allclose([row["apn_scale"], row["perturb_norm"]], [c, 0.05 * c], rtol=1e-10)
 
@@ -147,7 +162,7 @@ def test_apn_scale_is_capped():
     mgpo.on_accumulated_grad(model, optimizer)
     optimizer.step()
     mgpo.after_optimizer_step(model, optimizer)
-    norms = [float(torch.linalg.matrix_norm(d.dense())) for d in mgpo.step_deltas().values()]
+    norms = [float(torch.linalg.matrix_norm(dense(d))) for d in mgpo.step_deltas().values()]
     np.testing.assert_allclose(norms, [0.1 * 10.0] * len(norms), rtol=1e-5)  # eps / ||d|| ~ 1e-6 here
 
 
@@ -171,7 +186,7 @@ def test_perturbed_forward_and_backward_equal_the_materialised_weights(applicati
                 torch.randn(k, layer.base.in_features, generator=rng, dtype=torch.float64))
 
     if form == "thin":
-        deltas = {layer.name: LowRank(*factors(layer, 4), 0.1) for layer in layers}
+        deltas = {layer.name: LowRankSum((factors(layer, 4),), 0.1) for layer in layers}
     else:  # MGPO's form: two pairs and a 0-d tensor scale
         scale = torch.tensor(-0.1, dtype=torch.float64)
         deltas = {layer.name: LowRankSum((factors(layer, 2), factors(layer, 3)), scale) for layer in layers}
@@ -182,8 +197,8 @@ def test_perturbed_forward_and_backward_equal_the_materialised_weights(applicati
         out = model(x)
     grads = torch.autograd.grad(out.square().sum(), [p for p in model.parameters() if p.requires_grad])
 
-    materialised = {f"{layer.name}.base_layer.weight".replace("base_model.model.", ""): layer.base.weight + deltas[
-        layer.name].dense() for layer in layers}
+    materialised = {f"{layer.name}.base_layer.weight".replace("base_model.model.", ""): layer.base.weight + dense(
+        deltas[layer.name]) for layer in layers}
     inner = model.base_model.model
     expected_out = torch.func.functional_call(inner, materialised, (x,), strict=False)
     expected = torch.autograd.grad(expected_out.square().sum(), [p for p in model.parameters() if p.requires_grad])
@@ -213,7 +228,7 @@ def test_fused_lora_forward_and_gradients_equal_the_materialised_weights(ways):
         out = model(x)
     grads = torch.autograd.grad(out.square().sum(), trainable)
 
-    materialised = {f"{layer.name}.base_layer.weight": layer.base.weight + delta.dense()
+    materialised = {f"{layer.name}.base_layer.weight": layer.base.weight + dense(delta)
                     for layer, delta in deltas.items()}
     expected_out = torch.func.functional_call(model.base_model.model, materialised, (x,), strict=False)
     expected = torch.autograd.grad(expected_out.square().sum(), trainable)
@@ -244,7 +259,8 @@ def test_fused_application_refuses_layers_it_cannot_fold():
 def test_the_original_forward_comes_back_after_an_exception():
     model = peft_model()
     layer = adapter_layers(model)[0]
-    delta = LowRankDelta(LowRank(torch.zeros(4, 1, dtype=torch.float64), torch.zeros(1, 5, dtype=torch.float64)))
+    zeros = (torch.zeros(4, 1, dtype=torch.float64), torch.zeros(1, 5, dtype=torch.float64))
+    delta = LowRankDelta(LowRankSum((zeros,)))
     with pytest.raises(RuntimeError, match="boom"), perturbed_base_layers({layer.base: delta}):
         raise RuntimeError("boom")
     assert "forward" not in layer.base.__dict__
@@ -306,11 +322,9 @@ def test_mgpo_never_changes_the_frozen_weights(tiny, dtype):
     model = build_model(cfg)
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     from dynamics.data import load_task
-    from dynamics.loop import step_loss_fn
-    from dynamics.methods.adapters import make_optimizer
 
     task = load_task(cfg)
-    optimizer = make_optimizer(cfg.resolved(), model)
+    optimizer = make_optimizer(cfg, model)
     mgpo = make_perturbation(cfg, model, optimizer)
     perturb_norms = []
     for step in range(100):
@@ -365,7 +379,7 @@ def test_resume_is_bit_identical_for_every_method(tiny, tmp_path, method):
     crashed = dynamics.train({**settings, "runs_dir": str(tmp_path / "crashed")})
     for step in runs.checkpoint_steps(crashed.path):
         if step > resume_from:
-            runs.shutil.rmtree(runs.checkpoint_dir(crashed.path, step))
+            shutil.rmtree(runs.checkpoint_dir(crashed.path, step))
     runs.update_summary(crashed.path, status="failed")
     resumed = dynamics.train({**settings, "runs_dir": str(tmp_path / "crashed"), "resume": True})
     columns = ["step", "loss", "loss_clean", "grad_norm", "perturb_norm", "grad_ema", "apn_scale"]
@@ -403,9 +417,7 @@ def test_adalora_layers_are_perturbed_not_skipped(tiny):
 
 
 def test_lora_plus_gives_b_a_larger_learning_rate(tiny):
-    from dynamics.methods.adapters import make_optimizer
-
-    cfg = RunConfig(**tiny(method="loraplus", loraplus_ratio=8)).resolved()
+    cfg = RunConfig(**tiny(method="loraplus", loraplus_ratio=8))
     model = build_model(cfg)
     optimizer = make_optimizer(cfg, model)
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}

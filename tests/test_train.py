@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,12 @@ import torch
 
 import dynamics
 from dynamics import runs
+from dynamics.adapters import layer_name
 from dynamics.config import ConfigError, RunConfig
 from dynamics.data import TaskData
-from dynamics.loop import DataOrder, eval_mode, greedy_decode, layer_name, macro_f1
 from dynamics.models import tiny_llama
+from dynamics.training.evaluate import eval_mode, greedy_decode, macro_f1
+from dynamics.training.loop import DataOrder
 
 METRIC_COLUMNS = ["step", "epoch", "tokens", "loss", "loss_clean", "lr", "grad_norm", "param_norm", "update_norm",
                   "momentum_norm", "grad_ema", "apn_scale", "perturb_norm", "step_time_s", "peak_mem_mb"]
@@ -80,7 +83,7 @@ def test_resume_after_a_crash_reproduces_every_loss(tiny, tmp_path):
     crashed = dynamics.train({**settings, "runs_dir": str(tmp_path / "crashed")})
     # As if killed at step 10: rows up to 12 had been flushed, the last checkpoint is step 4 ...
     for step in (8, 12):
-        runs.shutil.rmtree(runs.checkpoint_dir(crashed.path, step))
+        shutil.rmtree(runs.checkpoint_dir(crashed.path, step))
     runs.update_summary(crashed.path, status="running")
     resumed = dynamics.train({**settings, "runs_dir": str(tmp_path / "crashed"), "resume": True})
     assert resumed.summary["status"] == "completed"
@@ -133,9 +136,9 @@ def test_a_non_finite_loss_marks_the_run_diverged_and_keeps_the_log(tiny):
 
 
 def test_an_error_mid_run_marks_it_failed_with_the_error_and_keeps_the_log(tiny, monkeypatch):
-    import dynamics.loop
+    import dynamics.training.step
 
-    real_clip = dynamics.loop.clip_gradients
+    real_clip = dynamics.training.step.clip_gradients
     calls = []
 
     def clip_then_fail(params, max_grad_norm):
@@ -144,7 +147,7 @@ def test_an_error_mid_run_marks_it_failed_with_the_error_and_keeps_the_log(tiny,
             raise RuntimeError("injected failure")
         return real_clip(params, max_grad_norm)
 
-    monkeypatch.setattr(dynamics.loop, "clip_gradients", clip_then_fail)
+    monkeypatch.setattr(dynamics.training.step, "clip_gradients", clip_then_fail)
     cfg = tiny(steps=10, eval_every=0, checkpoint_every=0)
     with pytest.raises(RuntimeError, match="injected failure"):
         dynamics.train(cfg)

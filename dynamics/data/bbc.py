@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dynamics.config import RunConfig
-from dynamics.data import TaskData
+from dynamics.data.task import TaskData
 
 
 def data_folder() -> Path:

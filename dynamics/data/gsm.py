@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from dynamics.config import RunConfig
-from dynamics.data import IGNORE_INDEX, Example, TaskData
+from dynamics.data.task import IGNORE_INDEX, Example, TaskData
 
 PROMPT = "Question: {question}\nAnswer:\n"
 _FINAL_NUMBER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
@@ -70,15 +70,12 @@ def build(cfg: RunConfig, tokenizer) -> TaskData:
         text = tokenizer.decode(generated_ids, skip_special_tokens=True)
         return example["answer"] is not None and final_number(text) == example["answer"]
 
-    train = encode_all(train_rows)
     return TaskData(
         name="gsm",
         kind="causal_lm",
-        train=train,
+        train=encode_all(train_rows),
         eval=encode_all(eval_rows),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         score_generation=score,
-        info={"n_duplicates_dropped": len(rows) - cfg.n_eval - len(train_rows),
-              "n_truncated": sum(len(ex["labels"]) == cfg.seq_len for ex in train)},
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynamics.config import RunConfig
-from dynamics.data import IGNORE_INDEX, Example, TaskData
+from dynamics.data.task import IGNORE_INDEX, Example, TaskData
 
 VOCAB_SIZE = 128
 PAD, BOS, SEP = 0, 1, 2

@@ -5,7 +5,7 @@ Every perturbation that works in merged weight space needs, per layer, the first
 gradient for APN's norm). That change has rank <= 2r, so it is returned as two thin factors
 ``U (m, 2r)`` and ``V (2r, n)`` with ``U @ V`` the dense change; norms come from r x r Gram
 matrices (``AdapterGroup.change_norms``) and the dense matrix is only built where it is cheaper
-(``weight_perturbation``).
+(``perturbations.weight_space``).
 Layers of one shape are handled together (``AdapterGroup``: SmolLM2 has 210 adapted layers in 4
 shapes), so a step's bookkeeping is a few batched matmuls rather than ~10 small ops per layer.
 
@@ -22,41 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-
-@dataclass(frozen=True)
-class LowRank:
-    """A dense ``(m, n)`` matrix held as ``scale * U @ V`` with ``U (m, k)``, ``V (k, n)``."""
-
-    U: torch.Tensor
-    V: torch.Tensor
-    scale: float = 1.0
-
-    def dense(self) -> torch.Tensor:
-        return self.scale * (self.U @ self.V)
-
-    @property
-    def pairs(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        return ((self.U, self.V),)
-
-
-@dataclass(frozen=True)
-class LowRankSum:
-    """A dense ``(m, n)`` matrix held as ``scale * sum_i U_i @ V_i`` (``U_i (m, k_i)``, ``V_i (k_i, n)``)
-    whose factors are existing tensors (parameters, optimizer moments), so holding it copies nothing;
-    ``scale`` is a float or a 0-d tensor (no host sync)."""
-
-    pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    scale: torch.Tensor | float = 1.0
-
-    def thin(self) -> LowRank:
-        """The same matrix as one pair of thin factors ``[U_1 .. U_p] @ [V_1; ..; V_p]`` (copies)."""
-        U = torch.cat([u for u, _ in self.pairs], dim=1)
-        V = torch.cat([v for _, v in self.pairs], dim=0)
-        return LowRank(U * self.scale, V, 1.0)
-
-    def dense(self) -> torch.Tensor:
-        return self.thin().dense()
 
 
 @dataclass(frozen=True)
@@ -93,13 +58,6 @@ class AdapterLayer:
         if self.is_adalora:
             return {"A": module.lora_A[key], "B": module.lora_B[key], "E": module.lora_E[key]}
         return {"A": module.lora_A[key].weight, "B": module.lora_B[key].weight}
-
-    def change_along(self, tangent: dict[str, torch.Tensor]) -> LowRank:
-        """First-order change of ``DeltaW`` along ``tangent`` (same roles as ``parameters()``), as
-        thin factors ``[t_B, B] @ [P; Q]`` times the layer's scale, detached. Formulas: module doc."""
-        pairs = self.change_pairs(tangent)
-        scale = float(AdapterGroup((self,)).scales(pairs[0][0])[0])
-        return LowRankSum(pairs, scale).thin()
 
     def change_pairs(self, tangent: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """The change along ``tangent`` without its scale, as ``((U_1, V_1), (U_2, V_2))`` made of the
@@ -170,6 +128,25 @@ class AdapterGroup:
         return self.scales(squared).abs() * squared.clamp_min(0).sqrt(), grams
 
 
+# Suffixes peft puts after the adapted module's name in a parameter's name.
+_PEFT_PARAMETER_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.", ".lora_E.", ".modules_to_save.")
+
+
+def layer_name(name: str) -> str:
+    """The one name of a layer, used as the ``layer`` column of layers.parquet and as the key of
+    every per-layer number: the adapted module's name without peft's wrappers. Takes a module
+    name or a parameter name::
+
+        base_model.model.model.layers.0.mlp.up_proj                       -> model.layers.0.mlp.up_proj
+        base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight -> model.layers.0.mlp.up_proj
+        model.layers.0.mlp.up_proj.weight  (full fine-tuning)              -> model.layers.0.mlp.up_proj
+    """
+    name = name.removeprefix("base_model.model.")
+    for marker in _PEFT_PARAMETER_MARKERS:
+        name = name.split(marker)[0]
+    return name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+
+
 def group_layers(layers: list[AdapterLayer]) -> list[AdapterGroup]:
     """Partition ``layers`` into groups of equal kind, factor shapes, dtype and device (first-seen
     order; the layers keep their relative order within a group)."""
@@ -197,13 +174,9 @@ def adapter_layers(model: nn.Module) -> list[AdapterLayer]:
         if not isinstance(module.get_base_layer(), nn.Linear) or getattr(module, "fan_in_fan_out", False):
             raise ValueError(f"layer {name}: weight-space perturbations need an nn.Linear base layer, "
                              f"found {type(module.get_base_layer()).__name__}")
-        layers.append(AdapterLayer(_short_name(name), module, adapter))
+        layers.append(AdapterLayer(layer_name(name), module, adapter))
     return layers
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(torch.promote_types(tensor.dtype, torch.float32))
-
-
-def _short_name(name: str) -> str:
-    return name.removeprefix("base_model.model.")

@@ -29,6 +29,7 @@ never more expensive than either way here.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator, Protocol
 
@@ -36,9 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynamics.methods.layers import LowRank, LowRankSum
-
 APPLICATIONS = ("auto", "dense", "lowrank")
+
+
+@dataclass(frozen=True)
+class LowRankSum:
+    """A dense ``(m, n)`` matrix held as ``scale * sum_i U_i @ V_i`` (``U_i (m, k_i)``, ``V_i (k_i, n)``)
+    whose factors are existing tensors (parameters, optimizer moments), so holding it copies nothing;
+    ``scale`` is a float or a 0-d tensor (no host sync)."""
+
+    pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    scale: torch.Tensor | float = 1.0
 
 
 class WeightDelta(Protocol):
@@ -50,9 +59,9 @@ class WeightDelta(Protocol):
 
 
 class LowRankDelta:
-    """``Delta = scale * sum_i U_i V_i`` (a ``LowRank`` or ``LowRankSum``; factors detached)."""
+    """``Delta = scale * sum_i U_i V_i`` (a ``LowRankSum``; factors detached)."""
 
-    def __init__(self, factors: LowRank | LowRankSum) -> None:
+    def __init__(self, factors: LowRankSum) -> None:
         self.factors = factors
 
     def scaled_pairs(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -12,23 +12,26 @@ The loop calls, per optimizer step::
         ...
 
 A perturbation never logs or saves: it reports numbers through ``step_metrics`` and
-``layer_metrics`` and its state through ``state_dict``.
+``layer_metrics``. What it carries from one step to the next is one explicit object, its
+``state`` (a NamedTuple, as optax keeps a transform's state), and ``state_dict`` is that object in
+checkpoint form; everything else it holds is scratch for the current step, rebuilt after each
+optimizer step.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, NamedTuple, Protocol
 
 import torch
 from torch import nn
-
-from dynamics.config import RunConfig
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
 class Perturbation(Protocol):
+    state: tuple  # what it carries between optimizer steps: a NamedTuple, () for none
+
     def forward_backward(self, model: nn.Module, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
         """Forward and backward on one micro-batch; returns the detached loss the gradient was
         taken at. Weights are back at their unperturbed values when it returns or raises."""
@@ -49,14 +52,24 @@ class Perturbation(Protocol):
     def layer_metrics(self) -> dict[str, dict[str, float]]:
         """Per-layer scalars (``grad_ema``, ``apn_scale``, ``perturb_norm``) keyed by layer name."""
 
-    def state_dict(self) -> dict: ...
+    def state_dict(self) -> dict:
+        """``state`` as plain values and CPU tensors, for ``trainer_state.pt``."""
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state`` from ``state_dict()``'s output and drop this step's scratch."""
+
+
+class StepCount(NamedTuple):
+    """The state of a perturbation whose only memory is the step counter (noise, Momentum-SAM)."""
+
+    steps: int  # optimizer steps taken so far
 
 
 class PerturbationDefaults:
     """No-op defaults for every hook of the protocol but ``forward_backward``; a perturbation
     overrides only what it needs."""
+
+    state: tuple = ()
 
     def on_accumulated_grad(self, model, optimizer) -> None:
         return None
@@ -81,50 +94,56 @@ class PerturbationDefaults:
         return None
 
 
+class CountsSteps(PerturbationDefaults):
+    """Defaults for a perturbation whose state is ``StepCount``: it advances after each optimizer
+    step, and ``begin_step`` (overridden) drops the finished step's scratch."""
+
+    state: StepCount = StepCount(steps=0)
+
+    def begin_step(self) -> None:
+        """Forget everything computed for the previous step (called after each optimizer step and
+        after a restore)."""
+
+    def after_optimizer_step(self, model, optimizer) -> None:
+        self.state = StepCount(self.state.steps + 1)
+        self.begin_step()
+
+    def state_dict(self) -> dict:
+        return {"steps": self.state.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = StepCount(int(state["steps"]))
+        self.begin_step()
+
+
+def plain_forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
+    """One forward/backward at the current weights; returns the detached loss."""
+    loss = loss_fn(model, batch)
+    loss.backward()
+    return loss.detach()
+
+
 class NoPerturbation(PerturbationDefaults):
     """Plain training: one forward/backward at the current weights; ``loss_clean`` is ``loss``."""
 
     def forward_backward(self, model, batch, loss_fn):
-        loss = loss_fn(model, batch)
-        loss.backward()
-        return loss.detach()
+        return plain_forward_backward(model, batch, loss_fn)
 
 
-def make_perturbation(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> Perturbation:
-    """The perturbation named by ``cfg.method`` (``ADAPTER+PERTURBATION``), over ``model``'s
-    LoRA-family layers or trainable parameters; ``optimizer`` is where MGPO reads its momentum."""
-    from dynamics.methods.layers import adapter_layers
-    from dynamics.methods.mgpo import MGPO, MomentumSAM
-    from dynamics.methods.noise import RandomWeightNoise, linear_weights
-    from dynamics.methods.sam import SAM
-
-    cfg = cfg.resolved()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.perturbation is None:
-        return NoPerturbation()
-    if cfg.perturbation in ("mgpo", "mgpo-noapn"):
-        return MGPO(adapter_layers(model), optimizer, rho=cfg.rho, beta=cfg.beta, apn=cfg.perturbation == "mgpo",
-                    apn_cap=cfg.apn_cap, eps=cfg.apn_eps, clean_loss_every=cfg.clean_loss_every,
-                    application=cfg.perturb_application, method=cfg.method)
-    if cfg.perturbation == "msam":
-        return MomentumSAM(params, optimizer, rho=cfg.rho, clean_loss_every=cfg.clean_loss_every, method=cfg.method)
-    if cfg.perturbation == "sam":
-        return SAM(params, rho=cfg.rho)
-    if cfg.adapter == "full":
-        return RandomWeightNoise(rho=cfg.rho, total_steps=cfg.steps, seed=cfg.seed, weights=linear_weights(model),
-                                 clean_loss_every=cfg.clean_loss_every)
-    return RandomWeightNoise(rho=cfg.rho, total_steps=cfg.steps, seed=cfg.seed, layers=adapter_layers(model),
-                             clean_loss_every=cfg.clean_loss_every)
+# --- the optimizer's first moment (MGPO and Momentum-SAM take their direction from it) --------------
+def first_moment(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor | None:
+    state = optimizer.state.get(param, {})
+    return state.get("exp_avg", state.get("momentum_buffer"))
 
 
-def global_norm(tensors) -> torch.Tensor:
-    """L2 norm over all entries of ``tensors`` (a 0-d tensor, no host sync), accumulated in float32
-    or in float64 for float64 tensors."""
-    tensors = list(tensors)
-    if not tensors:
-        return torch.zeros(())
-    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]))
+def check_first_moment(optimizer: torch.optim.Optimizer, method: str) -> None:
+    """Raise at start-up when the optimizer keeps no first moment to reuse (e.g. Adafactor,
+    SGD without momentum): MGPO would otherwise silently become plain LoRA."""
+    keeps_moment = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) or (
+        isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) > 0 for g in optimizer.param_groups))
+    if not keeps_moment:
+        raise ValueError(f"--method {method}: the optimizer {type(optimizer).__name__} keeps no first moment "
+                         "(exp_avg or momentum_buffer) to take the perturbation direction from")
 
 
 class CleanLoss:
@@ -151,3 +170,15 @@ class CleanLoss:
 
     def reset(self) -> None:
         self.total = None
+
+
+@contextlib.contextmanager
+def exact_restore(params: list[torch.Tensor]) -> Iterator[None]:
+    """Snapshot ``params`` and copy the snapshot back on exit (also after an exception): adding
+    and subtracting a perturbation does not return the same floats, a copy does (davda54/sam)."""
+    snapshot = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, snapshot)

@@ -15,16 +15,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynamics.methods.base import CleanLoss, PerturbationDefaults, global_norm
-from dynamics.methods.mgpo import exact_restore
+from dynamics.perturbations.base import CleanLoss, PerturbationDefaults, exact_restore
+from dynamics.tensors import global_norm
 
 
 class SAM(PerturbationDefaults):
+    """Two passes per micro-batch (module doc). No state carries over between steps."""
+
     def __init__(self, params: list[torch.Tensor], *, rho: float, eps: float = 1e-12) -> None:
         self.params = params
         self.rho, self.eps = rho, eps
         self.loss_clean = CleanLoss(every=0)  # fed by the first pass, every step
-        self._perturb_norm: torch.Tensor | None = None
+        self.begin_step()
+
+    def begin_step(self) -> None:
+        self._perturb_norm: torch.Tensor | None = None  # largest ascent norm over this step's micro-batches
+        self.loss_clean.reset()
 
     def forward_backward(self, model: nn.Module, batch, loss_fn) -> torch.Tensor:
         accumulated = [p.grad for p in self.params]
@@ -51,8 +57,7 @@ class SAM(PerturbationDefaults):
         return loss.detach()
 
     def after_optimizer_step(self, model, optimizer) -> None:
-        self._perturb_norm = None
-        self.loss_clean.reset()
+        self.begin_step()
 
     def step_metrics(self) -> dict[str, float | None]:
         return {"loss_clean": self.loss_clean.value(),

@@ -1,13 +1,15 @@
-"""Step, layer and eval rows -> parquet with a fixed schema, readable while the run goes on.
+"""The run folder's tables: one fixed pyarrow schema per parquet file, and ``ParquetLog``, which
+writes rows of one schema while the run goes on.
 
-Each log keeps its rows in memory and rewrites its file on ``flush()`` by writing a temporary file
-beside it and ``os.replace``-ing it in: a reader (``pandas.read_parquet`` from a notebook, the
+Each log keeps its rows in memory and rewrites its file on ``flush()`` atomically
+(``files.write_parquet``): a reader (``pandas.read_parquet`` from a notebook, the
 grid's progress line) sees the previous complete file or the new one, never a torn one. Rewriting
 is O(rows) but cheap next to a training step: 10,000 steps x 15 columns is well under 1 MB.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from dynamics.files import write_parquet
 
 # metrics.parquet, one row per optimizer step (DESIGN.md). Units: loss in nats per target token
 # (causal LM) or per example (classification); norms are global L2 norms over trainable
@@ -109,6 +113,7 @@ DENSITY_SCHEMA = pa.schema([
     ("source", pa.string()),  # "checkpoint"
 ])
 
+
 class ParquetLog:
     """Rows of one schema, flushed atomically to ``path``.
 
@@ -154,8 +159,50 @@ class ParquetLog:
     def flush(self) -> None:
         if not self._dirty:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        pq.write_table(self.table(), tmp)
-        os.replace(tmp, self.path)
+        write_parquet(self.path, self.table())
         self._dirty = False
         self._last_flush = time.monotonic()
+
+
+class RunLogs:
+    """The four tables a training run writes as it goes: ``metrics``, ``layers``, ``evals`` and
+    ``sharpness`` (``--sharpness-every``), each a ``ParquetLog`` in ``run_dir``."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        run_dir = Path(run_dir)
+        self.metrics = ParquetLog(run_dir / "metrics.parquet", METRICS_SCHEMA)
+        self.layers = ParquetLog(run_dir / "layers.parquet", LAYERS_SCHEMA)
+        self.evals = ParquetLog(run_dir / "eval.parquet", EVAL_SCHEMA)
+        self.sharpness = ParquetLog(run_dir / "sharpness.parquet", SHARPNESS_SCHEMA)
+
+    def all(self) -> tuple[ParquetLog, ...]:
+        return self.metrics, self.layers, self.evals, self.sharpness
+
+    def load(self, keep_through_step: int) -> None:
+        """Rows already on disk up to ``keep_through_step`` (a resumed run's checkpoint)."""
+        for log in self.all():
+            log.load(keep_through_step)
+
+    def flush(self) -> None:
+        for log in self.all():
+            log.flush()
+
+    def summary_numbers(self) -> dict[str, Any]:
+        """``final_loss``, ``final_loss_clean``, ``final_eval`` and ``best_eval`` (lowest finite
+        eval loss) for summary.json, from the rows logged so far."""
+        numbers: dict[str, Any] = {}
+        if len(self.metrics):
+            last = self.metrics.table().slice(len(self.metrics) - 1).to_pylist()[0]
+            numbers.update(final_loss=last["loss"], final_loss_clean=last["loss_clean"])
+        if len(self.evals):
+            rows = self.evals.table().to_pylist()
+            keep = ("step", "loss", "accuracy", "macro_f1", "exact_match")
+            numbers["final_eval"] = {k: rows[-1][k] for k in keep if rows[-1][k] is not None}
+            best = min(rows, key=_finite_loss_or_inf)
+            numbers["best_eval"] = {k: best[k] for k in keep if best[k] is not None}
+        return numbers
+
+
+def _finite_loss_or_inf(row: Mapping[str, Any]) -> float:
+    loss = row["loss"]
+    return loss if loss is not None and math.isfinite(loss) else math.inf

@@ -37,8 +37,8 @@ from typing import Iterator
 
 import torch
 
-from dynamics.methods.layers import AdapterLayer, LowRankSum
-from dynamics.methods.weight_perturbation import Workspace, swapped_forwards
+from dynamics.adapters.layers import AdapterLayer
+from dynamics.perturbations.weight_space import LowRankSum, Workspace, swapped_forwards
 
 
 def fusable(layer: AdapterLayer) -> bool:

@@ -1,137 +1,29 @@
-"""Run-level analysis: a run folder in; ``phases.parquet``, ``sharpness.parquet`` and, on
-request, ``trace.parquet`` and ``density.parquet`` out.
+"""``dynamics analyze``: run folders in; ``phases.parquet``, ``sharpness.parquet`` and, on request,
+``trace.parquet`` and ``density.parquet`` out, plus ``phases`` / ``sharpness`` / ``trace`` entries
+in ``summary.json`` so ``dynamics runs`` shows them without recomputing.
 
-The pure functions live in ``dynamics.analysis`` (``detect_phases``, ``phase_summary``,
-``hessian_eigenvalues``, ``hessian_trace``, ``spectral_density``); this module reads a run,
-rebuilds its model at a checkpoint, feeds them, and writes the results beside the run's other
-files, plus ``phases`` / ``sharpness`` / ``trace`` entries in ``summary.json`` so ``dynamics
-runs`` can show them without recomputing.
-
-Sharpness is the Hessian's top eigenvalues of the mean eval loss (same units as training: nats
-per target token) with respect to the trainable parameters (LoRA A/B, or every weight for
-``full``), over the first ``batches`` eval batches of ``batch_size`` examples: a fixed set, so
-values at different steps and in different runs of the same task are comparable.
+Phases come from the pure ``dynamics.analysis.detect_phases`` on the loss curve; curvature from
+``dynamics.curvature`` on the run's model rebuilt at a checkpoint (``curvature_at_checkpoint``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from torch import nn
 
 from dynamics import runs
-from dynamics.config import ConfigError, RunConfig
-from dynamics.data import TaskData
-from dynamics.metrics import DENSITY_SCHEMA, PHASES_SCHEMA, SHARPNESS_SCHEMA, TRACE_SCHEMA
-
-
-def write_parquet(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-
-
-# --- sharpness of a model ----------------------------------------------------------------------------
-@contextlib.contextmanager
-def eager_attention(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """On CPU the fused (sdpa) attention has no double backward: switch to eager for the HVPs."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    current = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    if device.type != "cpu" or current in (None, "eager") or not hasattr(base, "set_attn_implementation"):
-        yield
-        return
-    base.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        base.set_attn_implementation(current)
-
-
-def sharpness_batches(task: TaskData, cfg: RunConfig, n_batches: int, device: torch.device) -> list[dict]:
-    from dynamics.loop import to_device
-
-    examples = task.eval[: n_batches * cfg.batch_size]
-    if not examples:
-        raise ConfigError("--n-eval 0: sharpness needs eval examples")
-    return [to_device(task.collate(examples[i : i + cfg.batch_size]), device)
-            for i in range(0, len(examples), cfg.batch_size)]
-
-
-def hessian_loss(model: nn.Module, task: TaskData, cfg: RunConfig, device: torch.device,
-                 n_batches: int) -> tuple[Any, list[torch.Tensor], int]:
-    """The eval-loss closure the curvature measures differentiate: ``(loss_fn, params, n_examples)``.
-
-    ``loss_fn()`` is the mean eval loss over the first ``n_batches`` eval batches (nats per target
-    token), ``params`` the trainable tensors."""
-    from dynamics.analysis import model_loss_fn
-    from dynamics.data import n_loss_terms
-    from dynamics.loop import loss_sum
-
-    batches = sharpness_batches(task, cfg, n_batches, device)
-    total_terms = sum(n_loss_terms(b, task.kind) for b in batches)
-
-    def batch_share(model: nn.Module, batch) -> torch.Tensor:  # sums to the eval mean over all batches
-        return loss_sum(model, batch, task.kind) * len(batches) / total_terms
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    return model_loss_fn(model, batches, batch_share), params, sum(int(b["input_ids"].shape[0]) for b in batches)
-
-
-def measure_sharpness(model: nn.Module, task: TaskData, cfg: RunConfig, device: torch.device, *, k: int = 1,
-                      n_batches: int = 1, tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
-                      step: int, source: str) -> list[dict[str, Any]]:
-    """Top-k Hessian eigenvalues at the model's current weights, as ``sharpness.parquet`` rows."""
-    from dynamics.analysis import hessian_eigenvalues
-
-    loss_fn, params, n_examples = hessian_loss(model, task, cfg, device, n_batches)
-    if k > sum(p.numel() for p in params):
-        raise ConfigError(f"--k {k}: larger than the {sum(p.numel() for p in params)} trainable parameters")
-    started = time.perf_counter()
-    with eager_attention(model, device):
-        result = hessian_eigenvalues(loss_fn, params, k=k, tol=tol, max_iter=max_iter, seed=seed)
-    seconds = time.perf_counter() - started
-    return [{"step": step, "rank": i + 1, "eigenvalue": float(value), "residual": float(result.residuals[i]),
-             "converged": bool(result.converged), "n_hvp": int(result.n_hvp), "n_examples": n_examples,
-             "seconds": seconds, "source": source}
-            for i, value in enumerate(result.eigenvalues)]
-
-
-def measure_trace(model: nn.Module, task: TaskData, cfg: RunConfig, device: torch.device, *, n_batches: int = 1,
-                  n_samples: int = 100, tol: float = 1e-2, seed: int = 0, step: int,
-                  source: str) -> list[dict[str, Any]]:
-    """Hutchinson's tr(H) at the model's current weights, as one ``trace.parquet`` row."""
-    from dynamics.analysis import hessian_trace
-
-    loss_fn, params, n_examples = hessian_loss(model, task, cfg, device, n_batches)
-    started = time.perf_counter()
-    with eager_attention(model, device):
-        result = hessian_trace(loss_fn, params, n_samples=n_samples, seed=seed, tol=tol)
-    return [{"step": step, "trace": float(result.estimate), "standard_error": float(result.standard_error),
-             "n_hvp": int(result.n_hvp), "converged": bool(result.converged), "n_examples": n_examples,
-             "seconds": time.perf_counter() - started, "source": source}]
-
-
-def measure_density(model: nn.Module, task: TaskData, cfg: RunConfig, device: torch.device, *, n_batches: int = 1,
-                    n_runs: int = 10, n_steps: int = 50, seed: int = 0, step: int,
-                    source: str) -> list[dict[str, Any]]:
-    """Stochastic Lanczos quadrature of the Hessian's eigenvalue density: ``density.parquet`` rows,
-    one per quadrature node."""
-    from dynamics.analysis import spectral_density
-
-    loss_fn, params, n_examples = hessian_loss(model, task, cfg, device, n_batches)
-    with eager_attention(model, device):
-        result = spectral_density(loss_fn, params, n_runs=n_runs, n_steps=n_steps, seed=seed)
-    return [{"step": step, "probe": int(probe), "node": float(node), "weight": float(weight),
-             "n_hvp": int(result.n_hvp), "n_examples": n_examples, "source": source}
-            for probe, node, weight in zip(result.probes, result.nodes, result.weights, strict=True)]
+from dynamics.analysis import detect_phases, phase_summary
+from dynamics.config import ConfigError
+from dynamics.curvature import measure_density, measure_sharpness, measure_trace
+from dynamics.data import load_task
+from dynamics.files import write_parquet
+from dynamics.models import build_model, load_tokenizer
+from dynamics.runs.logs import DENSITY_SCHEMA, PHASES_SCHEMA, SHARPNESS_SCHEMA, TRACE_SCHEMA
 
 
 # --- a run folder ------------------------------------------------------------------------------------
@@ -162,8 +54,6 @@ def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True
     (Hutchinson, ``trace_samples`` HVPs at most) and with ``density`` ``density.parquet`` (SLQ,
     ``density_runs`` x ``density_steps`` HVPs), and returns the summary written to summary.json.
     Rows measured again at a checkpoint replace the old ones of that step."""
-    from dynamics.analysis import detect_phases, phase_summary
-
     run = runs.load_run(path)
     metrics = run.metrics
     if metrics.empty:
@@ -213,10 +103,7 @@ def curvature_at_checkpoint(run: runs.Run, step: int, measures: dict[str, dict[s
                             n_batches: int = 1) -> dict[str, list[dict[str, Any]]]:
     """Rebuild the run's model at ``checkpoints/step_N`` once and take each of ``measures``
     (``sharpness``, ``trace``, ``density`` -> options of ``measure_<name>``): rows per table."""
-    from dynamics.data import load_task
-    from dynamics.models import build_model, load_tokenizer
-
-    cfg = runs.stored_config(run.path).resolved()
+    cfg = runs.stored_config(run.path)
     previous_threads = torch.get_num_threads()
     if cfg.threads:  # as in training: the run's --threads, restored afterwards
         torch.set_num_threads(cfg.threads)

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynamics.methods.base import CleanLoss, PerturbationDefaults
-from dynamics.methods.layers import AdapterLayer
-from dynamics.methods.mgpo import exact_restore
-from dynamics.methods.weight_perturbation import perturbed_base_layers
+from dynamics.adapters.layers import AdapterLayer, layer_name
+from dynamics.perturbations.base import CleanLoss, CountsSteps, exact_restore, plain_forward_backward
+from dynamics.perturbations.weight_space import perturbed_base_layers
 
 
 class NoiseDelta:
@@ -59,21 +58,26 @@ def linear_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     peft's ``all-linear`` would give LoRA."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skipped = {id(head)} | {id(getattr(model, n, None)) for n in ("classifier", "score")}
-    return {name: module.weight for name, module in model.named_modules()
+    return {layer_name(name): module.weight for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and id(module) not in skipped}
 
 
-class RandomWeightNoise(PerturbationDefaults):
+class RandomWeightNoise(CountsSteps):
+    """Flat-LoRA's noise (module doc); state: ``StepCount`` (the ramp and the seeds follow it)."""
+
     def __init__(self, *, rho: float, total_steps: int, seed: int, clean_loss_every: int,
                  layers: list[AdapterLayer] | None = None, weights: dict[str, nn.Parameter] | None = None) -> None:
         if (layers is None) == (weights is None):
             raise ValueError("give either LoRA-family layers or the trainable weights to perturb")
         self.layers, self.weights = layers, weights
         self.rho, self.total_steps, self.seed = rho, total_steps, seed
-        self.steps = 0
         self.loss_clean = CleanLoss(clean_loss_every)
-        self._deltas: dict[str, NoiseDelta] | None = None
+        self.begin_step()
+
+    def begin_step(self) -> None:
+        self._deltas: dict[str, NoiseDelta] | None = None  # this step's noise, built on first use
         self._norms: dict[str, torch.Tensor] = {}
+        self.loss_clean.reset()
 
     def _merged_weights(self) -> dict[str, torch.Tensor]:
         if self.layers is not None:
@@ -85,24 +89,24 @@ class RandomWeightNoise(PerturbationDefaults):
         if self._deltas is not None:
             return self._deltas
         self._deltas, self._norms = {}, {}
-        strength = ramp(self.steps, self.total_steps) * self.rho
+        steps = self.state.steps
+        strength = ramp(steps, self.total_steps) * self.rho
         if strength == 0:
             return self._deltas
         for index, (name, merged) in enumerate(self._merged_weights().items()):
             row_norms = torch.linalg.vector_norm(merged, dim=1)  # ||W'_i||, (m,)
             sigma = strength / math.sqrt(merged.shape[1]) * row_norms
-            self._deltas[name] = NoiseDelta(sigma, layer_seed(self.seed, self.steps, index))
+            self._deltas[name] = NoiseDelta(sigma, layer_seed(self.seed, steps, index))
             self._norms[name] = torch.linalg.vector_norm(sigma) * math.sqrt(merged.shape[1])  # E||noise||_F
         return self._deltas
 
     def forward_backward(self, model: nn.Module, batch, loss_fn) -> torch.Tensor:
         deltas = self.step_deltas()
         if not deltas:
-            loss = loss_fn(model, batch)
-            loss.backward()
+            loss = plain_forward_backward(model, batch, loss_fn)
             self.loss_clean.add(loss)
-            return loss.detach()
-        if self.loss_clean.due(self.steps):
+            return loss
+        if self.loss_clean.due(self.state.steps):
             self.loss_clean.measure(model, batch, loss_fn)
         if self.layers is not None:
             bases = {layer.base: deltas[layer.name] for layer in self.layers}
@@ -119,11 +123,6 @@ class RandomWeightNoise(PerturbationDefaults):
             loss.backward()
         return loss.detach()
 
-    def after_optimizer_step(self, model, optimizer) -> None:
-        self.steps += 1
-        self._deltas, self._norms = None, {}
-        self.loss_clean.reset()
-
     def step_metrics(self) -> dict[str, float | None]:
         norm = float(torch.linalg.vector_norm(torch.stack(list(self._norms.values())))) if self._norms else 0.0
         return {"loss_clean": self.loss_clean.value(), "perturb_norm": norm}
@@ -133,9 +132,3 @@ class RandomWeightNoise(PerturbationDefaults):
             return {}
         values = torch.stack(list(self._norms.values())).tolist()
         return {name: {"perturb_norm": value} for name, value in zip(self._norms, values)}
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])

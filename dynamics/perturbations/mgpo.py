@@ -1,4 +1,4 @@
-"""LoRA-MGPO (Chang et al., Sec. 3.2) in its two readings, and the APN ablation.
+"""LoRA-MGPO (Chang et al., Sec. 3.2) as the authors' reference code computes it, and the APN ablation.
 
 ``mgpo`` (default, the authors' reference code) and ``mgpo-noapn``: per LoRA layer l, in merged
 weight space,
@@ -18,13 +18,7 @@ No perturbation on the first step (no momentum yet). ``g_l`` is updated once per
 from the accumulated gradient (the reference updates it per micro-batch from partial gradients).
 For AdaLoRA the same formulas use ``DeltaW = k B (A * E)`` (``layers.AdapterLayer``).
 
-``msam`` (the paper-equation / Momentum-SAM reading, Becker et al. 2024, AdamW form): a
-parameter-space perturbation of the trainable parameters themselves,
-``theta~ = theta - rho m / ||m||`` with the global norm over all trainable parameters and no APN;
-the gradient is taken at ``theta~`` and the optimizer steps from ``theta``. Momentum-SAM keeps the
-parameters at ``theta~`` between steps and moves them back for evaluation and saving; applying the
-perturbation around each forward/backward and restoring the exact copy is the same computation
-without that bookkeeping. It is the only MGPO reading that applies to ``full``.
+The paper-equation reading (Momentum-SAM in parameter space) is ``msam``, in ``msam.py``.
 
 Why ``mgpo`` is the default: it is what produced the paper's numbers, and its per-layer merged-space
 direction is what distinguishes MGPO from Momentum-SAM.
@@ -32,43 +26,47 @@ direction is what distinguishes MGPO from Momentum-SAM.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from dynamics.methods.base import CleanLoss, PerturbationDefaults, global_norm
-from dynamics.methods.layers import AdapterGroup, AdapterLayer, FactorGrams, LowRankSum, group_layers
-from dynamics.methods.lora_fused import fusable, perturbed_lora_layers
-from dynamics.methods.weight_perturbation import LowRankDelta, perturbed_base_layers
-
-
-def first_moment(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor | None:
-    state = optimizer.state.get(param, {})
-    return state.get("exp_avg", state.get("momentum_buffer"))
-
-
-def check_first_moment(optimizer: torch.optim.Optimizer, method: str) -> None:
-    """Raise at start-up when the optimizer keeps no first moment to reuse (e.g. Adafactor,
-    SGD without momentum): MGPO would otherwise silently become plain LoRA."""
-    keeps_moment = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) or (
-        isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) > 0 for g in optimizer.param_groups))
-    if not keeps_moment:
-        raise ValueError(f"--method {method}: the optimizer {type(optimizer).__name__} keeps no first moment "
-                         "(exp_avg or momentum_buffer) to take the perturbation direction from")
+from dynamics.adapters.layers import AdapterGroup, AdapterLayer, FactorGrams, group_layers
+from dynamics.perturbations.base import (
+    CleanLoss,
+    PerturbationDefaults,
+    check_first_moment,
+    first_moment,
+    plain_forward_backward,
+)
+from dynamics.perturbations.lora_fused import fusable, perturbed_lora_layers
+from dynamics.perturbations.weight_space import LowRankDelta, LowRankSum, perturbed_base_layers
 
 
 class MGPOState(NamedTuple):
-    grad_ema: dict[str, torch.Tensor]  # layer name -> g_l, 0-d float32 (eq. 8)
-    steps: int  # optimizer steps taken so far
+    """What MGPO carries from one optimizer step to the next, and all that its checkpoint holds."""
+
+    steps: int  # optimizer steps taken so far; no perturbation while 0 (no momentum yet)
+    grad_ema: tuple[torch.Tensor | None, ...]  # per layer group, (G,) float32 g_l (eq. 8); None until set
+
+
+class StepPerturbation(NamedTuple):
+    """One step's perturbation: ``deltas`` by layer name, and per group the ``(G,)`` APN factors
+    c_l and Frobenius norms ||Delta_l||_F = rho c_l ||d_l|| / (||d_l|| + eps)."""
+
+    deltas: dict[str, LowRankSum]
+    scales: list[torch.Tensor]
+    norms: list[torch.Tensor]
 
 
 class MGPO(PerturbationDefaults):
     """Momentum-guided perturbation of the frozen base weights of every LoRA-family layer.
 
     The per-layer quantities are computed for each group of equally shaped layers at once
-    (``layers.AdapterGroup``); ``g_l`` is held as one ``(G,)`` tensor per group.
+    (``adapters.layers.AdapterGroup``). Besides ``state`` it holds only this step's scratch:
+    Delta (built on first use) and, per group, the Gram matrices B^T B and P P^T at this step's
+    parameters, shared by the momentum norm (before the forward) and the gradient norm (after the
+    backward); ``begin_step`` drops them when the optimizer has stepped.
     """
 
     def __init__(self, layers: list[AdapterLayer], optimizer: torch.optim.Optimizer, *, rho: float, beta: float,
@@ -87,21 +85,23 @@ class MGPO(PerturbationDefaults):
         if refused:
             raise ValueError(f"--perturb-application fused: {refused[0]} is not a plain LoRA layer (DoRA, AdaLoRA, "
                              "dropout, LoRA bias or mixed dtypes); use auto, dense or lowrank")
-        self.steps = 0  # optimizer steps taken so far
-        self._grad_ema: list[torch.Tensor | None] = [None] * len(self.groups)  # (G,) g_l per group
-        self._step: StepPerturbation | None = None  # this step's Delta_l, built on first use
-        # Per group, B^T B and P P^T at this step's parameters, shared by the momentum norm (before the
-        # forward) and the gradient norm (after the backward); dropped when the optimizer steps.
-        self._grams: list[FactorGrams | None] = [None] * len(self.groups)
+        self.state = MGPOState(steps=0, grad_ema=(None,) * len(self.groups))
         self.loss_clean = CleanLoss(clean_loss_every)
+        self.begin_step()
 
-    @property
-    def state(self) -> MGPOState:
+    def begin_step(self) -> None:
+        """Drop the finished step's scratch (Delta, Grams, clean loss)."""
+        self._step: StepPerturbation | None = None
+        self._grams: list[FactorGrams | None] = [None] * len(self.groups)
+        self.loss_clean.reset()
+
+    def grad_ema_by_layer(self) -> dict[str, torch.Tensor]:
+        """g_l by layer name, 0-d float32 tensors (layers whose group has no g_l yet are left out)."""
         grad_ema = {}
-        for group, ema in zip(self.groups, self._grad_ema):
+        for group, ema in zip(self.groups, self.state.grad_ema):
             if ema is not None:
                 grad_ema.update(zip(group.names, ema.unbind()))
-        return MGPOState(grad_ema=grad_ema, steps=self.steps)
+        return grad_ema
 
     # --- the perturbation --------------------------------------------------------------------------
     def step_perturbation(self) -> StepPerturbation:
@@ -109,9 +109,9 @@ class MGPO(PerturbationDefaults):
         if self._step is not None:
             return self._step
         self._step = StepPerturbation({}, [], [])
-        if self.steps == 0 or self.rho == 0:
+        if self.state.steps == 0 or self.rho == 0:
             return self._step
-        for index, (group, grad_ema) in enumerate(zip(self.groups, self._grad_ema)):
+        for index, (group, grad_ema) in enumerate(zip(self.groups, self.state.grad_ema)):
             moments = self._first_moments(group)
             # ||d_l||, d_l = s (m_B A + B m_A) of rank <= 2r, from r x r Gram matrices
             norms, self._grams[index] = group.change_norms(group.stacked(moments), self._grams[index])
@@ -135,7 +135,7 @@ class MGPO(PerturbationDefaults):
             moment = {role: first_moment(self.optimizer, param) for role, param in layer.parameters().items()}
             if any(m is None for m in moment.values()):
                 raise RuntimeError(f"--method {self.method}: no first moment for {layer.name} after "
-                                   f"{self.steps} steps; refusing to train it unperturbed")
+                                   f"{self.state.steps} steps; refusing to train it unperturbed")
             moments.append(moment)
         return moments
 
@@ -147,11 +147,10 @@ class MGPO(PerturbationDefaults):
     def forward_backward(self, model: nn.Module, batch, loss_fn) -> torch.Tensor:
         deltas = self.step_deltas()
         if not deltas:
-            loss = loss_fn(model, batch)
-            loss.backward()
+            loss = plain_forward_backward(model, batch, loss_fn)
             self.loss_clean.add(loss)
-            return loss.detach()
-        if self.loss_clean.due(self.steps):
+            return loss
+        if self.loss_clean.due(self.state.steps):
             self.loss_clean.measure(model, batch, loss_fn)
         fused, through_base = self._split_by_application()
         bases = {layer.base: LowRankDelta(deltas[layer.name]) for layer in through_base}
@@ -176,23 +175,23 @@ class MGPO(PerturbationDefaults):
     def on_accumulated_grad(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """g_l <- beta g_l + (1 - beta) ||s (grad_B A + B grad_A)||_F on the step's full gradient
         (the first value as is). A group with a layer that got no gradient keeps its g_l."""
+        grad_ema = list(self.state.grad_ema)
         for index, group in enumerate(self.groups):
             grads = [{role: p.grad for role, p in layer.parameters().items()} for layer in group.layers]
             if any(g is None for layer_grads in grads for g in layer_grads.values()):
                 continue
             norms, self._grams[index] = group.change_norms(group.stacked(grads), self._grams[index])
-            previous = self._grad_ema[index]
-            self._grad_ema[index] = norms if previous is None else self.beta * previous + (1 - self.beta) * norms
+            previous = grad_ema[index]
+            grad_ema[index] = norms if previous is None else self.beta * previous + (1 - self.beta) * norms
+        self.state = self.state._replace(grad_ema=tuple(grad_ema))
 
     def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.steps += 1
-        self._step = None
-        self._grams = [None] * len(self.groups)
-        self.loss_clean.reset()
+        self.state = self.state._replace(steps=self.state.steps + 1)
+        self.begin_step()
 
     # --- reporting and state ------------------------------------------------------------------------
     def step_metrics(self) -> dict[str, float | None]:
-        ema = [e for e in self._grad_ema if e is not None]
+        ema = [e for e in self.state.grad_ema if e is not None]
         numbers: dict[str, float | None] = {
             "loss_clean": self.loss_clean.value(),
             "grad_ema": float(torch.cat(ema).mean()) if ema else None,
@@ -203,7 +202,7 @@ class MGPO(PerturbationDefaults):
         return numbers
 
     def layer_metrics(self) -> dict[str, dict[str, float]]:
-        columns: dict[str, list[torch.Tensor | None]] = {"grad_ema": self._grad_ema}
+        columns: dict[str, tuple | list] = {"grad_ema": self.state.grad_ema}
         if self._step is not None and self._step.deltas:
             columns.update(apn_scale=self._step.scales, perturb_norm=self._step.norms)
         rows: dict[str, dict[str, float]] = {layer.name: {} for layer in self.layers}
@@ -215,85 +214,14 @@ class MGPO(PerturbationDefaults):
         return rows
 
     def state_dict(self) -> dict:
-        return {"grad_ema": {k: v.detach().cpu() for k, v in self.state.grad_ema.items()}, "steps": self.steps}
+        """``{"steps": int, "grad_ema": {layer name: 0-d CPU tensor}}`` (the checkpoint format)."""
+        return {"grad_ema": {k: v.detach().cpu() for k, v in self.grad_ema_by_layer().items()},
+                "steps": self.state.steps}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.layers[0].base.weight.device
         saved = state["grad_ema"]
-        self._grad_ema = [torch.stack([saved[name] for name in group.names]).to(device)
-                          if all(name in saved for name in group.names) else None for group in self.groups]
-        self.steps = int(state["steps"])
-        self._step = None
-        self._grams = [None] * len(self.groups)
-
-
-class StepPerturbation(NamedTuple):
-    """One step's perturbation: ``deltas`` by layer name, and per group the ``(G,)`` APN factors
-    c_l and Frobenius norms ||Delta_l||_F = rho c_l ||d_l|| / (||d_l|| + eps)."""
-
-    deltas: dict[str, LowRankSum]
-    scales: list[torch.Tensor]
-    norms: list[torch.Tensor]
-
-
-class MomentumSAM(PerturbationDefaults):
-    """``msam``: theta~ = theta - rho m / ||m||_global on the trainable parameters (module doc)."""
-
-    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, *, rho: float,
-                 clean_loss_every: int, eps: float = 1e-12, method: str = "lora+msam") -> None:
-        check_first_moment(optimizer, method)
-        self.params = params
-        self.optimizer = optimizer
-        self.rho, self.eps = rho, eps
-        self.method = method
-        self.steps = 0
-        self.loss_clean = CleanLoss(clean_loss_every)
-        self._perturb_norm: float | None = None
-
-    def forward_backward(self, model: nn.Module, batch, loss_fn) -> torch.Tensor:
-        if self.steps == 0 or self.rho == 0:
-            loss = loss_fn(model, batch)
-            loss.backward()
-            self.loss_clean.add(loss)
-            return loss.detach()
-        if self.loss_clean.due(self.steps):
-            self.loss_clean.measure(model, batch, loss_fn)
-        momentum = [first_moment(self.optimizer, p) for p in self.params]
-        if any(m is None for m in momentum):
-            raise RuntimeError(f"--method {self.method}: a trainable parameter has no first moment "
-                               f"after {self.steps} steps; refusing to train it unperturbed")
-        norm = global_norm(momentum)
-        factor = float(self.rho / (norm + self.eps))
-        self._perturb_norm = factor * float(norm)
-        with exact_restore(self.params):
-            with torch.no_grad():
-                torch._foreach_add_(self.params, [m.to(p.dtype) for m, p in zip(momentum, self.params)], alpha=-factor)
-            loss = loss_fn(model, batch)
-            loss.backward()
-        return loss.detach()
-
-    def after_optimizer_step(self, model, optimizer) -> None:
-        self.steps += 1
-        self._perturb_norm = None
-        self.loss_clean.reset()
-
-    def step_metrics(self) -> dict[str, float | None]:
-        return {"loss_clean": self.loss_clean.value(), "perturb_norm": self._perturb_norm}
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-
-
-@contextlib.contextmanager
-def exact_restore(params: list[torch.Tensor]) -> Iterator[None]:
-    """Snapshot ``params`` and copy the snapshot back on exit (also after an exception): adding
-    and subtracting a perturbation does not return the same floats, a copy does."""
-    snapshot = [p.detach().clone() for p in params]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(params, snapshot)
+        grad_ema = tuple(torch.stack([saved[name] for name in group.names]).to(device)
+                         if all(name in saved for name in group.names) else None for group in self.groups)
+        self.state = MGPOState(steps=int(state["steps"]), grad_ema=grad_ema)
+        self.begin_step()

@@ -1,0 +1,13 @@
+"""Adapters: how the model is parameterised for training (``cfg.adapter``), through peft.
+
+- ``configs.py``  lora, rslora, dora, pissa, loraplus, adalora as peft configs; ``apply_adapter``
+- ``hooks.py``    per-step duties of an adapter (AdaLoRA's regulariser and rank allocation)
+- ``layers.py``   the adapted layers seen as low-rank maps, and ``layer_name``, the one way a layer is named
+"""
+
+from dynamics.adapters.configs import apply_adapter, peft_config
+from dynamics.adapters.hooks import AdapterHooks, adapter_hooks
+from dynamics.adapters.layers import AdapterLayer, adapter_layers, layer_name
+
+__all__ = ["AdapterHooks", "AdapterLayer", "adapter_hooks", "adapter_layers", "apply_adapter", "layer_name",
+           "peft_config"]

@@ -1,0 +1,120 @@
+"""Reading and writing the files a command is given or keeps, in one place.
+
+Writes are atomic: a temporary file beside the target, then ``os.replace``, so a reader (a
+notebook, the grid's progress line, a second command) sees the old complete file or the new one,
+never a torn one. Reads of TOML and JSON turn every way a file can be wrong (missing, a folder,
+not UTF-8, not parseable, the wrong shape) into one exception with a one-line message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class UnreadableFile(ValueError):
+    """A file that is missing, not a file, not text or not what it should hold; the message is
+    one line naming the file and what is wrong."""
+
+
+# --- one-line messages ------------------------------------------------------------------------------
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def did_you_mean(name: str, choices: Sequence[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` (``difflib`` similarity >= ``cutoff``),
+    or an empty string."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# --- atomic writes -------------------------------------------------------------------------------------
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside ``path`` and rename it into place; the
+    temporary file is removed if ``write`` raises."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def staging_folder_beside(target: str | os.PathLike) -> Path:
+    """A new hidden folder next to ``target`` (same file system, so renaming it onto ``target`` is
+    atomic), with the permissions a plain ``mkdir`` would give."""
+    target = Path(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    return staging
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    text = json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_parquet(path: str | os.PathLike, table) -> Path:
+    """``table`` (a ``pyarrow.Table``) to ``path``, atomically."""
+    import pyarrow.parquet as pq  # lazy: pyarrow is only needed by the callers that write tables
+
+    return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+# --- reads -----------------------------------------------------------------------------------------------
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of ``path``; ``what`` names it in the error (``--config grid.toml``)."""
+    path = Path(path)
+    if not path.exists():
+        raise UnreadableFile(f"{what}: no such file")
+    if not path.is_file():
+        raise UnreadableFile(f"{what}: is a folder, not a file" if path.is_dir() else f"{what}: not a regular file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UnreadableFile(f"{what}: not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise UnreadableFile(f"{what}: cannot be read ({error.strerror or first_line(error)})") from None
+
+
+def read_toml(path: str | os.PathLike, what: str | None = None) -> dict[str, Any]:
+    what = what or str(path)
+    try:
+        return tomllib.loads(read_text(path, what))
+    except tomllib.TOMLDecodeError as error:
+        raise UnreadableFile(f"{what}: not valid TOML ({first_line(error)})") from None
+
+
+def read_json(path: str | os.PathLike, what: str | None = None, *, expect: type = dict) -> Any:
+    """The JSON value in ``path``, which must be an ``expect`` (an object by default)."""
+    what = what or str(path)
+    text = read_text(path, what)
+    if not text.strip():
+        raise UnreadableFile(f"{what}: empty")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UnreadableFile(f"{what}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(value, expect):
+        kind = {dict: "an object", list: "a list"}.get(expect, expect.__name__)
+        raise UnreadableFile(f"{what}: holds {type(value).__name__}, not {kind}")
+    return value

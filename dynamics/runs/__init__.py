@@ -1,0 +1,38 @@
+"""The run folder ``runs/<run_id>/``: its layout and write side (``folder``), the parquet logs
+(``logs``), checkpoints (``checkpoints``) and reading runs back (``read``). The names below are the
+ones the rest of the package and notebooks use as ``runs.<name>``.
+"""
+
+from dynamics.runs.checkpoints import (
+    DamagedCheckpoint,
+    checkpoint_dir,
+    checkpoint_steps,
+    latest_intact_checkpoint,
+    load_trainer_state,
+    load_weights,
+    read_trainer_state,
+    save_checkpoint,
+)
+from dynamics.runs.folder import (
+    ENDED,
+    FINISHED,
+    STATUSES,
+    RunLock,
+    RunPlan,
+    config_differences,
+    create_run_dir,
+    git_commit,
+    now_iso,
+    plan_run,
+    read_summary,
+    stored_config,
+    update_summary,
+)
+from dynamics.runs.read import DEFAULT_SETTINGS, RUN_TABLE_COLUMNS, Run, load_metrics, load_run, load_runs
+
+__all__ = [
+    "DEFAULT_SETTINGS", "ENDED", "FINISHED", "RUN_TABLE_COLUMNS", "STATUSES", "DamagedCheckpoint", "Run", "RunLock",
+    "RunPlan", "checkpoint_dir", "checkpoint_steps", "config_differences", "create_run_dir", "git_commit",
+    "latest_intact_checkpoint", "load_metrics", "load_run", "load_runs", "load_trainer_state", "load_weights",
+    "now_iso", "plan_run", "read_summary", "read_trainer_state", "save_checkpoint", "stored_config", "update_summary",
+]

@@ -1,0 +1,132 @@
+"""``runs/<run_id>/checkpoints/step_N/``: trainable weights as safetensors (the adapter in peft's
+layout, or the whole model for ``full``) and ``trainer_state.pt`` (progress, optimizer, scheduler,
+RNG, perturbation and adapter state). Each checkpoint is staged beside its final name and renamed
+into place, so a folder named ``step_N`` is always complete.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dynamics.files import first_line, staging_folder_beside
+
+CHECKPOINT_PREFIX = "step_"
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.exists():
+        return []
+    steps = []
+    for path in folder.iterdir():
+        match = re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", path.name)
+        if match and (path / "trainer_state.pt").exists():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Write ``checkpoints/step_N`` (weights as safetensors + ``trainer_state.pt``) atomically,
+    then drop all but the newest ``keep`` checkpoints (``keep=0`` keeps all)."""
+    import torch  # lazy, like every torch import under runs/: reading runs must stay torch-free
+
+    target = checkpoint_dir(run_dir, step)
+    target.parent.mkdir(exist_ok=True)
+    staging = staging_folder_beside(target)
+    save_weights(model, staging)
+    torch.save(trainer_state, staging / "trainer_state.pt")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    if keep > 0:
+        for old in checkpoint_steps(run_dir)[:-keep]:
+            shutil.rmtree(checkpoint_dir(run_dir, old), ignore_errors=True)
+    return target
+
+
+def save_weights(model, folder: Path) -> None:
+    """Trainable weights only: the adapter (peft layout, loadable by ``PeftModel.from_pretrained``)
+    or, for full fine-tuning, the whole model (shared tensors such as tied embeddings saved once)."""
+    from safetensors.torch import save_model
+
+    if hasattr(model, "peft_config"):
+        config = model.peft_config[model.active_adapter]
+        rank_pattern = getattr(config, "rank_pattern", None)
+        # AdaLoRA: peft saves weights cut down to its rank pattern; keep them full size (pruned ranks
+        # are zeroed in E) so a resume continues the very tensors the optimizer state belongs to,
+        # and PeftModel.from_pretrained still loads them. The pattern is in trainer_state.pt.
+        if rank_pattern:
+            config.rank_pattern = None
+        try:
+            model.save_pretrained(folder)
+        finally:
+            if rank_pattern:
+                config.rank_pattern = rank_pattern
+    else:
+        save_model(model, str(folder / "model.safetensors"))
+
+
+def load_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file, load_model
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        if result.unexpected_keys:
+            raise RuntimeError(f"checkpoint {folder} has unexpected adapter keys: {result.unexpected_keys[:3]}")
+    else:
+        load_model(model, str(folder / "model.safetensors"))
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    import torch
+
+    return torch.load(folder / "trainer_state.pt", weights_only=True)
+
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint folder whose files cannot be read in full; the message is one line."""
+
+
+def read_trainer_state(run_dir: Path, step: int) -> dict[str, Any]:
+    """``trainer_state.pt`` of ``checkpoints/step_N``, after checking that every file of the
+    checkpoint reads in full (so a resume never starts from a half-read state); raises
+    ``DamagedCheckpoint``."""
+    from safetensors.torch import load_file  # lazy: see save_checkpoint
+
+    folder = checkpoint_dir(run_dir, step)
+    weights = [folder / name for name in ("adapter_model.safetensors", "model.safetensors") if (folder / name).exists()]
+    try:
+        if not weights:
+            raise FileNotFoundError("no weights file")
+        for path in weights:
+            load_file(str(path))
+        state = load_trainer_state(folder)
+        if not isinstance(state, dict) or "progress" not in state:
+            raise ValueError("trainer_state.pt holds no progress")
+    except Exception as error:  # truncated, corrupt, wrong format: each is the same answer
+        raise DamagedCheckpoint(f"checkpoint step {step} is damaged ({type(error).__name__}: "
+                                f"{first_line(error)})") from None
+    return state
+
+
+def latest_intact_checkpoint(run_dir: Path) -> tuple[int | None, dict[str, Any] | None, list[str]]:
+    """``(step, trainer_state, damaged)`` of the newest checkpoint that reads in full, newest first;
+    ``damaged`` has one line per newer checkpoint that did not (``(None, None, damaged)`` when
+    none is intact)."""
+    damaged = []
+    for step in reversed(checkpoint_steps(run_dir)):
+        try:
+            return step, read_trainer_state(run_dir, step), damaged
+        except DamagedCheckpoint as error:
+            damaged.append(str(error))
+    return None, None, damaged

@@ -1,0 +1,195 @@
+"""The run folder on disk, write side: the plan (new, resume, done), creation, the writer's
+lock and ``summary.json``.
+
+Layout (DESIGN.md)::
+
+    runs/<run_id>/
+      config.json          {"config": every resolved setting, "runtime": device, dtype, threads,
+                            parameter counts, "versions", "git_commit", "host", "command", "started_at"}
+      summary.json         status (STATUSES), steps done, wall time, final and best eval; entries
+                           ``phases``, ``sharpness``, ``trace`` added by ``dynamics analyze``
+      metrics.parquet      one row per optimizer step            (logs.METRICS_SCHEMA)
+      layers.parquet       per-layer rows                        (logs.LAYERS_SCHEMA)
+      eval.parquet         one row per evaluation                (logs.EVAL_SCHEMA)
+      sharpness.parquet    top Hessian eigenvalues               (logs.SHARPNESS_SCHEMA)
+      phases.parquet       double-descent phases                 (logs.PHASES_SCHEMA, dynamics analyze)
+      trace.parquet, density.parquet                             (dynamics analyze --trace / --density)
+      checkpoints/step_N/  weights (safetensors) + trainer_state.pt   (runs.checkpoints)
+      log.txt              what the grid's worker printed         (executors)
+      .lock                the writer's flock                     (RunLock)
+
+Every file is written to a temporary file and renamed (``dynamics.files``), so readers never see
+half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import fcntl
+import importlib.metadata
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from dynamics.config import ConfigError, RunConfig, flag
+from dynamics.files import read_json, staging_folder_beside, write_json
+
+# How a run stands: ``running`` while trained (or killed while it was), then one of the others.
+STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
+FINISHED = ("completed", "diverged")  # a result: never trained again (a divergence is a result)
+ENDED = STATUSES[1:]  # how one training attempt can end
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+
+def git_commit() -> str | None:
+    """The commit of the dynamics source tree (with ``+dirty`` when it has local changes)."""
+    source = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                               capture_output=True, text=True, timeout=5)
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("dynamics")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def environment_info() -> dict[str, Any]:
+    # lazy: only a new run records these; reading runs back must not import torch
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "dynamics": package_version(),
+        },
+        "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "command": " ".join(sys.argv),
+        "started_at": now_iso(),
+    }
+
+
+# --- existence and resume checks --------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What ``train`` will do with the run folder: ``new``, ``resume`` or ``done`` (nothing)."""
+
+    mode: str
+    run_dir: Path
+    status: str | None = None
+
+
+def plan_run(cfg: RunConfig) -> RunPlan:
+    """Decide, before anything is written, whether the run starts, resumes or is already done.
+
+    Raises ConfigError when the folder exists and neither ``--resume`` nor ``--overwrite`` is given,
+    or when ``--resume`` finds a run whose experiment settings differ from ``cfg``.
+    """
+    run_dir = cfg.run_dir
+    if not run_dir.exists() or cfg.overwrite:
+        return RunPlan("new", run_dir)
+    if not (run_dir / "config.json").exists():
+        raise ConfigError(f"--run-id {run_dir.name}: {run_dir} exists but is not a run folder; choose another --run-id")
+    status = read_summary(run_dir).get("status", "running")
+    if not cfg.resume:
+        raise ConfigError(f"--run-id {run_dir.name}: {run_dir} exists (status {status}); "
+                          "pass --resume to continue it or --overwrite to replace it")
+    stored = stored_config(run_dir)
+    differences = config_differences(stored, cfg)
+    if differences:
+        raise ConfigError(f"--resume {run_dir.name}: settings differ from the stored run: {'; '.join(differences)}")
+    if status in FINISHED:
+        return RunPlan("done", run_dir, status)
+    return RunPlan("resume", run_dir, status)
+
+
+def stored_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    values = read_json(path).get("config")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: has no config object")
+    return RunConfig.from_dict(values, source=str(path))
+
+
+def config_differences(stored: RunConfig, requested: RunConfig) -> list[str]:
+    """``--field stored -> requested`` for each experiment field that differs."""
+    old, new = stored.experiment_dict(), requested.experiment_dict()
+    return [f"{flag(k)} {old[k]} -> {new[k]}" for k in old if old[k] != new[k]]
+
+
+# --- creation, lock, summary ---------------------------------------------------------------------
+def create_run_dir(cfg: RunConfig, runtime: dict[str, Any]) -> Path:
+    """Create ``cfg.run_dir`` with ``config.json`` and a ``running`` summary, in one rename.
+
+    With ``--overwrite`` the old folder is removed only now, after the new run has been set up.
+    """
+    run_dir = cfg.run_dir
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_folder_beside(run_dir)
+    payload = {"config": cfg.to_dict(), "runtime": runtime, **environment_info()}
+    write_json(staging / "config.json", payload)
+    write_json(staging / "summary.json", {"status": "running", "steps_done": 0, "steps_total": cfg.steps,
+                                                 "updated_at": now_iso()})
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    staging.rename(run_dir)
+    return run_dir
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run_dir>/.lock``: one writer per run; released by the kernel
+    when the process dies, even by SIGKILL."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fh = None
+
+    def __enter__(self) -> RunLock:
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            message = f"--run-id {self.path.parent.name}: the run is being trained by another process"
+            raise ConfigError(message) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "summary.json"
+    return read_json(path) if path.exists() else {}
+
+
+def update_summary(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    summary = {**read_summary(run_dir), **fields, "updated_at": now_iso()}
+    write_json(Path(run_dir) / "summary.json", summary)
+    return summary
+
+

@@ -1,0 +1,263 @@
+"""Reading run folders back (the layout is in ``runs.folder``): ``Run`` for one folder, and
+``load_runs`` / ``load_metrics`` for a table across many. No torch: notebooks, figures and the
+``runs`` command read runs without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from dynamics.analysis import detect_phases, phase_summary, smooth_loss
+from dynamics.config import ConfigError
+from dynamics.files import read_json
+from dynamics.runs import logs
+from dynamics.runs.checkpoints import checkpoint_dir, checkpoint_steps
+from dynamics.runs.folder import read_summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A run folder, read lazily: ``.config`` and ``.summary`` are dicts, ``.metrics``,
+    ``.evals`` and ``.layers`` pandas DataFrames (empty when the file does not exist yet)."""
+
+    path: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        return read_json(self.path / "config.json")["config"]
+
+    @cached_property
+    def info(self) -> dict[str, Any]:
+        """Everything in config.json besides the settings: runtime, versions, commit, host."""
+        return {k: v for k, v in read_json(self.path / "config.json").items() if k != "config"}
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return read_summary(self.path)
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        return _read_parquet(self.path / "metrics.parquet", logs.METRICS_SCHEMA)
+
+    @property
+    def evals(self) -> pd.DataFrame:
+        return _read_parquet(self.path / "eval.parquet", logs.EVAL_SCHEMA)
+
+    @property
+    def layers(self) -> pd.DataFrame:
+        return _read_parquet(self.path / "layers.parquet", logs.LAYERS_SCHEMA)
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        return [checkpoint_dir(self.path, s) for s in checkpoint_steps(self.path)]
+
+    # --- analysis results (written by ``dynamics analyze``; phases also detected on the fly) ---
+    @property
+    def phases(self) -> pd.DataFrame:
+        """Double-descent phases (``logs.PHASES_SCHEMA``): ``phases.parquet`` when ``dynamics analyze``
+        wrote it, else detected now from the ``loss`` column with the default thresholds (empty
+        for a curve too short to segment)."""
+        if (self.path / "phases.parquet").exists():
+            return _read_parquet(self.path / "phases.parquet", logs.PHASES_SCHEMA)
+        series = self._curve("loss")
+        try:
+            detected = detect_phases(series["loss"].to_numpy(), series["step"].to_numpy())
+        except ValueError:  # fewer than two points, or a non-finite loss (a diverged run)
+            return logs.PHASES_SCHEMA.empty_table().to_pandas()
+        return detected.assign(curve="loss")
+
+    @property
+    def phase_summary(self) -> dict[str, Any]:
+        """``has_double_descent``, ``divergence_amplitude``, ``steps_lost``, ``n_spikes``,
+        ``n_episodes`` and ``curve`` (see :func:`dynamics.analysis.phase_summary`): the entry
+        ``dynamics analyze`` stored in summary.json, else computed now from ``loss``; ``{}`` when
+        the curve cannot be segmented."""
+        stored = self.summary.get("phases")
+        if stored:
+            return dict(stored)
+        series = self._curve("loss")
+        try:
+            return {"curve": "loss", **phase_summary(series["loss"].to_numpy(), series["step"].to_numpy())}
+        except ValueError:
+            return {}
+
+    def smoothed_loss(self, curve: str = "loss", **thresholds: float) -> pd.DataFrame:
+        """Columns ``step``, ``loss`` (raw ``curve``) and ``smoothed``: the curve the phase detector
+        segments (:func:`dynamics.analysis.smooth_loss`); empty when it has fewer than two points
+        or a non-finite value."""
+        series = self._curve(curve).rename(columns={curve: "loss"})
+        try:
+            smoothed = smooth_loss(series["loss"].to_numpy(), series["step"].to_numpy(), **thresholds)
+        except ValueError:
+            return pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
+                                 "smoothed": pd.Series(dtype="float64")})
+        return series.assign(smoothed=smoothed)
+
+    @property
+    def sharpness(self) -> pd.DataFrame:
+        """Top Hessian eigenvalues (``logs.SHARPNESS_SCHEMA``), one row per (step, source, rank)."""
+        return _read_parquet(self.path / "sharpness.parquet", logs.SHARPNESS_SCHEMA)
+
+    @property
+    def trace(self) -> pd.DataFrame:
+        """Hutchinson estimates of tr(H) (``logs.TRACE_SCHEMA``) from ``dynamics analyze --trace``."""
+        return _read_parquet(self.path / "trace.parquet", logs.TRACE_SCHEMA)
+
+    @property
+    def density(self) -> pd.DataFrame:
+        """Spectral density nodes and weights (``logs.DENSITY_SCHEMA``) from ``dynamics analyze --density``;
+        smooth them with :func:`dynamics.analysis.gaussian_density`."""
+        return _read_parquet(self.path / "density.parquet", logs.DENSITY_SCHEMA)
+
+    def _curve(self, column: str) -> pd.DataFrame:
+        metrics = self.metrics
+        if column not in metrics:
+            raise ConfigError(f"--curve {column}: not a metrics column; use loss or loss_clean")
+        return metrics[["step", column]].dropna().reset_index(drop=True)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self.summary.get('status')!r})"
+
+
+def _read_parquet(path: Path, schema) -> pd.DataFrame:
+    if not path.exists():
+        return schema.empty_table().to_pandas()
+    return pd.read_parquet(path)
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a run folder (no config.json)")
+    return Run(path)
+
+
+RUN_TABLE_COLUMNS = ["run_id", "method", "adapter", "perturbation", "model", "task", "rank", "alpha", "lr", "seed",
+                     "steps", "status", "steps_done", "final_loss", "eval_loss", "eval_metric", "eval_macro_f1",
+                     "double_descent", "divergence_amplitude", "steps_lost", "n_episodes", "top_eigenvalue",
+                     "wall_time_s", "trainable_params", "path"]
+
+
+def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
+    """One row per run folder under ``root`` (searched recursively): settings, status and the
+    summary's final numbers. Columns: ``RUN_TABLE_COLUMNS`` then every other config field.
+
+    The phase columns (``double_descent``, ``divergence_amplitude``, ``steps_lost``,
+    ``n_episodes``) come from ``dynamics analyze`` where it ran, else from the loss curve now
+    (:attr:`Run.phase_summary`); None where there is no curve to segment yet."""
+    root = Path(root)
+    rows = []
+    for config_path in sorted(root.rglob("config.json")) if root.exists() else []:
+        run_dir = config_path.parent
+        if any(part.startswith(".") for part in run_dir.relative_to(root).parts) or "checkpoints" in run_dir.parts:
+            continue
+        try:
+            stored = read_json(config_path)
+            config = stored["config"]
+        except (ValueError, KeyError):
+            continue
+        runtime = stored.get("runtime") or {}
+        summary = read_summary(run_dir)
+        phases = Run(run_dir).phase_summary if (run_dir / "metrics.parquet").exists() else {}
+        final_eval = summary.get("final_eval") or {}
+        settings = {k: v for k, v in config.items() if k not in ("run_id", "resume", "overwrite", "progress")}
+        adapter, _, perturbation = str(config.get("method", "")).partition("+")
+        rows.append({
+            **settings,
+            "adapter": adapter,
+            "perturbation": perturbation or None,
+            "run_id": run_dir.name,
+            "status": summary.get("status"),
+            "steps_done": summary.get("steps_done"),
+            "final_loss": summary.get("final_loss"),
+            "eval_loss": final_eval.get("loss"),
+            "eval_metric": final_eval.get("exact_match", final_eval.get("accuracy")),
+            "eval_macro_f1": final_eval.get("macro_f1"),
+            "wall_time_s": summary.get("wall_time_s"),
+            "trainable_params": runtime.get("trainable_params"),
+            "double_descent": phases.get("has_double_descent"),
+            "divergence_amplitude": phases.get("divergence_amplitude"),
+            "steps_lost": phases.get("steps_lost"),
+            "n_episodes": phases.get("n_episodes"),
+            "top_eigenvalue": ((summary.get("sharpness") or {}).get("eigenvalues") or [None])[0],
+            "path": str(run_dir),
+        })
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=RUN_TABLE_COLUMNS)
+    ordered = [c for c in RUN_TABLE_COLUMNS if c in frame] + [c for c in frame if c not in RUN_TABLE_COLUMNS]
+    return frame[ordered]
+
+
+DEFAULT_SETTINGS = ("method", "rank", "alpha", "lr", "seed")
+
+
+def load_metrics(root: str | os.PathLike | pd.DataFrame = "runs", with_settings: Sequence[str] = DEFAULT_SETTINGS,
+                 table: str = "metrics") -> pd.DataFrame:
+    """One long frame of every run's per-step rows, for plotting across runs with pandas.
+
+    Parameters
+    ----------
+    root
+        A folder of runs (searched like :func:`load_runs`), a run folder, or a ``load_runs`` frame
+        (any subset of its rows).
+    with_settings
+        Config fields added as columns (e.g. ``("method", "rank", "lr")``); unknown names raise
+        ConfigError naming the allowed ones.
+    table
+        ``metrics`` (``logs.METRICS_SCHEMA``, one row per step), ``layers``, ``evals``, ``phases``,
+        ``smoothed_loss`` (step, loss, smoothed), ``sharpness``, ``trace`` or ``density``: the
+        :class:`Run` attribute of that name, stacked.
+
+    Returns
+    -------
+    DataFrame
+        ``run_id``, the settings, then the table's columns; runs without rows add none. A table
+        column named like a setting is renamed: the scheduled per-step ``lr`` of ``metrics`` becomes
+        ``step_lr`` (``lr`` is the config's peak learning rate), the eigenvalue index ``rank`` of
+        ``sharpness`` becomes ``eigen_rank`` (``rank`` is the LoRA rank), others ``<table>_<name>``.
+    """
+    allowed = ("metrics", "layers", "evals", "phases", "smoothed_loss", "sharpness", "trace", "density")
+    if table not in allowed:
+        raise ConfigError(f"table {table}: must be one of {', '.join(allowed)}")
+    if isinstance(root, pd.DataFrame):
+        frame = root
+    elif (Path(root) / "config.json").exists():
+        frame = load_runs(Path(root).parent)
+        frame = frame[frame["path"] == str(Path(root))]
+    else:
+        frame = load_runs(root)
+    settings = list(with_settings)
+    unknown = [name for name in settings if len(frame) and name not in frame]
+    if unknown:
+        known = [c for c in frame.columns if c not in ("path",)]
+        raise ConfigError(f"with_settings {', '.join(unknown)}: not a run setting; allowed: {', '.join(known)}")
+    parts = []
+    for _, row in frame.iterrows():
+        rows = getattr(Run(Path(row["path"])), table)
+        rows = rows() if callable(rows) else rows  # smoothed_loss is a method (it takes thresholds)
+        if len(rows):
+            rows = rows.rename(columns={name: _renamed(table, name) for name in settings if name in rows})
+            parts.append(rows.assign(run_id=row["run_id"], **{name: row[name] for name in settings}))
+    names = (["step", "loss", "smoothed"] if table == "smoothed_loss" else
+             getattr(logs, {"evals": "EVAL", "metrics": "METRICS"}.get(table, table.upper()) + "_SCHEMA").names)
+    columns = ["run_id", *settings, *[_renamed(table, c) if c in settings else c for c in names]]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(parts, ignore_index=True)[columns]
+
+
+def _renamed(table: str, column: str) -> str:
+    """The name :func:`load_metrics` gives a table column that clashes with a setting."""
+    return {("metrics", "lr"): "step_lr", ("sharpness", "rank"): "eigen_rank"}.get((table, column),
+                                                                                 f"{table}_{column}")

@@ -1,0 +1,299 @@
+"""The training loop: ``train(config)``, one readable function over ``train_step``, no Trainer
+subclass.
+
+    config -> model + data -> train_step (perturbation hooks) -> runs/<run_id>/*.parquet
+
+Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples (``train_step``
+documents the step). Data order is a pure function of (seed, epoch), so a resumed run draws
+exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from dynamics import runs
+from dynamics.config import ConfigError, ConfigWarning, RunConfig, as_config, warn_ineffective
+from dynamics.curvature import measure_sharpness
+from dynamics.data import TaskData, load_task
+from dynamics.files import first_line
+from dynamics.loss import to_device
+from dynamics.models import build_model, load_tokenizer, resolve_device, resolve_dtype
+from dynamics.runs.logs import RunLogs
+from dynamics.training.evaluate import evaluate
+from dynamics.training.step import TrainState, train_step
+
+
+def train(config: RunConfig | Mapping[str, Any]) -> runs.Run:
+    """Run (or resume) one instrumented training; returns the run folder as a ``Run``.
+
+    The run ends ``completed``, ``diverged`` (non-finite loss or gradient: the step is not applied,
+    everything logged so far is kept), ``interrupted`` (SIGINT/SIGTERM: a checkpoint is written) or
+    ``failed`` (an exception, re-raised after the status is recorded). Bad settings raise
+    ``ConfigError`` before anything is written.
+    """
+    cfg = as_config(config)
+    warn_ineffective(cfg)
+    plan = runs.plan_run(cfg)
+    if plan.mode == "done":
+        return runs.load_run(plan.run_dir)
+    with torch_threads(cfg.threads):
+        model, task, device = _build(cfg, plan)  # all that can fail on bad input, before the folder exists
+        # Draws during training (dropout, noise) come from a fork of torch's RNG seeded by cfg.seed (or
+        # restored from the checkpoint): reproducible, and the caller's RNG state is left as it was.
+        with runs.RunLock(plan.run_dir), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            return _train_steps(cfg, plan.run_dir, model, task, device, resume=plan.mode == "resume")
+
+
+def _train_steps(cfg: RunConfig, run_dir, model: nn.Module, task: TaskData, device: torch.device,
+                 resume: bool) -> runs.Run:
+    from tqdm.auto import tqdm  # lazy: tqdm.auto probes for Jupyter widgets on import
+
+    state = TrainState.create(cfg, model)
+    logs = RunLogs(run_dir)
+    progress = _restore(state, run_dir, device) if resume else Progress()
+    logs.load(keep_through_step=progress.step)  # drop rows logged after the checkpoint
+    order = DataOrder(len(task.train), cfg.seed)
+    clock = SessionClock(progress)
+    bar = tqdm(total=cfg.steps, initial=progress.step, disable=not cfg.progress, unit="step", desc=run_dir.name,
+               dynamic_ncols=True)
+    status = "running"
+    model.train()
+    try:
+        with StopRequest() as stop:
+            if progress.step == 0:
+                _evaluate(state, task, logs, progress, device, bar)
+                _save(run_dir, cfg, logs, clock, "running")
+            while progress.step < cfg.steps:
+                micro_batches = order.micro_batches(task, progress.examples, cfg, device)
+                step = progress.step + 1
+                result = train_step(state, micro_batches, step, layer_metrics=every(cfg.layer_metrics_every, step))
+                if not result.applied:
+                    logs.metrics.append(result.row)
+                    status = "diverged"
+                    break
+                progress.advance(micro_batches, cfg.batch_size * cfg.grad_accum)
+                logs.metrics.append({**result.row, "tokens": progress.tokens,
+                                     "epoch": progress.examples / len(task.train)})
+                for row in result.layer_rows:
+                    logs.layers.append(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.row['loss']:.4f}", lr=f"{result.row['lr']:.2e}", refresh=False)
+
+                last_step = step == cfg.steps
+                if last_step or every(cfg.eval_every, step):
+                    _evaluate(state, task, logs, progress, device, bar)
+                if every(cfg.sharpness_every, step):
+                    _measure_sharpness(state, task, logs, progress, device, bar)
+                if last_step or every(cfg.checkpoint_every, step) or stop.requested:
+                    _checkpoint(state, run_dir, logs, clock, progress, device)
+                if stop.requested and not last_step:
+                    status = "interrupted"
+                    break
+            else:
+                status = "completed"
+    except KeyboardInterrupt:
+        _save(run_dir, cfg, logs, clock, "interrupted")
+        raise
+    except BaseException as error:
+        _save(run_dir, cfg, logs, clock, "failed", error=f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        bar.close()
+    _save(run_dir, cfg, logs, clock, status)
+    return runs.load_run(run_dir)
+
+
+def every(interval: int, step: int) -> bool:
+    """Whether something done every ``interval`` steps (0: never) is due at ``step``."""
+    return bool(interval) and step % interval == 0
+
+
+# --- setup ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` (0: leave torch's default) and restored after."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _build(cfg: RunConfig, plan: runs.RunPlan) -> tuple[nn.Module, TaskData, torch.device]:
+    """Model, task and device of ``cfg``; a new run's folder is created only once they all load."""
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    try:
+        tokenizer = load_tokenizer(cfg)
+    except (OSError, ValueError) as error:  # not found locally or on the hub, no network, no tokenizer files
+        raise ConfigError(f"--model {cfg.model}: cannot load its tokenizer ({first_line(error)})") from error
+    task = load_task(cfg, tokenizer)
+    if not task.train:
+        raise ConfigError(f"--seq-len {cfg.seq_len}: no --task {cfg.task} training example fits; raise it")
+    try:
+        model = build_model(cfg, num_labels=len(task.label_names) or None)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--model {cfg.model}: cannot load it ({first_line(error)})") from error
+    if plan.mode == "new":
+        runtime = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                   "threads": torch.get_num_threads(), "n_train": len(task.train), "n_eval": len(task.eval),
+                   # parameters of the model as trained (base + adapter; tied weights once)
+                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   "total_params": sum(p.numel() for p in model.parameters())}
+        runs.create_run_dir(cfg, runtime)
+    return model, task, device
+
+
+class DataOrder:
+    """Example ``i`` of the training stream (0-based, over all epochs) is
+    ``train[perm_e[i % n]]`` with ``e = i // n`` and ``perm_e`` a permutation seeded by (seed, e):
+    stateless, so resuming at any step needs no loader state."""
+
+    def __init__(self, n_examples: int, seed: int) -> None:
+        self.n_examples = n_examples
+        self.seed = seed
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def indices(self, start: int, count: int) -> list[int]:
+        out = []
+        for i in range(start, start + count):
+            epoch = i // self.n_examples
+            if epoch != self._epoch:
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_examples)
+                self._epoch = epoch
+            out.append(int(self._perm[i % self.n_examples]))
+        return out
+
+    def micro_batches(self, task: TaskData, start: int, cfg: RunConfig, device: torch.device) -> list[dict]:
+        """One step's ``grad_accum`` micro-batches of ``batch_size`` examples from stream position
+        ``start``, collated and on ``device``."""
+        indices = self.indices(start, cfg.batch_size * cfg.grad_accum)
+        return [to_device(task.collate([task.train[i] for i in indices[k : k + cfg.batch_size]]), device)
+                for k in range(0, len(indices), cfg.batch_size)]
+
+
+# --- progress, summary and checkpoints ---------------------------------------------------------------
+@dataclass
+class Progress:
+    """The loop's counters; checkpointed as ``vars(progress)``."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # non-padding input tokens seen
+    examples: int = 0  # training examples seen
+    wall_time_s: float = 0.0  # over all sessions of this run
+
+    def advance(self, micro_batches: list[dict], examples: int) -> None:
+        self.step += 1
+        self.examples += examples
+        self.tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)
+
+
+class SessionClock:
+    """Keeps ``progress.wall_time_s`` = time of earlier sessions + time since this one started."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.before = progress.wall_time_s
+        self.started = time.perf_counter()
+
+    def tick(self) -> Progress:
+        self.progress.wall_time_s = self.before + time.perf_counter() - self.started
+        return self.progress
+
+
+def _save(run_dir, cfg: RunConfig, logs: RunLogs, clock: SessionClock, status: str, **extra: Any) -> None:
+    """Flush the logs, then write summary.json (so the summary never names rows not on disk)."""
+    progress = clock.tick()
+    logs.flush()
+    fields = {"error": None, **logs.summary_numbers(), **extra}  # extra may set the error
+    runs.update_summary(run_dir, status=status, steps_done=progress.step, steps_total=cfg.steps,
+                        wall_time_s=round(progress.wall_time_s, 3), **fields)
+
+
+def _checkpoint(state: TrainState, run_dir, logs: RunLogs, clock: SessionClock, progress: Progress,
+                device: torch.device) -> None:
+    _save(run_dir, state.cfg, logs, clock, "running")  # logs on disk cover every step up to the checkpoint
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    with state.perturbation.unperturbed(state.model):
+        trainer_state = {"progress": vars(progress).copy(), "rng": rng, **state.state_dict()}
+        runs.save_checkpoint(run_dir, progress.step, state.model, trainer_state, keep=state.cfg.keep_checkpoints)
+
+
+def _restore(state: TrainState, run_dir, device: torch.device) -> Progress:
+    """Load the newest checkpoint that reads in full (a damaged newer one is named and skipped);
+    a run with no checkpoint yet starts from step 0, one whose checkpoints are all damaged stops."""
+    step, trainer_state, damaged = runs.latest_intact_checkpoint(run_dir)
+    for line in damaged:
+        warnings.warn(f"{run_dir.name}: {line}" + (f"; resuming from step {step}" if step else ""), ConfigWarning,
+                      stacklevel=2)
+    if step is None:
+        if damaged:
+            raise ConfigError(f"--resume {run_dir.name}: no intact checkpoint to resume from; "
+                              "delete the run folder (or use --overwrite) to start it again")
+        return Progress()
+    runs.load_weights(state.model, runs.checkpoint_dir(run_dir, step))
+    state.load_state_dict(trainer_state)
+    torch.set_rng_state(trainer_state["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in trainer_state["rng"]:
+        torch.cuda.set_rng_state(trainer_state["rng"]["cuda"], device)
+    return Progress(**trainer_state["progress"])
+
+
+# --- evaluation and sharpness during training -------------------------------------------------------
+def _evaluate(state: TrainState, task: TaskData, logs: RunLogs, progress: Progress, device, bar) -> None:
+    if state.cfg.n_eval and task.eval:
+        bar.set_postfix_str("evaluating", refresh=True)
+        with state.perturbation.unperturbed(state.model):
+            logs.evals.append({"step": progress.step, **evaluate(state.model, task, state.cfg, device)})
+
+
+def _measure_sharpness(state: TrainState, task: TaskData, logs: RunLogs, progress: Progress, device, bar) -> None:
+    cfg = state.cfg
+    bar.set_postfix_str("sharpness", refresh=True)
+    with state.perturbation.unperturbed(state.model):
+        rows = measure_sharpness(state.model, task, cfg, device, k=cfg.sharpness_k, n_batches=cfg.sharpness_batches,
+                                 seed=cfg.seed, step=progress.step, source="training")
+    for row in rows:
+        logs.sharpness.append(row)
+
+
+# --- interruption ------------------------------------------------------------------------------------
+class StopRequest:
+    """SIGINT/SIGTERM set a flag the loop checks after each step (it then checkpoints and stops);
+    a second Ctrl-C interrupts at once. Only installed in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
