@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from functools import cached_property
@@ -23,6 +22,7 @@ import pandas as pd
 
 from dynamics import figures, runs
 from dynamics.config import ConfigError
+from dynamics.files import write_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,23 +209,14 @@ def parse_only(only: str | None) -> list[str]:
 
 
 # --- writing ------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_figure(drawn: Drawn, out: Path, name: str) -> list[Path]:
     written = []
     for suffix in (".png", ".pdf"):
         target = out / f"{name}{suffix}"
-        _write_atomic(target, lambda tmp, kind=suffix[1:]: drawn.figure.savefig(tmp, format=kind, bbox_inches="tight"))
+        write_atomic(target, lambda tmp, kind=suffix[1:]: drawn.figure.savefig(tmp, format=kind, bbox_inches="tight"))
         written.append(target)
     for file_name, text in drawn.tables.items():
-        _write_atomic(out / file_name, lambda tmp, text=text: tmp.write_text(text))
+        write_atomic(out / file_name, lambda tmp, text=text: tmp.write_text(text))
         written.append(out / file_name)
     return written
 
@@ -236,7 +227,7 @@ def write_index(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
     previous = json.loads(state_path.read_text()) if state_path.exists() else {}
     merged = {**previous, **entries}
     merged = {name: merged[name] for name in FIGURE_NAMES if name in merged}
-    _write_atomic(state_path, lambda tmp: tmp.write_text(json.dumps(merged, indent=2) + "\n"))
+    write_atomic(state_path, lambda tmp: tmp.write_text(json.dumps(merged, indent=2) + "\n"))
     lines = ["# Figures", "", "Regenerate any of them with the command in its entry. Run ids name folders under "
              "the runs folder given.", ""]
     for name, entry in merged.items():
@@ -247,7 +238,7 @@ def write_index(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
                   f"commit {entry['git_commit']})", f"- runs ({len(entry['run_ids'])}): "
                   + ", ".join(f"`{run_id}`" for run_id in entry["run_ids"]), ""]
     index = out / "index.md"
-    _write_atomic(index, lambda tmp: tmp.write_text("\n".join(lines)))
+    write_atomic(index, lambda tmp: tmp.write_text("\n".join(lines)))
     return index
 
 
