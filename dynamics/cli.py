@@ -10,6 +10,7 @@ Exit status of ``train``: 0 completed, 1 failed, 2 bad input, 3 diverged, 130 in
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -127,14 +128,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     plan = runs.plan_run(cfg)
     if plan.mode == "done":
         print(f"{plan.run_dir}: already {plan.status}; nothing to do", file=sys.stderr)
-    elif plan.mode == "resume":
-        steps = runs.checkpoint_steps(plan.run_dir)
-        where = f"from checkpoint step {steps[-1]}" if steps else "from the start (no checkpoint yet)"
-        print(f"{plan.run_dir}: resuming {where}", file=sys.stderr)
-    else:
-        print(f"{plan.run_dir}: new run", file=sys.stderr)
     try:
-        run = train(cfg)
+        run = train(cfg, on_start=lambda what: print(f"{plan.run_dir}: {what}", file=sys.stderr, flush=True))
     except KeyboardInterrupt:
         print(f"{plan.run_dir}: interrupted", file=sys.stderr)
         return EXIT_CODES["interrupted"]
@@ -159,12 +154,15 @@ def describe(run) -> str:
 
 
 def _number(flag_name: str, raw: str, kind: type, minimum: float) -> float:
+    """A finite ``kind`` >= ``minimum`` from a flag's text, or a one-line ConfigError."""
     try:
         value = kind(raw)
-    except ValueError:
+    except (ValueError, OverflowError):
         value = None
-    if value is None or not value >= minimum:
-        raise ConfigError(f"--{flag_name} {raw}: must be {'an integer' if kind is int else 'a number'} >= {minimum}")
+    if value is None or not math.isfinite(value) or not value >= minimum:
+        what = "an integer" if kind is int else "a finite number"
+        bound = f" >= {minimum}" if math.isfinite(minimum) else ""
+        raise ConfigError(f"--{flag_name} {raw}: must be {what}{bound}")
     return value
 
 
@@ -182,11 +180,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                    trace=args.trace, trace_samples=int(_number("trace-samples", args.trace_samples, int, 1)),
                    density=args.density, density_runs=int(_number("density-runs", args.density_runs, int, 1)),
                    density_steps=int(_number("density-steps", args.density_steps, int, 1)))
+    problems: list[str] = []
     table = analyze_paths(args.paths, curve=args.curve, sharpness=args.sharpness, checkpoints=args.checkpoints,
+                          on_problem=lambda line: (problems.append(line), print(line, file=sys.stderr)),
                           **options, **thresholds)
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    return 0
+    if len(table):
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    return 1 if problems else 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -198,12 +199,24 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if frame.empty:
         print(f"no runs under {args.runs_dir}")
         return 0
-    frame["steps"] = frame["steps_done"].astype("Int64").astype(str) + "/" + frame["steps"].astype(str)
     columns = ["run_id", "method", "rank", "lr", "seed", "status", "steps", "final_loss", "eval_loss", "eval_metric",
                "double_descent", "top_eigenvalue"]
+    frame = frame.reindex(columns=list(dict.fromkeys([*columns, "steps_done", "damage"])))
+    healthy = frame["status"] != runs.DAMAGED
+    frame["steps"] = (frame["steps_done"].astype("Int64").astype(str) + "/" + frame["steps"].astype(str)).where(
+        healthy, "")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(frame[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    return 0
+        print(frame[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep=""))
+    return 1 if report_damaged(frame) else 0
+
+
+def report_damaged(frame) -> int:
+    """Print ``RUN_ID: damaged: what`` on standard error for each damaged row of a runs frame;
+    returns how many there were (a command then exits 1 at the end)."""
+    damaged = frame[frame["status"] == runs.DAMAGED] if "status" in frame else frame.iloc[:0]
+    for run_id, damage in zip(damaged["run_id"], damaged["damage"]):
+        print(f"{run_id}: damaged: {damage}", file=sys.stderr)
+    return len(damaged)
 
 
 # --- grid ----------------------------------------------------------------------------------------------
@@ -234,6 +247,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     table = grids.run_grid(configs, executor=args.executor, workers=args.workers, ray_address=args.ray_address,
                      retry_failed=args.retry_failed)
     code = grids.exit_status(table)
+    report_damaged(table)
     if code == 1:
         print(f"some runs failed; see their log.txt, and rerun with --retry-failed. Table: dynamics runs "
               f"{args.runs_dir}", file=sys.stderr)
@@ -256,11 +270,13 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
     command = " ".join(["dynamics figures", *map(str, args.paths), "--out", str(args.out)]
                        + (["--only", args.only] if args.only else []))
+    problems: list[str] = []
     written = make_figures(args.paths, args.out, args.only, command=command,
-                           log=lambda line: print(line, file=sys.stderr, flush=True))
+                           log=lambda line: print(line, file=sys.stderr, flush=True),
+                           on_problem=lambda line: (problems.append(line), print(line, file=sys.stderr)))
     for files in written.values():
         print(files[0])
-    return 0
+    return 1 if problems else 0
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:

@@ -284,7 +284,15 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{flag(name)} {value}: {allowed}")
+        raise ConfigError(f"{flag(name)} {_shown(value)}: {allowed}")
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: quoted when it is empty or holds whitespace or control
+    characters (``--run-id 'a\\nb'``), so the message stays on one line and says what was given."""
+    text = str(value)
+    plain = text and text.isprintable() and not any(c.isspace() for c in text)
+    return text if plain or not isinstance(value, str) else repr(value)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -346,6 +354,8 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.run_id is not None:
         _check(bool(re.fullmatch(r"[\w.+\-=]+", cfg.run_id)) and cfg.run_id not in (".", ".."), "run_id", cfg.run_id,
                "must be a folder name of letters, digits and . _ - + =")
+    _check(not Path(cfg.runs_dir).exists() or Path(cfg.runs_dir).is_dir(), "runs_dir", cfg.runs_dir,
+           "is a file; must be a folder (it is created if missing)")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume --overwrite: choose one (continue the run, or replace it)")
 

@@ -375,7 +375,8 @@ class SweepBoard:
         self.started_wall = time.time()
         self.entries: dict[str, _Entry] = {}
         for cfg, action in plan:
-            summary = runs.read_summary(cfg.run_dir)
+            damaged = action == "skip" and runs.run_status(cfg.run_dir) == runs.DAMAGED
+            summary = {"status": runs.DAMAGED} if damaged else runs.read_summary(cfg.run_dir)
             done = _steps_logged(cfg.run_dir) if action != "skip" else summary.get("steps_done") or 0
             state = (summary.get("status") or "completed") if action == "skip" else "queued"
             self.entries[cfg.resolved_run_id] = _Entry(

@@ -243,13 +243,21 @@ def write_index(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
 
 
 def make_figures(paths: Sequence[str | Path], out: str | Path = "figures", only: str | None = None,
-                 command: str | None = None, log=print) -> dict[str, list[Path]]:
-    """Draw and write the figures; returns figure name -> files written (skipped ones absent)."""
+                 command: str | None = None, log=print,
+                 on_problem: Callable[[str], None] | None = None) -> dict[str, list[Path]]:
+    """Draw and write the figures; returns figure name -> files written (skipped ones absent).
+
+    Damaged run folders are left out, each named on one line (``RUN_ID: damaged: ...``) through
+    ``on_problem`` (default: ``log``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # files only; a notebook's backend is left alone (no pyplot here)
     names = parse_only(only)
     table = find_runs(paths)
+    damaged = table["status"] == runs.DAMAGED
+    for run_id, damage in zip(table.loc[damaged, "run_id"], table.loc[damaged, "damage"]):
+        (on_problem or log)(f"{run_id}: damaged: {damage}")
+    table = table[~damaged].reset_index(drop=True)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")

@@ -118,3 +118,40 @@ def read_json(path: str | os.PathLike, what: str | None = None, *, expect: type 
         kind = {dict: "an object", list: "a list"}.get(expect, expect.__name__)
         raise UnreadableFile(f"{what}: holds {type(value).__name__}, not {kind}")
     return value
+
+
+def check_parquet(path: str | os.PathLike, what: str | None = None, columns: Sequence[str] = ()) -> None:
+    """Read only the footer of the parquet file ``path`` (cheap at any size): raises
+    ``UnreadableFile`` when it is not a file, cut off, not parquet, or lacks one of ``columns``."""
+    import pyarrow as pa  # lazy: see read_parquet
+    import pyarrow.parquet as pq
+
+    what = what or str(path)
+    if not Path(path).is_file():
+        raise UnreadableFile(f"{what}: is a folder, not a file" if Path(path).is_dir() else f"{what}: no such file")
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise UnreadableFile(f"{what}: not a readable parquet file ({first_line(error)})") from None
+    missing = [name for name in columns if name not in names]
+    if missing:
+        raise UnreadableFile(f"{what}: lacks the column(s) {', '.join(missing)}")
+
+
+def read_parquet(path: str | os.PathLike, what: str | None = None, columns: Sequence[str] = ()):
+    """The table in ``path`` as a pandas DataFrame; ``columns`` must all be in it. A truncated or
+    garbled file, or one without those columns, raises ``UnreadableFile``."""
+    import pandas as pd  # lazy: only readers of tables need pandas and pyarrow
+    import pyarrow as pa
+
+    what = what or str(path)
+    if not Path(path).is_file():
+        raise UnreadableFile(f"{what}: is a folder, not a file" if Path(path).is_dir() else f"{what}: no such file")
+    try:
+        frame = pd.read_parquet(path)
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise UnreadableFile(f"{what}: not a readable parquet file ({first_line(error)})") from None
+    missing = [name for name in columns if name not in frame]
+    if missing:
+        raise UnreadableFile(f"{what}: lacks the column(s) {', '.join(missing)}")
+    return frame

@@ -317,22 +317,18 @@ ACTIONS = ("new", "resume", "retry", "skip")
 
 def plan_action(cfg: RunConfig, retry_failed: bool = False) -> str:
     """``new`` (no run folder), ``resume`` (killed or interrupted), ``retry`` (failed, with
-    ``retry_failed``) or ``skip`` (completed, diverged, or failed without ``retry_failed``)."""
+    ``retry_failed``) or ``skip`` (completed, diverged, damaged, or failed without ``retry_failed``)."""
     status = run_status(cfg.run_dir)
     if status is None:
         return "new"
-    if status in runs.FINISHED:
+    if status in (*runs.FINISHED, runs.DAMAGED):  # a damaged run is named, never trained over
         return "skip"
     if status == "failed":
         return "retry" if retry_failed else "skip"
     return "resume"
 
 
-def run_status(run_dir: Path) -> str | None:
-    """The status in the run folder's summary, or None when there is no run there yet."""
-    if not (Path(run_dir) / "config.json").exists():
-        return None
-    return runs.read_summary(run_dir).get("status", "running")
+run_status = runs.run_status
 
 
 # --- running a grid ----------------------------------------------------------------------------------
@@ -390,7 +386,10 @@ def grid_table(configs: Sequence[RunConfig], actions: Mapping[str, str],
         row = by_path.get(cfg.run_dir.resolve()) or {
             **cfg.to_dict(), "run_id": run_id, "path": str(cfg.run_dir),
             "status": outcome.status if outcome else None}
-        error = (outcome.error if outcome else None) or runs.read_summary(cfg.run_dir).get("error")
+        if row.get("status") == runs.DAMAGED:
+            error = row.get("damage")
+        else:
+            error = (outcome.error if outcome else None) or runs.read_summary(cfg.run_dir).get("error")
         rows.append({**row, "action": actions[run_id], "error": error})
     frame = pd.DataFrame(rows)
     return frame[[c for c in columns if c in frame] + [c for c in frame if c not in columns]]

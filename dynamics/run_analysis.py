@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -21,7 +21,7 @@ from dynamics.analysis import detect_phases, phase_summary
 from dynamics.config import ConfigError
 from dynamics.curvature import measure_density, measure_sharpness, measure_trace
 from dynamics.data import load_task
-from dynamics.files import write_parquet
+from dynamics.files import UnreadableFile, write_parquet
 from dynamics.models import build_model, load_tokenizer
 from dynamics.runs.logs import DENSITY_SCHEMA, PHASES_SCHEMA, SHARPNESS_SCHEMA, TRACE_SCHEMA
 
@@ -54,12 +54,15 @@ def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True
     (Hutchinson, ``trace_samples`` HVPs at most) and with ``density`` ``density.parquet`` (SLQ,
     ``density_runs`` x ``density_steps`` HVPs), and returns the summary written to summary.json.
     Rows measured again at a checkpoint replace the old ones of that step."""
-    run = runs.load_run(path)
+    check_curve(curve)
+    run = runs.load_run(path)  # DamagedRun when its files do not read
+    try:
+        runs.stored_config(run.path)
+    except ConfigError as error:
+        raise runs.DamagedRun(run.path, f"config.json: {error}") from None
     metrics = run.metrics
     if metrics.empty:
-        raise ConfigError(f"{run.path}: no metrics yet (metrics.parquet is missing or empty)")
-    if curve not in ("loss", "loss_clean"):
-        raise ConfigError(f"--curve {curve}: must be one of loss, loss_clean")
+        raise ConfigError(f"{run.run_id}: no metrics yet (metrics.parquet is missing or empty)")
     series = metrics[["step", curve]].dropna()
     try:
         phases = detect_phases(series[curve].to_numpy(), series["step"].to_numpy(), **thresholds)
@@ -67,16 +70,21 @@ def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True
     except ValueError as error:
         raise ConfigError(f"{run.run_id}: {error}") from None
     phases = phases.assign(curve=curve)
-    write_parquet(run.path / "phases.parquet", pa.Table.from_pandas(phases, schema=PHASES_SCHEMA,
-                                                                     preserve_index=False))
-    result: dict[str, Any] = {"phases": {"curve": curve, **_plain(summary)}}
-
     measures = {name: options for name, wanted, options in (
         ("sharpness", sharpness, dict(k=k, tol=tol, max_iter=max_iter)),
         ("trace", trace, dict(n_samples=trace_samples)),
         ("density", density, dict(n_runs=density_runs, n_steps=density_steps))) if wanted}
+    steps = select_checkpoints(run, checkpoints) if measures else []
+    for step in steps:  # before anything is written: a damaged run's files are never rewritten
+        try:
+            runs.read_trainer_state(run.path, step)
+        except runs.DamagedCheckpoint as error:
+            raise runs.DamagedRun(run.path, str(error)) from None
+
+    write_parquet(run.path / "phases.parquet", pa.Table.from_pandas(phases, schema=PHASES_SCHEMA,
+                                                                     preserve_index=False))
+    result: dict[str, Any] = {"phases": {"curve": curve, **_plain(summary)}}
     if measures:
-        steps = select_checkpoints(run, checkpoints)
         measured: dict[str, list[dict[str, Any]]] = {name: [] for name in measures}
         for step in steps:
             for name, rows in curvature_at_checkpoint(run, step, measures, n_batches=n_batches).items():
@@ -140,8 +148,20 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def analyze_paths(paths: Sequence[str | Path], **options: Any) -> pd.DataFrame:
-    """Analyse every run folder named or found (recursively) under ``paths``; one row per run."""
+def check_curve(curve: str) -> None:
+    if curve not in ("loss", "loss_clean"):
+        raise ConfigError(f"--curve {curve}: must be one of loss, loss_clean")
+
+
+def analyze_paths(paths: Sequence[str | Path], on_problem: Callable[[str], None] | None = None,
+                  **options: Any) -> pd.DataFrame:
+    """Analyse every run folder named or found (recursively) under ``paths``; one row per run.
+
+    A run that cannot be analysed (damaged: ``RUN_ID: damaged: ...``; or without metrics, too
+    short, or missing the checkpoint asked for: ``RUN_ID: not analysed: ...``) raises, or with
+    ``on_problem`` is passed to it as one line and the others go on; its files are left as they were.
+    """
+    check_curve(options.get("curve", "loss"))
     run_dirs = []
     for path in map(Path, paths):
         if (path / "config.json").exists():
@@ -154,7 +174,18 @@ def analyze_paths(paths: Sequence[str | Path], **options: Any) -> pd.DataFrame:
         raise ConfigError(f"{', '.join(map(str, paths))}: no run folders found")
     rows = []
     for run_dir in run_dirs:
-        result = analyze_run(run_dir, **options)
+        try:
+            result = analyze_run(run_dir, **options)
+        except (runs.DamagedRun, UnreadableFile, ConfigError) as error:
+            if on_problem is None:
+                raise
+            if isinstance(error, runs.DamagedRun):
+                on_problem(str(error))
+            elif isinstance(error, UnreadableFile):  # rows garbled behind an intact parquet footer
+                on_problem(f"{run_dir.name}: damaged: {error}")
+            else:
+                on_problem(f"{run_dir.name}: not analysed: " + str(error).removeprefix(f"{run_dir.name}: "))
+            continue
         phases, sharp = result["phases"], result.get("sharpness", {})
         rows.append({"run_id": run_dir.name, "double_descent": phases["has_double_descent"],
                      "episodes": phases["n_episodes"], "amplitude": phases["divergence_amplitude"],

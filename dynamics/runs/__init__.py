@@ -14,6 +14,7 @@ from dynamics.runs.checkpoints import (
     save_checkpoint,
 )
 from dynamics.runs.folder import (
+    DAMAGED,
     ENDED,
     FINISHED,
     STATUSES,
@@ -28,11 +29,22 @@ from dynamics.runs.folder import (
     stored_config,
     update_summary,
 )
-from dynamics.runs.read import DEFAULT_SETTINGS, RUN_TABLE_COLUMNS, Run, load_metrics, load_run, load_runs
+from dynamics.runs.read import (
+    DEFAULT_SETTINGS,
+    RUN_TABLE_COLUMNS,
+    DamagedRun,
+    Run,
+    check_run,
+    load_metrics,
+    load_run,
+    load_runs,
+    run_status,
+)
 
 __all__ = [
-    "DEFAULT_SETTINGS", "ENDED", "FINISHED", "RUN_TABLE_COLUMNS", "STATUSES", "DamagedCheckpoint", "Run", "RunLock",
-    "RunPlan", "checkpoint_dir", "checkpoint_steps", "config_differences", "create_run_dir", "git_commit",
-    "latest_intact_checkpoint", "load_metrics", "load_run", "load_runs", "load_trainer_state", "load_weights",
-    "now_iso", "plan_run", "read_summary", "read_trainer_state", "save_checkpoint", "stored_config", "update_summary",
+    "DAMAGED", "DEFAULT_SETTINGS", "DamagedCheckpoint", "DamagedRun", "ENDED", "FINISHED", "RUN_TABLE_COLUMNS",
+    "Run", "RunLock", "RunPlan", "STATUSES", "check_run", "checkpoint_dir", "checkpoint_steps",
+    "config_differences", "create_run_dir", "git_commit", "latest_intact_checkpoint", "load_metrics", "load_run",
+    "load_runs", "load_trainer_state", "load_weights", "now_iso", "plan_run", "read_summary",
+    "read_trainer_state", "run_status", "save_checkpoint", "stored_config", "update_summary",
 ]

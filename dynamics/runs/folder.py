@@ -43,6 +43,7 @@ from dynamics.files import read_json, staging_folder_beside, write_json
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINISHED = ("completed", "diverged")  # a result: never trained again (a divergence is a result)
 ENDED = STATUSES[1:]  # how one training attempt can end
+DAMAGED = "damaged"  # never written: what readers call a folder whose files do not read (read.check_run)
 
 
 def now_iso() -> str:

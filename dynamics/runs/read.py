@@ -15,10 +15,47 @@ import pandas as pd
 
 from dynamics.analysis import detect_phases, phase_summary, smooth_loss
 from dynamics.config import ConfigError
-from dynamics.files import read_json
+from dynamics.files import UnreadableFile, check_parquet, read_json, read_parquet
 from dynamics.runs import logs
 from dynamics.runs.checkpoints import checkpoint_dir, checkpoint_steps
-from dynamics.runs.folder import read_summary
+from dynamics.runs.folder import DAMAGED, read_summary
+
+# The settings every table, figure and command reads from a run's config.json.
+REQUIRED_SETTINGS = ("model", "task", "method", "steps", "lr", "seed")
+# The run folder's tables and their schemas (a table that exists must hold every column).
+TABLES = {"metrics.parquet": logs.METRICS_SCHEMA, "layers.parquet": logs.LAYERS_SCHEMA,
+          "eval.parquet": logs.EVAL_SCHEMA, "sharpness.parquet": logs.SHARPNESS_SCHEMA,
+          "phases.parquet": logs.PHASES_SCHEMA, "trace.parquet": logs.TRACE_SCHEMA,
+          "density.parquet": logs.DENSITY_SCHEMA}
+
+
+class DamagedRun(ValueError):
+    """A run folder whose files do not read as a run (cut off by a full disk, a lost node, a hand
+    edit). ``str()`` is the one line commands print: ``RUN_ID: damaged: what is wrong``."""
+
+    def __init__(self, run_dir: str | os.PathLike, what: str) -> None:
+        self.run_dir, self.what = Path(run_dir), what
+        super().__init__(f"{self.run_dir.name}: damaged: {what}")
+
+
+def check_run(run_dir: str | os.PathLike) -> None:
+    """Raise ``DamagedRun`` unless ``config.json`` holds a config object with the settings every
+    reader needs, ``summary.json`` is a JSON object, and every table present is a parquet file with
+    its schema's columns (its footer is read, not its rows: cheap for any run length)."""
+    run_dir = Path(run_dir)
+    try:
+        config = read_json(run_dir / "config.json", "config.json").get("config")
+        if not isinstance(config, dict):
+            raise UnreadableFile('config.json: has no "config" object')
+        missing = [name for name in REQUIRED_SETTINGS if name not in config]
+        if missing:
+            raise UnreadableFile(f"config.json: lacks the setting(s) {', '.join(missing)}")
+        read_json(run_dir / "summary.json", "summary.json")
+        for name, schema in TABLES.items():
+            if (run_dir / name).exists():
+                check_parquet(run_dir / name, name, schema.names)
+    except UnreadableFile as error:
+        raise DamagedRun(run_dir, str(error)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,23 +166,38 @@ class Run:
         return f"Run({str(self.path)!r}, status={self.summary.get('status')!r})"
 
 
+def run_status(run_dir: str | os.PathLike) -> str | None:
+    """None when there is no run at ``run_dir`` yet, ``DAMAGED`` when its files do not read, else
+    the status in its summary (``running`` for a run killed before it wrote one)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        return None
+    try:
+        check_run(run_dir)
+    except DamagedRun:
+        return DAMAGED
+    return read_summary(run_dir).get("status", "running")
+
+
 def _read_parquet(path: Path, schema) -> pd.DataFrame:
     if not path.exists():
         return schema.empty_table().to_pandas()
-    return pd.read_parquet(path)
+    return read_parquet(path, f"{path.parent.name}/{path.name}", schema.names)
 
 
 def load_run(path: str | os.PathLike) -> Run:
+    """The run folder at ``path``; raises ``DamagedRun`` when its files do not read (``check_run``)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a run folder (no config.json)")
+    check_run(path)
     return Run(path)
 
 
 RUN_TABLE_COLUMNS = ["run_id", "method", "adapter", "perturbation", "model", "task", "rank", "alpha", "lr", "seed",
                      "steps", "status", "steps_done", "final_loss", "eval_loss", "eval_metric", "eval_macro_f1",
                      "double_descent", "divergence_amplitude", "steps_lost", "n_episodes", "top_eigenvalue",
-                     "wall_time_s", "trainable_params", "path"]
+                     "wall_time_s", "trainable_params", "damage", "path"]
 
 
 def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
@@ -154,7 +206,10 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
 
     The phase columns (``double_descent``, ``divergence_amplitude``, ``steps_lost``,
     ``n_episodes``) come from ``dynamics analyze`` where it ran, else from the loss curve now
-    (:attr:`Run.phase_summary`); None where there is no curve to segment yet."""
+    (:attr:`Run.phase_summary`); None where there is no curve to segment yet.
+
+    A damaged run folder (``check_run``) is not left out: its row has status ``damaged``, the
+    one-line reason in ``damage``, and nothing else but ``run_id`` and ``path``."""
     root = Path(root)
     rows = []
     for config_path in sorted(root.rglob("config.json")) if root.exists() else []:
@@ -162,41 +217,48 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
         if any(part.startswith(".") for part in run_dir.relative_to(root).parts) or "checkpoints" in run_dir.parts:
             continue
         try:
-            stored = read_json(config_path)
-            config = stored["config"]
-        except (ValueError, KeyError):
-            continue
-        runtime = stored.get("runtime") or {}
-        summary = read_summary(run_dir)
-        phases = Run(run_dir).phase_summary if (run_dir / "metrics.parquet").exists() else {}
-        final_eval = summary.get("final_eval") or {}
-        settings = {k: v for k, v in config.items() if k not in ("run_id", "resume", "overwrite", "progress")}
-        adapter, _, perturbation = str(config.get("method", "")).partition("+")
-        rows.append({
-            **settings,
-            "adapter": adapter,
-            "perturbation": perturbation or None,
-            "run_id": run_dir.name,
-            "status": summary.get("status"),
-            "steps_done": summary.get("steps_done"),
-            "final_loss": summary.get("final_loss"),
-            "eval_loss": final_eval.get("loss"),
-            "eval_metric": final_eval.get("exact_match", final_eval.get("accuracy")),
-            "eval_macro_f1": final_eval.get("macro_f1"),
-            "wall_time_s": summary.get("wall_time_s"),
-            "trainable_params": runtime.get("trainable_params"),
-            "double_descent": phases.get("has_double_descent"),
-            "divergence_amplitude": phases.get("divergence_amplitude"),
-            "steps_lost": phases.get("steps_lost"),
-            "n_episodes": phases.get("n_episodes"),
-            "top_eigenvalue": ((summary.get("sharpness") or {}).get("eigenvalues") or [None])[0],
-            "path": str(run_dir),
-        })
+            check_run(run_dir)
+            rows.append(_run_row(run_dir))
+        except (DamagedRun, UnreadableFile) as error:  # UnreadableFile: rows garbled behind an intact footer
+            what = error.what if isinstance(error, DamagedRun) else str(error)
+            rows.append({"run_id": run_dir.name, "status": DAMAGED, "damage": what, "path": str(run_dir)})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=RUN_TABLE_COLUMNS)
     ordered = [c for c in RUN_TABLE_COLUMNS if c in frame] + [c for c in frame if c not in RUN_TABLE_COLUMNS]
     return frame[ordered]
+
+
+def _run_row(run_dir: Path) -> dict[str, Any]:
+    stored = read_json(run_dir / "config.json")
+    config = stored["config"]
+    runtime = stored.get("runtime") or {}
+    summary = read_summary(run_dir)
+    phases = Run(run_dir).phase_summary if (run_dir / "metrics.parquet").exists() else {}
+    final_eval = summary.get("final_eval") or {}
+    settings = {k: v for k, v in config.items() if k not in ("run_id", "resume", "overwrite", "progress")}
+    adapter, _, perturbation = str(config.get("method", "")).partition("+")
+    return {
+        **settings,
+        "adapter": adapter,
+        "perturbation": perturbation or None,
+        "run_id": run_dir.name,
+        "status": summary.get("status"),
+        "steps_done": summary.get("steps_done"),
+        "final_loss": summary.get("final_loss"),
+        "eval_loss": final_eval.get("loss"),
+        "eval_metric": final_eval.get("exact_match", final_eval.get("accuracy")),
+        "eval_macro_f1": final_eval.get("macro_f1"),
+        "wall_time_s": summary.get("wall_time_s"),
+        "trainable_params": runtime.get("trainable_params"),
+        "double_descent": phases.get("has_double_descent"),
+        "divergence_amplitude": phases.get("divergence_amplitude"),
+        "steps_lost": phases.get("steps_lost"),
+        "n_episodes": phases.get("n_episodes"),
+        "top_eigenvalue": ((summary.get("sharpness") or {}).get("eigenvalues") or [None])[0],
+        "damage": None,
+        "path": str(run_dir),
+    }
 
 
 DEFAULT_SETTINGS = ("method", "rank", "alpha", "lr", "seed")
@@ -243,7 +305,7 @@ def load_metrics(root: str | os.PathLike | pd.DataFrame = "runs", with_settings:
         known = [c for c in frame.columns if c not in ("path",)]
         raise ConfigError(f"with_settings {', '.join(unknown)}: not a run setting; allowed: {', '.join(known)}")
     parts = []
-    for _, row in frame.iterrows():
+    for _, row in frame[frame["status"] != DAMAGED].iterrows():  # commands name the damaged ones
         rows = getattr(Run(Path(row["path"])), table)
         rows = rows() if callable(rows) else rows  # smoothed_loss is a method (it takes thresholds)
         if len(rows):

@@ -16,7 +16,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -34,8 +34,12 @@ from dynamics.training.evaluate import evaluate
 from dynamics.training.step import TrainState, train_step
 
 
-def train(config: RunConfig | Mapping[str, Any]) -> runs.Run:
+def train(config: RunConfig | Mapping[str, Any], on_start: Callable[[str], None] | None = None) -> runs.Run:
     """Run (or resume) one instrumented training; returns the run folder as a ``Run``.
+
+    ``on_start`` is called once the model and data are loaded and the first step is about to run,
+    with what happens (``new run``, ``resuming from checkpoint step N``): nothing is announced for a
+    run refused on bad input.
 
     The run ends ``completed``, ``diverged`` (non-finite loss or gradient: the step is not applied,
     everything logged so far is kept), ``interrupted`` (SIGINT/SIGTERM: a checkpoint is written) or
@@ -53,17 +57,21 @@ def train(config: RunConfig | Mapping[str, Any]) -> runs.Run:
         # restored from the checkpoint): reproducible, and the caller's RNG state is left as it was.
         with runs.RunLock(plan.run_dir), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
-            return _train_steps(cfg, plan.run_dir, model, task, device, resume=plan.mode == "resume")
+            return _train_steps(cfg, plan.run_dir, model, task, device, resume=plan.mode == "resume",
+                                on_start=on_start)
 
 
 def _train_steps(cfg: RunConfig, run_dir, model: nn.Module, task: TaskData, device: torch.device,
-                 resume: bool) -> runs.Run:
+                 resume: bool, on_start: Callable[[str], None] | None = None) -> runs.Run:
     from tqdm.auto import tqdm  # lazy: tqdm.auto probes for Jupyter widgets on import
 
     state = TrainState.create(cfg, model)
     logs = RunLogs(run_dir)
     progress = _restore(state, run_dir, device) if resume else Progress()
     logs.load(keep_through_step=progress.step)  # drop rows logged after the checkpoint
+    if on_start is not None:
+        on_start(f"resuming from checkpoint step {progress.step}" if progress.step
+                 else "resuming from the start (no checkpoint yet)" if resume else "new run")
     order = DataOrder(len(task.train), cfg.seed)
     clock = SessionClock(progress)
     bar = tqdm(total=cfg.steps, initial=progress.step, disable=not cfg.progress, unit="step", desc=run_dir.name,
