@@ -201,8 +201,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     columns = ["run_id", "method", "rank", "lr", "seed", "status", "steps", "final_loss", "eval_loss", "eval_metric",
                "double_descent", "top_eigenvalue"]
-    frame = frame.reindex(columns=list(dict.fromkeys([*columns, "steps_done", "damage"])))
+    frame = frame.reindex(columns=list(dict.fromkeys([*columns, "steps_done", "damage", "alive"])))
     healthy = frame["status"] != runs.DAMAGED
+    frame["status"] = frame["status"].where(frame["alive"].ne(False) | frame["alive"].isna(), "running (no process)")
     frame["steps"] = (frame["steps_done"].astype("Int64").astype(str) + "/" + frame["steps"].astype(str)).where(
         healthy, "")
     with pd.option_context("display.width", 200, "display.max_columns", 20):

@@ -8,9 +8,13 @@ not UTF-8, not parseable, the wrong shape) into one exception with a one-line me
 
 from __future__ import annotations
 
+import ctypes
 import difflib
+import errno
 import json
 import os
+import secrets
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -45,9 +49,10 @@ def did_you_mean(name: str, choices: Sequence[str], cutoff: float = 0.6) -> str:
 # --- atomic writes -------------------------------------------------------------------------------------
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary path beside ``path`` and rename it into place; the
-    temporary file is removed if ``write`` raises."""
+    temporary file is removed if ``write`` raises. The temporary name is this writer's own (pid and
+    a random token), so two writers never write into each other's file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -66,6 +71,36 @@ def staging_folder_beside(target: str | os.PathLike) -> Path:
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
     return staging
+
+
+def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the folder ``new`` in place of the existing folder ``target`` and delete the old one,
+    with an intact ``target`` at every moment: the two are swapped in one atomic step
+    (``renameat2(RENAME_EXCHANGE)``, Linux >= 3.15), then the old one, now at ``new``, is removed.
+    Where the swap is not available, ``target`` is first renamed aside (a crash between the two
+    renames leaves it there, hidden, rather than losing it)."""
+    new, target = Path(new), Path(target)
+    if _exchange(new, target):
+        shutil.rmtree(new)
+        return
+    aside = target.with_name(f".{target.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}")
+    os.rename(target, aside)
+    os.rename(new, target)
+    shutil.rmtree(aside)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the system cannot (then nothing happened)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # not supported by this kernel / file system
+        return False
+    raise OSError(error, os.strerror(error), str(b))
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:

@@ -325,6 +325,8 @@ def plan_action(cfg: RunConfig, retry_failed: bool = False) -> str:
         return "skip"
     if status == "failed":
         return "retry" if retry_failed else "skip"
+    if status == "running" and runs.writer_alive(cfg.run_dir):
+        return "skip"  # being trained by another process right now
     return "resume"
 
 

@@ -53,9 +53,30 @@ def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True
     ``phases.parquet``, ``sharpness.parquet`` (top-k eigenvalues), with ``trace`` ``trace.parquet``
     (Hutchinson, ``trace_samples`` HVPs at most) and with ``density`` ``density.parquet`` (SLQ,
     ``density_runs`` x ``density_steps`` HVPs), and returns the summary written to summary.json.
-    Rows measured again at a checkpoint replace the old ones of that step."""
+    Rows measured again at a checkpoint replace the old ones of that step.
+
+    The run's lock is held throughout (``RunLock``), so no trainer resumes it meanwhile and its
+    checkpoints stay put; a run in use by another process is refused in one line (ConfigError).
+    The phases entry records the last step of the curve it was measured on (``step``)."""
     check_curve(curve)
     run = runs.load_run(path)  # DamagedRun when its files do not read
+    try:
+        lock = runs.RunLock(run.path).__enter__()
+    except runs.RunInUse as error:
+        raise ConfigError(f"{run.run_id}: the run is in use by another process{runs.describe_holder(error.holder)}; "
+                          "analyze it when that process ends") from None
+    try:
+        return _analyze_locked(run, curve=curve, sharpness=sharpness, checkpoints=checkpoints, k=k,
+                               n_batches=n_batches, tol=tol, max_iter=max_iter, trace=trace,
+                               trace_samples=trace_samples, density=density, density_runs=density_runs,
+                               density_steps=density_steps, **thresholds)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: str, k: int, n_batches: int,
+                    tol: float, max_iter: int, trace: bool, trace_samples: int, density: bool, density_runs: int,
+                    density_steps: int, **thresholds: float) -> dict[str, Any]:
     try:
         runs.stored_config(run.path)
     except ConfigError as error:
@@ -83,7 +104,7 @@ def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True
 
     write_parquet(run.path / "phases.parquet", pa.Table.from_pandas(phases, schema=PHASES_SCHEMA,
                                                                      preserve_index=False))
-    result: dict[str, Any] = {"phases": {"curve": curve, **_plain(summary)}}
+    result: dict[str, Any] = {"phases": {"curve": curve, "step": int(series["step"].iloc[-1]), **_plain(summary)}}
     if measures:
         measured: dict[str, list[dict[str, Any]]] = {name: [] for name in measures}
         for step in steps:

@@ -470,13 +470,13 @@ def test_killed_sweep_restarts_and_loses_nothing(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     deadline = time.monotonic() + 90
-    while sum(plan_action(c) == "skip" for c in configs) < 1 or not any(
-            runs.checkpoint_steps(c.run_dir) and plan_action(c) == "resume" for c in configs):
+    while sum(runs.run_status(c.run_dir) == "completed" for c in configs) < 1 or not any(
+            runs.checkpoint_steps(c.run_dir) and runs.run_status(c.run_dir) == "running" for c in configs):
         assert time.monotonic() < deadline and sweep.poll() is None, sweep.communicate()
         time.sleep(0.02)
     sweep.send_signal(signal.SIGKILL)
     sweep.wait()
-    done_before = {c.resolved_run_id: runs.read_summary(c.run_dir) for c in configs if plan_action(c) == "skip"}
+    done_before = {c.resolved_run_id: runs.read_summary(c.run_dir) for c in configs if runs.run_status(c.run_dir) == "completed"}
     deadline = time.monotonic() + 30  # orphaned workers notice within a second, checkpoint and exit
     while any(c.run_dir.exists() and runs.read_summary(c.run_dir)["status"] == "running" for c in configs):
         assert time.monotonic() < deadline

@@ -162,7 +162,8 @@ def test_an_error_mid_run_marks_it_failed_with_the_error_and_keeps_the_log(tiny,
 def test_a_locked_run_cannot_be_trained_twice(tiny):
     run = dynamics.train(tiny(steps=6))
     runs.update_summary(run.path, status="interrupted")
-    with runs.RunLock(run.path), pytest.raises(ConfigError, match="being trained by another process"):
+    in_use = r"the run is in use by another process \(pid \d+ on "
+    with runs.RunLock(run.path), pytest.raises(ConfigError, match=in_use):
         dynamics.train(tiny(steps=6, resume=True))
 
 

@@ -18,16 +18,21 @@ from dynamics.runs.folder import (
     ENDED,
     FINISHED,
     STATUSES,
+    RunInUse,
     RunLock,
     RunPlan,
+    claim_run,
     config_differences,
     create_run_dir,
+    describe_holder,
     git_commit,
+    lock_holder,
     now_iso,
     plan_run,
     read_summary,
     stored_config,
     update_summary,
+    writer_alive,
 )
 from dynamics.runs.read import (
     DEFAULT_SETTINGS,
@@ -43,8 +48,9 @@ from dynamics.runs.read import (
 
 __all__ = [
     "DAMAGED", "DEFAULT_SETTINGS", "DamagedCheckpoint", "DamagedRun", "ENDED", "FINISHED", "RUN_TABLE_COLUMNS",
-    "Run", "RunLock", "RunPlan", "STATUSES", "check_run", "checkpoint_dir", "checkpoint_steps",
-    "config_differences", "create_run_dir", "git_commit", "latest_intact_checkpoint", "load_metrics", "load_run",
-    "load_runs", "load_trainer_state", "load_weights", "now_iso", "plan_run", "read_summary",
-    "read_trainer_state", "run_status", "save_checkpoint", "stored_config", "update_summary",
+    "Run", "RunInUse", "RunLock", "RunPlan", "STATUSES", "check_run", "checkpoint_dir", "checkpoint_steps",
+    "claim_run", "config_differences", "create_run_dir", "describe_holder", "git_commit",
+    "latest_intact_checkpoint", "load_metrics", "load_run", "load_runs", "load_trainer_state", "load_weights",
+    "lock_holder", "now_iso", "plan_run", "read_summary", "read_trainer_state", "run_status", "save_checkpoint",
+    "stored_config", "update_summary", "writer_alive",
 ]

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dynamics.files import first_line, staging_folder_beside
+from dynamics.files import first_line, replace_folder, staging_folder_beside
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -42,9 +42,10 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict[str, An
     staging = staging_folder_beside(target)
     save_weights(model, staging)
     torch.save(trainer_state, staging / "trainer_state.pt")
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    if target.exists():  # the same step saved again (a resumed run): never a moment without it
+        replace_folder(staging, target)
+    else:
+        staging.rename(target)
     if keep > 0:
         for old in checkpoint_steps(run_dir)[:-keep]:
             shutil.rmtree(checkpoint_dir(run_dir, old), ignore_errors=True)

@@ -24,20 +24,23 @@ half a file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
 import importlib.metadata
+import os
 import platform
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from dynamics.config import ConfigError, RunConfig, flag
-from dynamics.files import read_json, staging_folder_beside, write_json
+from dynamics.files import read_json, replace_folder, staging_folder_beside, write_json
 
 # How a run stands: ``running`` while trained (or killed while it was), then one of the others.
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
@@ -143,29 +146,72 @@ def config_differences(stored: RunConfig, requested: RunConfig) -> list[str]:
 
 # --- creation, lock, summary ---------------------------------------------------------------------
 def create_run_dir(cfg: RunConfig, runtime: dict[str, Any]) -> Path:
-    """Create ``cfg.run_dir`` with ``config.json`` and a ``running`` summary, in one rename.
+    """Create ``cfg.run_dir`` with ``config.json`` and a ``running`` summary (``claim_run`` without
+    keeping the lock; for tests and tools that lay out a run by hand)."""
+    with claim_run(cfg, runtime) as run_dir:
+        return run_dir
 
-    With ``--overwrite`` the old folder is removed only now, after the new run has been set up.
+
+@contextlib.contextmanager
+def claim_run(cfg: RunConfig, runtime: dict[str, Any] | None = None) -> Iterator[Path]:
+    """Hold ``cfg.run_dir`` as its one writer for the duration of the context.
+
+    - A new run (``runtime`` given) is staged beside its final name with ``config.json``, a
+      ``running`` summary and its lock already held, then renamed into place. The rename onto an
+      existing folder fails, so of two simultaneous starts exactly one gets the folder; the other
+      gets a ConfigError and leaves nothing behind.
+    - With ``--overwrite`` the old folder's lock is taken first (refused while its writer lives),
+      and the new folder replaces it in one swap (``files.replace_folder``): at every moment one
+      intact run is there.
+    - Resuming (``runtime`` None) locks the existing folder (``RunLock``).
     """
     run_dir = cfg.run_dir
+    if runtime is None:
+        with RunLock(run_dir):
+            yield run_dir
+        return
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_folder_beside(run_dir)
-    payload = {"config": cfg.to_dict(), "runtime": runtime, **environment_info()}
-    write_json(staging / "config.json", payload)
-    write_json(staging / "summary.json", {"status": "running", "steps_done": 0, "steps_total": cfg.steps,
-                                                 "updated_at": now_iso()})
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    staging.rename(run_dir)
-    return run_dir
+    replacing = cfg.overwrite and run_dir.exists()  # without --overwrite an existing folder is never replaced
+    with contextlib.ExitStack() as stack:
+        if replacing:
+            stack.enter_context(RunLock(run_dir, purpose="--overwrite"))
+        staging = staging_folder_beside(run_dir)
+        try:
+            write_json(staging / "config.json", {"config": cfg.to_dict(), "runtime": runtime, **environment_info()})
+            write_json(staging / "summary.json", {"status": "running", "steps_done": 0, "steps_total": cfg.steps,
+                                                  "updated_at": now_iso()})
+            lock = stack.enter_context(RunLock(staging))  # the lock moves with the folder
+            if replacing:
+                replace_folder(staging, run_dir)
+            else:
+                try:
+                    staging.rename(run_dir)
+                except OSError:  # ENOTEMPTY / EEXIST: another process claimed the name first
+                    raise ConfigError(f"--run-id {run_dir.name}: another process started this run first; "
+                                      "pass --resume to continue it, or choose another --run-id") from None
+            lock.moved_to(run_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        yield run_dir
+
+
+class RunInUse(ConfigError):
+    """The run's lock is held by another process (``holder``: its ``(pid, host)``, if known)."""
+
+    def __init__(self, message: str, holder: tuple[int, str] | None) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class RunLock:
-    """An exclusive ``flock`` on ``<run_dir>/.lock``: one writer per run; released by the kernel
-    when the process dies, even by SIGKILL."""
+    """An exclusive ``flock`` on ``<run_dir>/.lock``: one process at a time writes a run (trains it,
+    replaces it, or analyses it); released by the kernel when the process dies, even by SIGKILL.
+    The file holds the holder's ``pid host`` so others can say who has it."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, purpose: str = "--run-id") -> None:
         self.path = Path(run_dir) / ".lock"
+        self.purpose = purpose
         self._fh = None
 
     def __enter__(self) -> RunLock:
@@ -174,13 +220,52 @@ class RunLock:
             fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._fh.close()
-            message = f"--run-id {self.path.parent.name}: the run is being trained by another process"
-            raise ConfigError(message) from None
+            holder = lock_holder(self.path.parent)
+            raise RunInUse(f"{self.purpose} {self.path.parent.name}: the run is in use by another process"
+                           f"{describe_holder(holder)}", holder) from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+        self._fh.flush()
         return self
+
+    def moved_to(self, run_dir: Path) -> None:
+        """The locked folder was renamed to ``run_dir`` (the open file and its lock move with it)."""
+        self.path = Path(run_dir) / ".lock"
 
     def __exit__(self, *exc) -> None:
         fcntl.flock(self._fh, fcntl.LOCK_UN)
         self._fh.close()
+
+
+def lock_holder(run_dir: Path) -> tuple[int, str] | None:
+    """``(pid, host)`` written by the last process that locked the run, if readable."""
+    try:
+        pid, host = (Path(run_dir) / ".lock").read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def describe_holder(holder: tuple[int, str] | None) -> str:
+    return f" (pid {holder[0]} on {holder[1]})" if holder else ""
+
+
+def writer_alive(run_dir: Path) -> bool | None:
+    """Whether a process holds the run's lock now: read from the kernel's lock table
+    (``/proc/locks``, matched by the lock file's inode) without taking the lock, which would block
+    a writer starting at that moment. None where it cannot be told (no ``/proc/locks``)."""
+    lock = Path(run_dir) / ".lock"
+    try:
+        inode = os.stat(lock).st_ino
+    except OSError:
+        return False  # never locked: every writer creates the file
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    return any(len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode)
+               for fields in (line.split() for line in table.splitlines()))
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

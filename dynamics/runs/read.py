@@ -18,7 +18,7 @@ from dynamics.config import ConfigError
 from dynamics.files import UnreadableFile, check_parquet, read_json, read_parquet
 from dynamics.runs import logs
 from dynamics.runs.checkpoints import checkpoint_dir, checkpoint_steps
-from dynamics.runs.folder import DAMAGED, read_summary
+from dynamics.runs.folder import DAMAGED, read_summary, writer_alive
 
 # The settings every table, figure and command reads from a run's config.json.
 REQUIRED_SETTINGS = ("model", "task", "method", "steps", "lr", "seed")
@@ -104,7 +104,7 @@ class Run:
         """Double-descent phases (``logs.PHASES_SCHEMA``): ``phases.parquet`` when ``dynamics analyze``
         wrote it, else detected now from the ``loss`` column with the default thresholds (empty
         for a curve too short to segment)."""
-        if (self.path / "phases.parquet").exists():
+        if (self.path / "phases.parquet").exists() and self._phases_current():
             return _read_parquet(self.path / "phases.parquet", logs.PHASES_SCHEMA)
         series = self._curve("loss")
         try:
@@ -117,10 +117,10 @@ class Run:
     def phase_summary(self) -> dict[str, Any]:
         """``has_double_descent``, ``divergence_amplitude``, ``steps_lost``, ``n_spikes``,
         ``n_episodes`` and ``curve`` (see :func:`dynamics.analysis.phase_summary`): the entry
-        ``dynamics analyze`` stored in summary.json, else computed now from ``loss``; ``{}`` when
-        the curve cannot be segmented."""
+        ``dynamics analyze`` stored in summary.json (with the ``step`` it was measured at) while it
+        covers the run, else computed now from ``loss``; ``{}`` when the curve cannot be segmented."""
         stored = self.summary.get("phases")
-        if stored:
+        if stored and self._phases_current():
             return dict(stored)
         series = self._curve("loss")
         try:
@@ -155,6 +155,14 @@ class Run:
         """Spectral density nodes and weights (``logs.DENSITY_SCHEMA``) from ``dynamics analyze --density``;
         smooth them with :func:`dynamics.analysis.gaussian_density`."""
         return _read_parquet(self.path / "density.parquet", logs.DENSITY_SCHEMA)
+
+    def _phases_current(self) -> bool:
+        """Whether ``dynamics analyze``'s phases cover the run as it is now: measured up to the
+        step it has reached (a run analysed part-way and trained on since has stale ones, which
+        are then detected afresh). Entries written before the step was recorded count as current."""
+        summary = self.summary
+        measured_at = (summary.get("phases") or {}).get("step")
+        return measured_at is None or measured_at >= (summary.get("steps_done") or 0)
 
     def _curve(self, column: str) -> pd.DataFrame:
         metrics = self.metrics
@@ -195,9 +203,9 @@ def load_run(path: str | os.PathLike) -> Run:
 
 
 RUN_TABLE_COLUMNS = ["run_id", "method", "adapter", "perturbation", "model", "task", "rank", "alpha", "lr", "seed",
-                     "steps", "status", "steps_done", "final_loss", "eval_loss", "eval_metric", "eval_macro_f1",
-                     "double_descent", "divergence_amplitude", "steps_lost", "n_episodes", "top_eigenvalue",
-                     "wall_time_s", "trainable_params", "damage", "path"]
+                     "steps", "status", "alive", "steps_done", "final_loss", "eval_loss", "eval_metric",
+                     "eval_macro_f1", "double_descent", "divergence_amplitude", "steps_lost", "n_episodes",
+                     "top_eigenvalue", "wall_time_s", "trainable_params", "damage", "path"]
 
 
 def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
@@ -244,6 +252,8 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         "perturbation": perturbation or None,
         "run_id": run_dir.name,
         "status": summary.get("status"),
+        # a "running" run's writer: alive (holds the lock), gone (killed before it could say so), None: can't tell
+        "alive": writer_alive(run_dir) if summary.get("status") == "running" else None,
         "steps_done": summary.get("steps_done"),
         "final_loss": summary.get("final_loss"),
         "eval_loss": final_eval.get("loss"),

@@ -52,13 +52,17 @@ def train(config: RunConfig | Mapping[str, Any], on_start: Callable[[str], None]
     if plan.mode == "done":
         return runs.load_run(plan.run_dir)
     with torch_threads(cfg.threads):
-        model, task, device = _build(cfg, plan)  # all that can fail on bad input, before the folder exists
-        # Draws during training (dropout, noise) come from a fork of torch's RNG seeded by cfg.seed (or
-        # restored from the checkpoint): reproducible, and the caller's RNG state is left as it was.
-        with runs.RunLock(plan.run_dir), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed)
-            return _train_steps(cfg, plan.run_dir, model, task, device, resume=plan.mode == "resume",
-                                on_start=on_start)
+        model, task, device = _build(cfg)  # all that can fail on bad input, before the folder is touched
+        runtime = _runtime(cfg, model, task, device) if plan.mode == "new" else None
+        with runs.claim_run(cfg, runtime) as run_dir:  # the one writer from here on, or a ConfigError
+            if plan.mode == "resume" and runs.plan_run(cfg).mode == "done":  # finished while we loaded
+                return runs.load_run(run_dir)
+            # Draws during training (dropout, noise) come from a fork of torch's RNG seeded by cfg.seed
+            # (or restored from the checkpoint): reproducible, the caller's RNG state left as it was.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(cfg.seed)
+                return _train_steps(cfg, run_dir, model, task, device, resume=plan.mode == "resume",
+                                    on_start=on_start)
 
 
 def _train_steps(cfg: RunConfig, run_dir, model: nn.Module, task: TaskData, device: torch.device,
@@ -141,10 +145,9 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _build(cfg: RunConfig, plan: runs.RunPlan) -> tuple[nn.Module, TaskData, torch.device]:
-    """Model, task and device of ``cfg``; a new run's folder is created only once they all load."""
+def _build(cfg: RunConfig) -> tuple[nn.Module, TaskData, torch.device]:
+    """Model, task and device of ``cfg`` (a new run's folder is created only once they all load)."""
     device = resolve_device(cfg)
-    dtype = resolve_dtype(cfg, device)
     try:
         tokenizer = load_tokenizer(cfg)
     except (OSError, ValueError) as error:  # not found locally or on the hub, no network, no tokenizer files
@@ -156,14 +159,17 @@ def _build(cfg: RunConfig, plan: runs.RunPlan) -> tuple[nn.Module, TaskData, tor
         model = build_model(cfg, num_labels=len(task.label_names) or None)
     except (OSError, ValueError) as error:
         raise ConfigError(f"--model {cfg.model}: cannot load it ({first_line(error)})") from error
-    if plan.mode == "new":
-        runtime = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                   "threads": torch.get_num_threads(), "n_train": len(task.train), "n_eval": len(task.eval),
-                   # parameters of the model as trained (base + adapter; tied weights once)
-                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                   "total_params": sum(p.numel() for p in model.parameters())}
-        runs.create_run_dir(cfg, runtime)
     return model, task, device
+
+
+def _runtime(cfg: RunConfig, model: nn.Module, task: TaskData, device: torch.device) -> dict[str, Any]:
+    """Where and on what a new run trains (config.json's ``runtime``)."""
+    dtype = resolve_dtype(cfg, device)
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "n_train": len(task.train), "n_eval": len(task.eval),
+            # parameters of the model as trained (base + adapter; tied weights once)
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in model.parameters())}
 
 
 class DataOrder:
