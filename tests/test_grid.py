@@ -476,7 +476,8 @@ def test_killed_sweep_restarts_and_loses_nothing(tmp_path):
         time.sleep(0.02)
     sweep.send_signal(signal.SIGKILL)
     sweep.wait()
-    done_before = {c.resolved_run_id: runs.read_summary(c.run_dir) for c in configs if runs.run_status(c.run_dir) == "completed"}
+    done_before = {c.resolved_run_id: runs.read_summary(c.run_dir) for c in configs
+                   if runs.run_status(c.run_dir) == "completed"}
     deadline = time.monotonic() + 30  # orphaned workers notice within a second, checkpoint and exit
     while any(c.run_dir.exists() and runs.read_summary(c.run_dir)["status"] == "running" for c in configs):
         assert time.monotonic() < deadline
