@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                                               "the runs cannot make are skipped with one line each.")
     add_figures_arguments(figures)
 
+    export = commands.add_parser("export", help="a run's checkpoint as a LoRA adapter for the original base model",
+                                 description="Write a checkpoint of a LoRA-family run as a peft adapter folder "
+                                             "that PeftModel.from_pretrained(original base, OUT) loads; pissa and "
+                                             "loraga adapters are converted off their offset base.")
+    export.add_argument("run", metavar="RUN", help="run folder")
+    export.add_argument("--out", required=True, metavar="DIR", help="new folder for the adapter (never replaced)")
+    export.add_argument("--step", default=None, help="checkpoint step (default: the newest intact one)")
+
     table = commands.add_parser("runs", help="table of runs under a folder")
     table.add_argument("runs_dir", nargs="?", default="runs", help="folder of run folders (default: runs)")
     return parser
@@ -266,6 +274,14 @@ def add_figures_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", metavar="NAME,...", help="these figures only; any of: " + ", ".join(FIGURE_NAMES))
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dynamics.export import export_adapter  # lazy: torch
+
+    step = None if args.step is None else int(_number("step", args.step, int, 0))
+    print(export_adapter(args.run, args.out, step=step))
+    return 0
+
+
 def cmd_figures(args: argparse.Namespace) -> int:
     from dynamics.figure_set import make_figures  # lazy: matplotlib
 
@@ -289,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
     warnings.simplefilter("always", ConfigWarning)
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "grid": cmd_grid, "analyze": cmd_analyze, "figures": cmd_figures, "runs": cmd_runs}
+    commands = {"train": cmd_train, "grid": cmd_grid, "analyze": cmd_analyze, "figures": cmd_figures, "runs": cmd_runs,
+                "export": cmd_export}
     try:
         return commands[args.command](args)
     except (ConfigError, UnreadableFile) as error:

@@ -30,11 +30,12 @@ from typing import Any, Mapping, NamedTuple
 
 from dynamics.files import did_you_mean
 
-ADAPTERS = ("full", "lora", "rslora", "dora", "pissa", "loraplus", "adalora")
+ADAPTERS = ("full", "lora", "rslora", "dora", "pissa", "loraplus", "adalora", "loraga")
 PERTURBATIONS = ("mgpo", "mgpo-noapn", "msam", "sam", "noise")
 LORA_FAMILY = ADAPTERS[1:]
 # Perturbations defined in the merged weight space of a low-rank adapter (no meaning for ``full``).
 WEIGHT_SPACE_PERTURBATIONS = ("mgpo", "mgpo-noapn")
+LORAGA_FIELDS = ("loraga_batches", "loraga_direction", "loraga_scale", "loraga_stable_gamma")
 BUILTIN_MODELS = ("smollm2-135m", "minilm-l6", "tiny-llama")
 TASKS = ("gsm", "bbc", "tiny")
 TASK_KIND = {"gsm": "causal_lm", "tiny": "causal_lm", "bbc": "classification"}
@@ -138,6 +139,16 @@ class RunConfig:
                                               "(folded into plain LoRA layers, cheapest way per layer and pass)",
                                        ("auto", "dense", "lowrank", "fused"))
     loraplus_ratio: float = _field(16.0, "LoRA+: learning rate of B over that of A")
+    # LoRA-GA (peft's LoraGAConfig; defaults are peft's): A, B from the SVD of the average gradient
+    # of the full weights over the first loraga_batches training batches.
+    loraga_batches: int = _field(8, "LoRA-GA: training batches (of batch_size examples, in the run's order) whose "
+                                    "average full-weight gradient initialises A and B")
+    loraga_direction: str = _field("ArB2r", "LoRA-GA: which singular vectors go to A and B (peft's direction)",
+                                   ("ArB2r", "A2rBr", "ArBr", "random"))
+    loraga_scale: str = _field("stable", "LoRA-GA: scaling of the initial A, B (peft's scale)",
+                               ("stable", "weight_svd", "gd_scale", "unit"))
+    loraga_stable_gamma: int = _field(16, "LoRA-GA: gamma of the stable scale (B times out_features^(1/4) / "
+                                          "sqrt(gamma))")
     # Data sizes and evaluation.
     n_train: int | None = _field(None, "training examples (default: 2000 for gsm, 2048 for tiny, all for bbc)")
     n_eval: int = _field(64, "held-out examples for the eval loss / accuracy")
@@ -198,7 +209,11 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata["control"]}
 
     def config_hash(self) -> str:
-        payload = json.dumps(self.experiment_dict(), sort_keys=True)
+        experiment = self.experiment_dict()
+        if self.adapter != "loraga":  # they cannot change such a run: left out, so runs made before they existed
+            for name in LORAGA_FIELDS:  # keep their ids
+                del experiment[name]
+        payload = json.dumps(experiment, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:6]
 
     def default_run_id(self) -> str:
@@ -303,7 +318,7 @@ def _validate(cfg: RunConfig) -> None:
     adapter = cfg.adapter
     if cfg.perturb_application == "fused" and (adapter in ("full", "dora", "adalora") or cfg.lora_dropout > 0):
         raise ConfigError(f"--perturb-application fused: needs plain LoRA layers without dropout (adapter one of lora, "
-                          f"rslora, pissa, loraplus and --lora-dropout 0), got --method {cfg.method} with "
+                          f"rslora, pissa, loraplus, loraga and --lora-dropout 0), got --method {cfg.method} with "
                           f"--lora-dropout {cfg.lora_dropout}; use auto, dense or lowrank")
     model_ok = cfg.model in BUILTIN_MODELS or Path(cfg.model).is_dir() or bool(_HUB_ID.match(cfg.model))
     _check(model_ok, "model", cfg.model,
@@ -338,6 +353,8 @@ def _validate(cfg: RunConfig) -> None:
     _check(math.isfinite(cfg.apn_eps) and cfg.apn_eps > 0, "apn_eps", cfg.apn_eps, "must be a positive number")
     _check(math.isfinite(cfg.loraplus_ratio) and cfg.loraplus_ratio > 0, "loraplus_ratio", cfg.loraplus_ratio,
            "must be a positive number")
+    _check(cfg.loraga_batches >= 1, "loraga_batches", cfg.loraga_batches, "must be an integer >= 1")
+    _check(cfg.loraga_stable_gamma >= 1, "loraga_stable_gamma", cfg.loraga_stable_gamma, "must be an integer >= 1")
     _check(cfg.sharpness_k >= 1, "sharpness_k", cfg.sharpness_k, "must be an integer >= 1")
     _check(cfg.sharpness_batches >= 1, "sharpness_batches", cfg.sharpness_batches, "must be an integer >= 1")
     if cfg.n_train is not None:
@@ -348,7 +365,7 @@ def _validate(cfg: RunConfig) -> None:
     for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "layer_metrics_every", "threads",
                  "clean_loss_every", "sharpness_every"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be an integer >= 0")
-    for name in ("schedule", "dtype", "device", "attn", "perturb_application"):
+    for name in ("schedule", "dtype", "device", "attn", "perturb_application", "loraga_direction", "loraga_scale"):
         choices = next(f for f in dataclasses.fields(cfg) if f.name == name).metadata["choices"]
         _check(getattr(cfg, name) in choices, name, getattr(cfg, name), "must be one of " + ", ".join(choices))
     if cfg.run_id is not None:
@@ -384,6 +401,11 @@ def ineffective_settings(cfg: RunConfig) -> list[str]:
             unused[name] = "--sharpness-every 0"
     if cfg.adapter != "loraplus":
         unused["loraplus_ratio"] = f"method {cfg.method} (only loraplus uses it)"
+    if cfg.adapter != "loraga":
+        for name in LORAGA_FIELDS:
+            unused[name] = f"method {cfg.method} (only loraga uses it)"
+    elif cfg.loraga_scale != "stable":
+        unused["loraga_stable_gamma"] = f"--loraga-scale {cfg.loraga_scale} (only stable uses it)"
     if cfg.task_kind == "classification":
         for name in ("n_eval_generate", "max_new_tokens"):
             unused[name] = f"task {cfg.task} (classification)"

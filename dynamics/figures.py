@@ -57,7 +57,7 @@ METHOD_COLORS = {
 _OTHER_COLORS = ("#6A3D9A", "#8C564B", "#17BECF", "#7F7F7F", "#BCBD22", "#1F4E79", "#B15928")
 
 ADAPTER_LABELS = {"full": "Full FT", "lora": "LoRA", "rslora": "rsLoRA", "dora": "DoRA", "pissa": "PiSSA",
-                  "loraplus": "LoRA+", "adalora": "AdaLoRA"}
+                  "loraplus": "LoRA+", "adalora": "AdaLoRA", "loraga": "LoRA-GA"}
 PERTURBATION_LABELS = {"mgpo": "MGPO", "mgpo-noapn": "MGPO w/o APN", "msam": "MSAM", "sam": "SAM",
                        "noise": "random noise"}
 METHOD_ORDER = ("lora", "lora+mgpo", "lora+mgpo-noapn", "lora+msam", "lora+sam", "lora+noise", "full")
@@ -645,7 +645,9 @@ def cost_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
 
     Time per step is the median ``step_time_s`` (wall seconds of forward/backward + optimizer step,
     so one-off costs such as the first step do not count); peak memory the largest ``peak_mem_mb``
-    (MB: CUDA allocation on GPU, resident set on CPU). Seeds are averaged.
+    (MB: CUDA allocation on GPU, resident set on CPU). ``adapter_init_s`` is the one-off set-up
+    before step 1 (LoRA-GA's gradient estimate and SVDs; NaN for adapters without one). Seeds
+    are averaged.
     """
     runs = _require(runs, ("run_id", "method", "rank", "alpha", "lr", "trainable_params"), "runs (load_runs)")
     metrics = _require(metrics, ("run_id", "step_time_s", "peak_mem_mb"), "per-step metrics (load_metrics)")
@@ -653,11 +655,14 @@ def cost_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     if "lora" not in set(chosen["method"]) or chosen["method"].nunique() < 2:
         raise NotEnoughRuns("needs a lora run and one or more other methods at the same setting")
     per_run = metrics.groupby("run_id").agg(step_time_s=("step_time_s", "median"), peak_mem_mb=("peak_mem_mb", "max"))
-    table = chosen[["run_id", "method", "task", "rank", "lr", "trainable_params"]].join(per_run, on="run_id")
+    init_s = pd.to_numeric(chosen["adapter_init_s"], errors="coerce") if "adapter_init_s" in chosen else np.nan
+    chosen = chosen.assign(adapter_init_s=init_s)
+    table = chosen[["run_id", "method", "task", "rank", "lr", "trainable_params", "adapter_init_s"]].join(
+        per_run, on="run_id")
     table = table.groupby(["task", "method"], as_index=False).agg(
         rank=("rank", "first"), lr=("lr", "first"), runs=("run_id", "size"),
         trainable_params=("trainable_params", "mean"), peak_mem_mb=("peak_mem_mb", "mean"),
-        step_time_s=("step_time_s", "mean"))
+        step_time_s=("step_time_s", "mean"), adapter_init_s=("adapter_init_s", "mean"))
     parts = []
     for _, of_task in table.groupby("task"):
         lora = of_task[of_task["method"] == "lora"]

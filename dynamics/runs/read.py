@@ -205,7 +205,7 @@ def load_run(path: str | os.PathLike) -> Run:
 RUN_TABLE_COLUMNS = ["run_id", "method", "adapter", "perturbation", "model", "task", "rank", "alpha", "lr", "seed",
                      "steps", "status", "alive", "steps_done", "final_loss", "eval_loss", "eval_metric",
                      "eval_macro_f1", "double_descent", "divergence_amplitude", "steps_lost", "n_episodes",
-                     "top_eigenvalue", "wall_time_s", "trainable_params", "damage", "path"]
+                     "top_eigenvalue", "wall_time_s", "adapter_init_s", "trainable_params", "damage", "path"]
 
 
 def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
@@ -260,6 +260,7 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         "eval_metric": final_eval.get("exact_match", final_eval.get("accuracy")),
         "eval_macro_f1": final_eval.get("macro_f1"),
         "wall_time_s": summary.get("wall_time_s"),
+        "adapter_init_s": runtime.get("adapter_init_s"),  # one-off set-up (LoRA-GA's estimate); None: none
         "trainable_params": runtime.get("trainable_params"),
         "double_descent": phases.get("has_double_descent"),
         "divergence_amplitude": phases.get("divergence_amplitude"),

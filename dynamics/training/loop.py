@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from dynamics import runs
+from dynamics.adapters import LoraGASource, save_initial
 from dynamics.config import ConfigError, ConfigWarning, RunConfig, as_config, warn_ineffective
 from dynamics.curvature import measure_sharpness
-from dynamics.data import TaskData, load_task
+from dynamics.data import TaskData, load_task, n_loss_terms
 from dynamics.files import first_line
-from dynamics.loss import to_device
+from dynamics.loss import loss_sum, to_device
 from dynamics.models import build_model, load_tokenizer, resolve_device, resolve_dtype
 from dynamics.runs.logs import RunLogs
 from dynamics.training.evaluate import evaluate
@@ -52,11 +53,15 @@ def train(config: RunConfig | Mapping[str, Any], on_start: Callable[[str], None]
     if plan.mode == "done":
         return runs.load_run(plan.run_dir)
     with torch_threads(cfg.threads):
-        model, task, device = _build(cfg)  # all that can fail on bad input, before the folder is touched
-        runtime = _runtime(cfg, model, task, device) if plan.mode == "new" else None
-        with runs.claim_run(cfg, runtime) as run_dir:  # the one writer from here on, or a ConfigError
+        model, task, device, setup = _build(cfg, plan)  # all that can fail on bad input, before the folder is touched
+        runtime = {**_runtime(cfg, model, task, device), **setup} if plan.mode == "new" else None
+        keep_initial = plan.mode == "new" and cfg.adapter in runs.INITIAL_ADAPTER_KEPT
+        write_initial = (lambda folder: save_initial(model, folder / runs.INITIAL_ADAPTER)) if keep_initial else None
+        with runs.claim_run(cfg, runtime, write_more=write_initial) as run_dir:  # the one writer, or a ConfigError
             if plan.mode == "resume" and runs.plan_run(cfg).mode == "done":  # finished while we loaded
                 return runs.load_run(run_dir)
+            if runtime and setup:
+                runs.update_summary(run_dir, **setup)  # one-off costs, beside the run's wall time
             # Draws during training (dropout, noise) come from a fork of torch's RNG seeded by cfg.seed
             # (or restored from the checkpoint): reproducible, the caller's RNG state left as it was.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -145,8 +150,9 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _build(cfg: RunConfig) -> tuple[nn.Module, TaskData, torch.device]:
-    """Model, task and device of ``cfg`` (a new run's folder is created only once they all load)."""
+def _build(cfg: RunConfig, plan: runs.RunPlan) -> tuple[nn.Module, TaskData, torch.device, dict[str, float]]:
+    """Model, task and device of ``cfg`` (a new run's folder is created only once they all load),
+    and the seconds of one-off set-up worth recording (LoRA-GA's initialisation)."""
     device = resolve_device(cfg)
     try:
         tokenizer = load_tokenizer(cfg)
@@ -155,11 +161,53 @@ def _build(cfg: RunConfig) -> tuple[nn.Module, TaskData, torch.device]:
     task = load_task(cfg, tokenizer)
     if not task.train:
         raise ConfigError(f"--seq-len {cfg.seq_len}: no --task {cfg.task} training example fits; raise it")
+    loraga, estimate = None, None
+    if cfg.adapter == "loraga" and plan.mode == "resume":
+        try:
+            loraga = runs.stored_initial_adapter(plan.run_dir, cfg)
+        except runs.DamagedCheckpoint as error:
+            raise ConfigError(f"--resume {plan.run_dir.name}: {error}; start the run again with --overwrite") from None
+    elif cfg.adapter == "loraga":
+        estimate = GradientEstimate(task, cfg, device)
+        loraga = LoraGASource(gradient_step=estimate)
     try:
-        model = build_model(cfg, num_labels=len(task.label_names) or None)
+        model = build_model(cfg, num_labels=len(task.label_names) or None, loraga=loraga)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as error:
         raise ConfigError(f"--model {cfg.model}: cannot load it ({first_line(error)})") from error
-    return model, task, device
+    if estimate is None:
+        return model, task, device, {}
+    # the estimate's forward/backward passes, then peft's SVDs and offsets (until build_model returned)
+    svd_s = time.perf_counter() - estimate.finished
+    return model, task, device, {"loraga_gradient_s": round(estimate.seconds, 3), "loraga_svd_s": round(svd_s, 3),
+                                 "adapter_init_s": round(estimate.seconds + svd_s, 3)}
+
+
+class GradientEstimate:
+    """LoRA-GA's gradient batches: the first ``loraga_batches`` batches of ``batch_size`` training
+    examples in the run's own order (``DataOrder``; the batches steps 1, 2, ... then train on).
+    Called with the base model, it runs forward and backward over each, the task loss as in
+    training (mean per target token / example of the batch); peft sums the gradients of the
+    target weights and divides by the number of batches. Records its wall time."""
+
+    def __init__(self, task: TaskData, cfg: RunConfig, device: torch.device) -> None:
+        self.task, self.cfg, self.device = task, cfg, device
+        self.seconds = 0.0
+        self.finished: float | None = None  # perf_counter() when the last backward returned
+
+    def __call__(self, model: nn.Module) -> None:
+        started = time.perf_counter()
+        order = DataOrder(len(self.task.train), self.cfg.seed)
+        kind = self.cfg.task_kind
+        for k in range(self.cfg.loraga_batches):
+            indices = order.indices(k * self.cfg.batch_size, self.cfg.batch_size)
+            batch = to_device(self.task.collate([self.task.train[i] for i in indices]), self.device)
+            with warnings.catch_warnings():  # peft's counting hooks on layers whose inputs need no grad: harmless
+                warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+                (loss_sum(model, batch, kind) / max(n_loss_terms(batch, kind), 1)).backward()
+        self.finished = time.perf_counter()
+        self.seconds = self.finished - started
 
 
 def _runtime(cfg: RunConfig, model: nn.Module, task: TaskData, device: torch.device) -> dict[str, Any]:
