@@ -13,6 +13,7 @@ import argparse
 import collections
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -66,10 +67,7 @@ def message(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("dynamics ") or ": not analysed:" in line]
     if not lines:
         return "-"
-    text = lines[-1]
-    for word in text.split():
-        if word.isdigit() and len(word) > 3:
-            text = text.replace(word, "PID")
+    text = re.sub(r"\bpid \d+", "pid PID", lines[-1])
     return text.replace(os.uname().nodename, "HOST")
 
 
