@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "Exit status: 0 completed, 1 failed, 2 bad input, 3 diverged, "
                                             "130 interrupted.")
     train.add_argument("--config", metavar="FILE", help="TOML file of config keys (flags given here win)")
+    train.add_argument("--nproc", default=None, metavar="N",
+                       help="train data-parallel on N processes of this machine (runs torchrun --standalone "
+                            "--nproc-per-node N; --batch-size is then split N ways)")
     add_config_flags(train)
 
     grid = commands.add_parser("grid", help="run (or list) every run of a grid file",
@@ -118,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Flags given, over ``--config``, over the stored config of a run resumed by ``--run-id``."""
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "nproc", "argv")}
     base = read_toml(args.config, f"--config {args.config}") if args.config else {}
     values = {**{k.replace("-", "_"): v for k, v in base.items()}, **given}
     if values.get("resume") in (True, "true") and values.get("run_id"):
@@ -133,16 +138,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dynamics.training import train  # lazy: torch, transformers and peft take seconds to import
 
     cfg = config_from_args(args)
-    plan = runs.plan_run(cfg)
-    if plan.mode == "done":
+    nproc = int(_number("--nproc", args.nproc, int, 1)) if args.nproc is not None else 1
+    launched = "WORLD_SIZE" in os.environ  # by torchrun / accelerate launch: this is one of its processes
+    main_process = os.environ.get("RANK", "0") == "0"
+    if nproc > 1 and not launched:
+        return launch_data_parallel(cfg, nproc, args.argv)
+    plan = runs.plan_run(cfg) if main_process else None  # process 0 plans; the others follow it (train)
+    if plan is not None and plan.mode == "done":
         print(f"{plan.run_dir}: already {plan.status}; nothing to do", file=sys.stderr)
     try:
-        run = train(cfg, on_start=lambda what: print(f"{plan.run_dir}: {what}", file=sys.stderr, flush=True))
+        run = train(cfg, on_start=lambda what: print(f"{cfg.run_dir}: {what}", file=sys.stderr, flush=True))
     except KeyboardInterrupt:
-        print(f"{plan.run_dir}: interrupted", file=sys.stderr)
+        if main_process:
+            print(f"{cfg.run_dir}: interrupted", file=sys.stderr)
         return EXIT_CODES["interrupted"]
-    print(describe(run))
+    if main_process:
+        print(describe(run))
     return EXIT_CODES.get(run.summary.get("status"), 1)
+
+
+def launch_data_parallel(cfg: RunConfig, nproc: int, argv: Sequence[str]) -> int:
+    """``--nproc N``: the same command under ``torchrun --standalone --nproc-per-node N``. Bad input
+    is refused here first (exit 2, one line), and the exit status is the run's (torchrun's own is 1
+    for any failed process)."""
+    if cfg.batch_size % nproc:
+        raise ConfigError(f"--batch-size {cfg.batch_size}: must be a multiple of --nproc {nproc} "
+                          "(each process takes an equal shard of every micro-batch)")
+    runs.plan_run(cfg)  # an existing run without --resume / --overwrite, or other settings: one line here
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "dynamics", *_without_nproc(argv)]
+    code = subprocess.run(command).returncode
+    status = runs.read_summary(cfg.run_dir).get("status") if (cfg.run_dir / "summary.json").exists() else None
+    return EXIT_CODES.get(status, code or 1) if code else 0
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def describe(run) -> str:
@@ -223,7 +262,8 @@ def report_damaged(frame) -> int:
     """Print ``RUN_ID: damaged: what`` on standard error for each damaged row of a runs frame;
     returns how many there were (a command then exits 1 at the end)."""
     damaged = frame[frame["status"] == runs.DAMAGED] if "status" in frame else frame.iloc[:0]
-    for run_id, damage in zip(damaged["run_id"], damaged["damage"]):
+    damages = damaged["damage"] if "damage" in damaged else [""] * len(damaged)  # no damaged run: no column
+    for run_id, damage in zip(damaged["run_id"], damages):
         print(f"{run_id}: damaged: {damage}", file=sys.stderr)
     return len(damaged)
 
@@ -242,6 +282,9 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray started for the sweep)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="resume failed runs from their last checkpoint (they are skipped otherwise)")
+    parser.add_argument("--nproc-per-run", type=int, default=1, metavar="N",
+                        help="train each run data-parallel on N processes (torchrun; N GPUs of one machine, or "
+                             "of the Ray node it is placed on) (default: 1)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what would be done; run nothing")
     parser.add_argument("--scale", metavar="NAME", help="apply the file's [scales.NAME] settings (e.g. paper)")
 
@@ -254,7 +297,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         print(grids.describe_plan(grid, configs, args.retry_failed))
         return 0
     table = grids.run_grid(configs, executor=args.executor, workers=args.workers, ray_address=args.ray_address,
-                     retry_failed=args.retry_failed)
+                           retry_failed=args.retry_failed, nproc_per_run=args.nproc_per_run)
     code = grids.exit_status(table)
     report_damaged(table)
     if code == 1:
@@ -304,13 +347,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warnings
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
     warnings.simplefilter("always", ConfigWarning)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     commands = {"train": cmd_train, "grid": cmd_grid, "analyze": cmd_analyze, "figures": cmd_figures, "runs": cmd_runs,
                 "export": cmd_export}
     try:
         return commands[args.command](args)
     except (ConfigError, UnreadableFile) as error:
-        print(f"dynamics {args.command}: {error}", file=sys.stderr)
+        if not getattr(error, "follows_process_0", False):  # data parallel: process 0 already said why
+            print(f"dynamics {args.command}: {error}", file=sys.stderr)
         return 2
 
 

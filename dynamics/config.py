@@ -36,6 +36,7 @@ LORA_FAMILY = ADAPTERS[1:]
 # Perturbations defined in the merged weight space of a low-rank adapter (no meaning for ``full``).
 WEIGHT_SPACE_PERTURBATIONS = ("mgpo", "mgpo-noapn")
 LORAGA_FIELDS = ("loraga_batches", "loraga_direction", "loraga_scale", "loraga_stable_gamma")
+ADDED_LATER = {"autocast": False}  # experiment fields newer than the first runs: field -> the value they had
 BUILTIN_MODELS = ("smollm2-135m", "minilm-l6", "tiny-llama")
 TASKS = ("gsm", "bbc", "tiny")
 TASK_KIND = {"gsm": "causal_lm", "tiny": "causal_lm", "bbc": "classification"}
@@ -168,8 +169,13 @@ class RunConfig:
     dtype: str = _field("auto", "weight dtype: auto is bf16 on a GPU that supports it, else fp32",
                         ("auto", "fp32", "bf16"))
     device: str = _field("auto", "compute device", ("auto", "cpu", "cuda"))
-    attn: str = _field("sdpa", "attention kernel; eager is needed for Hessian-vector products on CPU",
-                       ("sdpa", "eager"))
+    attn: str = _field("sdpa", "attention kernel for training and eval (Hessian-vector products switch to eager, "
+                       "which has a double backward, while they run)", ("sdpa", "eager"))
+    autocast: bool = _field(False, "forward passes in bf16 autocast; weights and optimizer state keep --dtype "
+                            "(with --dtype fp32: mixed precision, fp32 trainable weights)")
+    gradient_checkpointing: bool = _field(False, "recompute the base model's activations in backward instead of "
+                                          "keeping them (less memory, one more forward per step; same numbers)",
+                                          control=True)
     threads: int = _field(0, "CPU threads for torch (0: torch's default)", control=True)
     # Run control: where and how, not what (not part of the run id).
     runs_dir: str = _field("runs", "folder that holds run folders", control=True)
@@ -213,6 +219,9 @@ class RunConfig:
         if self.adapter != "loraga":  # they cannot change such a run: left out, so runs made before they existed
             for name in LORAGA_FIELDS:  # keep their ids
                 del experiment[name]
+        for name, default in ADDED_LATER.items():  # likewise, while at the value runs had before them
+            if experiment[name] == default:
+                del experiment[name]
         payload = json.dumps(experiment, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:6]
 
@@ -250,6 +259,21 @@ def config_fields() -> list[dataclasses.Field]:
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def config_flags(cfg: RunConfig) -> list[str]:
+    """``cfg`` as ``dynamics train`` flags that parse back to an equal config (floats by
+    ``repr``, which round-trips; unset optional fields left out)."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out.append(flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            out += [flag(f.name), repr(value) if isinstance(value, float) else str(value)]
+    return out
 
 
 @functools.cache

@@ -27,10 +27,11 @@ from dynamics.loss import loss_sum, to_device
 
 @contextlib.contextmanager
 def eager_attention(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """On CPU the fused (sdpa) attention has no double backward: switch to eager for the HVPs."""
+    """Fused attention kernels (sdpa on CPU, flash and memory-efficient on GPUs) have no double
+    backward: switch to eager while the HVPs run, on every device."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     current = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    if device.type != "cpu" or current in (None, "eager") or not hasattr(base, "set_attn_implementation"):
+    if current in (None, "eager") or not hasattr(base, "set_attn_implementation"):
         yield
         return
     base.set_attn_implementation("eager")

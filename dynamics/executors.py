@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dynamics import runs
-from dynamics.config import ConfigError, RunConfig
+from dynamics.config import ConfigError, RunConfig, config_flags
 from dynamics.files import first_line
 
 FINAL_STATUSES = runs.ENDED  # how one attempt can end
@@ -61,11 +62,12 @@ class RunOutcome:
 
 
 # --- one run -------------------------------------------------------------------------------------
-def run_one(cfg: RunConfig) -> RunOutcome:
+def run_one(cfg: RunConfig, nproc: int = 1) -> RunOutcome:
     """Train ``cfg`` in this process: start it, resume it from its last checkpoint, or return at
     once when it is already completed or diverged (``train`` with ``resume=True``). Never raises
     for a failing run. What the run prints (warnings, a traceback) is appended to ``log.txt`` in
-    its folder, one section per attempt."""
+    its folder, one section per attempt. With ``nproc`` > 1 the run trains data-parallel on that
+    many processes of this machine, under ``torchrun --standalone`` (``launch_run``)."""
     from dynamics.training import train  # lazy: `dynamics grid --dry-run` must not import torch
 
     cfg = dataclasses.replace(cfg, resume=True, overwrite=False, progress=False)
@@ -82,7 +84,7 @@ def run_one(cfg: RunConfig) -> RunOutcome:
         warnings.simplefilter("default")
         warnings.simplefilter("ignore", FutureWarning)  # library deprecation notices
         try:
-            summary = train(cfg).summary
+            summary = train(cfg).summary if nproc == 1 else launch_run(cfg, nproc, log)
             outcome = RunOutcome(run_id, summary["status"], summary.get("steps_done"), summary.get("error"))
         except KeyboardInterrupt:
             outcome = RunOutcome(run_id, "interrupted", runs.read_summary(run_dir).get("steps_done"))
@@ -93,6 +95,30 @@ def run_one(cfg: RunConfig) -> RunOutcome:
     if run_dir.exists():
         _append_log(run_dir, start, log.getvalue(), caught)
     return outcome
+
+
+def launch_run(cfg: RunConfig, nproc: int, log: io.StringIO) -> dict[str, Any]:
+    """Train ``cfg`` on ``nproc`` processes (``torchrun --standalone --nproc-per-node nproc -m
+    dynamics train``, ``cfg`` as flags) and return its summary; the processes' output goes to
+    ``log``. SIGTERM to this process is passed on (torchrun hands it to every process, which
+    checkpoint after the same step)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "dynamics", "train", *config_flags(cfg)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM)) if in_main_thread \
+        else None
+    try:
+        output, _ = process.communicate()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    log.write(output)
+    summary = runs.read_summary(cfg.run_dir) if (cfg.run_dir / "summary.json").exists() else {}
+    if process.returncode and summary.get("status") in (None, "running"):
+        last = [line for line in output.splitlines() if line.strip()][-1:] or ["no output"]
+        raise RuntimeError(f"torchrun exited with code {process.returncode}: {last[0].strip()}")
+    return summary
 
 
 def _wait_while_locked(run_dir: Path, poll_s: float = 0.5) -> None:
@@ -149,9 +175,9 @@ class _Worker:
         child_conn.close()
         self.cfg: RunConfig | None = None
 
-    def start(self, cfg: RunConfig) -> None:
+    def start(self, cfg: RunConfig, nproc: int = 1) -> None:
         self.cfg = cfg
-        self.conn.send(cfg)
+        self.conn.send((cfg, nproc))
 
     def finished(self) -> RunOutcome | str | None:
         """The outcome of the run it holds; None while it trains; why it died if it died first."""
@@ -183,10 +209,10 @@ def _serve(conn) -> None:
     threading.Thread(target=_stop_when_orphaned, daemon=True).start()
     while True:
         try:
-            cfg = conn.recv()
+            cfg, nproc = conn.recv()
         except (EOFError, OSError, KeyboardInterrupt):
             return
-        outcome = run_one(cfg)
+        outcome = run_one(cfg, nproc)
         try:
             conn.send(outcome)
         except OSError:  # the sweep is gone
@@ -219,14 +245,15 @@ def _worker_context():
     return context
 
 
-def run_local(configs: Sequence[RunConfig], workers: int, board: SweepBoard) -> list[RunOutcome]:
+def run_local(configs: Sequence[RunConfig], workers: int, board: SweepBoard, nproc: int = 1) -> list[RunOutcome]:
     """Run ``configs`` in up to ``workers`` worker processes at once, each run with
-    ``max(1, cpus // workers)`` torch threads unless its config sets ``threads``.
+    ``max(1, cpus // workers)`` torch threads unless its config sets ``threads``; with ``nproc`` >
+    1 each run is data-parallel on that many processes of ``cpus // (workers * nproc)`` threads.
 
     Ctrl-C (or SIGTERM to the workers) lets each running run checkpoint and end ``interrupted``;
     queued runs are not started.
     """
-    threads = max(1, usable_cpus() // workers)
+    threads = max(1, usable_cpus() // (workers * nproc))
     queue = deque(dataclasses.replace(cfg, threads=cfg.threads or threads) for cfg in configs)
     context = _worker_context()
     idle: list[_Worker] = []
@@ -240,7 +267,7 @@ def run_local(configs: Sequence[RunConfig], workers: int, board: SweepBoard) -> 
                     while idle and not idle[-1].process.is_alive():  # died between runs
                         idle.pop().close()
                     worker = idle.pop() if idle else _Worker(context)
-                    worker.start(queue.popleft())
+                    worker.start(queue.popleft(), nproc)
                     busy.append(worker)
                     board.started(worker.cfg.resolved_run_id)
                 waitables = [w.conn for w in busy] + [w.process.sentinel for w in busy]
@@ -273,10 +300,13 @@ def run_local(configs: Sequence[RunConfig], workers: int, board: SweepBoard) -> 
 
 
 # --- Ray executor ------------------------------------------------------------------------------------
-def run_ray(configs: Sequence[RunConfig], address: str | None, board: SweepBoard) -> list[RunOutcome]:
+def run_ray(configs: Sequence[RunConfig], address: str | None, board: SweepBoard, nproc: int = 1
+            ) -> list[RunOutcome]:
     """One Ray task per run (``run_one``), asking for ``threads`` CPUs (1 when unset) and one GPU
-    when the run's device is ``cuda`` (or ``auto`` on a cluster that has GPUs). Tasks whose worker
-    or node is lost are retried ``RAY_MAX_RETRIES`` times and resume from the run's checkpoint.
+    when the run's device is ``cuda`` (or ``auto`` on a cluster that has GPUs), each times
+    ``nproc``: a run with ``nproc`` > 1 trains data-parallel under torchrun on the one node Ray
+    places it on. Tasks whose worker or node is lost are retried ``RAY_MAX_RETRIES`` times and
+    resume from the run's checkpoint.
 
     Uses the Ray this process is connected to, else ``address`` (default ``$RAY_ADDRESS``), else
     starts a local Ray for the sweep and stops it at the end.
@@ -296,9 +326,9 @@ def run_ray(configs: Sequence[RunConfig], address: str | None, board: SweepBoard
             cpus = cfg.threads or 1
             gpus = 1 if cfg.device == "cuda" or (cfg.device == "auto" and has_gpus) else 0
             cfg = dataclasses.replace(cfg, threads=cpus, runs_dir=str(Path(cfg.runs_dir).resolve()))
-            options = dict(num_cpus=cpus, num_gpus=gpus, max_retries=RAY_MAX_RETRIES,
+            options = dict(num_cpus=cpus * nproc, num_gpus=gpus * nproc, max_retries=RAY_MAX_RETRIES,
                            retry_exceptions=False, name=f"dynamics:{cfg.resolved_run_id}")
-            pending[task.options(**options).remote(cfg)] = cfg
+            pending[task.options(**options).remote(cfg, nproc)] = cfg
         return _collect_ray(ray, pending, board)
     finally:
         if started_here:

@@ -336,13 +336,15 @@ run_status = runs.run_status
 # --- running a grid ----------------------------------------------------------------------------------
 def run_grid(configs: Sequence[RunConfig], *, executor: str = "local", workers: int = 1,
              ray_address: str | None = None, retry_failed: bool = False, progress: bool = True,
-             stream: TextIO | None = None) -> pd.DataFrame:
+             stream: TextIO | None = None, nproc_per_run: int = 1) -> pd.DataFrame:
     """Run every config that is not done yet (``plan_action``) and return the grid's table.
 
     ``executor="local"`` runs ``workers`` runs at a time, each in a worker process with
     ``cpus // workers`` torch threads (unless the config sets ``threads``); ``"ray"`` sends one Ray
     task per run to ``ray_address`` (default: ``$RAY_ADDRESS``, else a Ray started here). With
-    ``progress``, one line per run and an ETA go to ``stream`` (default: standard error).
+    ``progress``, one line per run and an ETA go to ``stream`` (default: standard error). With
+    ``nproc_per_run`` > 1 each run trains data-parallel on that many processes (torchrun) of one
+    machine, or of the one Ray node its task is placed on.
 
     Returns one row per run, in grid order: the ``dynamics.load_runs`` columns plus ``action``
     (what this sweep did: new, resume, retry, skip) and ``error``. A run that fails, or whose
@@ -357,15 +359,21 @@ def run_grid(configs: Sequence[RunConfig], *, executor: str = "local", workers: 
     if executor == "ray" and workers != 1:
         raise ConfigError(f"--workers {workers}: only used with --executor local; Ray runs as many runs at "
                           "once as the cluster has resources for (set threads in the grid for CPUs per run)")
+    if nproc_per_run < 1:
+        raise ConfigError(f"--nproc-per-run {nproc_per_run}: must be an integer >= 1")
+    for cfg in configs:
+        if cfg.batch_size % nproc_per_run:
+            raise ConfigError(f"--nproc-per-run {nproc_per_run}: run {cfg.resolved_run_id} has batch_size "
+                              f"{cfg.batch_size}, not a multiple of it (each process takes an equal shard)")
     actions = {cfg.resolved_run_id: plan_action(cfg, retry_failed) for cfg in configs}
     board = executors.SweepBoard([(cfg, actions[cfg.resolved_run_id]) for cfg in configs],
                                  (stream or sys.stderr) if progress else None)
     to_run = [cfg for cfg in configs if actions[cfg.resolved_run_id] != "skip"]
     try:
         if executor == "local":
-            outcomes = executors.run_local(to_run, workers, board)
+            outcomes = executors.run_local(to_run, workers, board, nproc_per_run)
         else:
-            outcomes = executors.run_ray(to_run, ray_address, board)
+            outcomes = executors.run_ray(to_run, ray_address, board, nproc_per_run)
     finally:
         board.close()
     return grid_table(configs, actions, {outcome.run_id: outcome for outcome in outcomes})

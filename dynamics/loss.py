@@ -7,6 +7,7 @@ big batch: each micro-batch contributes its loss *sum* divided by the step's num
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Mapping
 
 import torch
@@ -39,13 +40,26 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> 
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
-def step_loss_fn(kind: str, n_terms: int) -> Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]:
-    """``loss_fn(model, micro_batch)``: that micro-batch's share of the step's mean loss."""
+def step_loss_fn(kind: str, n_terms: int, autocast: str | None = None
+                 ) -> Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]:
+    """``loss_fn(model, micro_batch)``: that micro-batch's share of the step's mean loss. With
+    ``autocast`` (a device type) the forward runs under bf16 autocast; the backward then follows
+    the forward's dtypes (autocast wraps the forward only, as torch recommends)."""
 
     def loss_fn(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return loss_sum(model, batch, kind) / n_terms
+        with mixed_precision(autocast):
+            return loss_sum(model, batch, kind) / n_terms
 
     return loss_fn
+
+
+def mixed_precision(device_type: str | None) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device_type`` ("cpu", "cuda"), or nothing for None. Matmuls run in
+    bf16, reductions and the loss (``cross_entropy_sum`` casts the logits) in fp32; the weights
+    keep their dtype, so fp32 trainable weights and optimizer state stay fp32."""
+    if device_type is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -167,6 +167,10 @@ def build_model(cfg: RunConfig, num_labels: int | None = None, loraga: LoraGASou
         raise ValueError("a classification task needs num_labels")
     device = resolve_device(cfg)
     model = load_base_model(cfg, num_labels=num_labels, dtype=resolve_dtype(cfg, device)).to(device)
+    if cfg.gradient_checkpointing:
+        # non-reentrant: recomputes correctly when the inputs need no grad (frozen embeddings under
+        # LoRA) and under the perturbations' forward hooks, which are still in place in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return apply_adapter(model, cfg, loraga=loraga).to(device)  # the new adapter's weights onto device too
 
 

@@ -115,3 +115,13 @@ def test_bbc_has_five_classes_and_disjoint_seeded_splits():
     batch = task.collate(task.train[:4])
     assert batch["labels"].shape == (4,) and batch["labels"].dtype == torch.long
     assert not {tuple(ex["input_ids"]) for ex in task.train} & {tuple(ex["input_ids"]) for ex in task.eval}
+
+
+def test_bbc_without_an_eval_split():
+    from transformers import AutoTokenizer
+
+    from dynamics.models import minilm_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    task = load_task(RunConfig(model="minilm-l6", task="bbc", n_eval=0, n_train=50, seq_len=32), tokenizer)
+    assert task.eval == [] and len(task.train) == 50

@@ -18,7 +18,8 @@ from dynamics.training.evaluate import eval_mode, greedy_decode, macro_f1
 from dynamics.training.loop import DataOrder
 
 METRIC_COLUMNS = ["step", "epoch", "tokens", "loss", "loss_clean", "lr", "grad_norm", "param_norm", "update_norm",
-                  "momentum_norm", "grad_ema", "apn_scale", "perturb_norm", "step_time_s", "peak_mem_mb"]
+                  "momentum_norm", "grad_ema", "apn_scale", "perturb_norm", "step_time_s", "peak_mem_mb",
+                  "tokens_per_s"]
 
 
 def assert_same_losses(a: pd.DataFrame, b: pd.DataFrame) -> None:

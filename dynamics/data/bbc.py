@@ -59,6 +59,8 @@ def build(cfg: RunConfig, tokenizer) -> TaskData:
         train_index = train_index[: cfg.n_train]
 
     def encode(indices):
+        if len(indices) == 0:  # --n-eval 0 (or --n-train 0): the tokenizer refuses an empty list
+            return []
         batch = tokenizer([texts[i] for i in indices], truncation=True, max_length=cfg.seq_len)
         return [{"input_ids": ids, "label": labels[i]} for ids, i in zip(batch["input_ids"], indices)]
 

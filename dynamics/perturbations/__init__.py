@@ -15,6 +15,7 @@ from torch import nn
 
 from dynamics.adapters.layers import adapter_layers
 from dynamics.config import RunConfig
+from dynamics.distributed import ONE_PROCESS, World
 from dynamics.perturbations.base import NoPerturbation, Perturbation
 from dynamics.perturbations.mgpo import MGPO
 from dynamics.perturbations.msam import MomentumSAM
@@ -24,9 +25,11 @@ from dynamics.perturbations.sam import SAM
 __all__ = ["MGPO", "SAM", "MomentumSAM", "NoPerturbation", "Perturbation", "RandomWeightNoise", "make_perturbation"]
 
 
-def make_perturbation(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> Perturbation:
+def make_perturbation(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      world: World = ONE_PROCESS) -> Perturbation:
     """The perturbation of ``cfg.perturbation`` over ``model``'s LoRA-family layers or trainable
-    parameters; ``optimizer`` is where MGPO and Momentum-SAM read their momentum."""
+    parameters; ``optimizer`` is where MGPO and Momentum-SAM read their momentum, ``world`` the
+    processes of a data-parallel run (SAM sums its ascent gradient over them)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.perturbation is None:
         return NoPerturbation()
@@ -37,7 +40,7 @@ def make_perturbation(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.O
     if cfg.perturbation == "msam":
         return MomentumSAM(params, optimizer, rho=cfg.rho, clean_loss_every=cfg.clean_loss_every, method=cfg.method)
     if cfg.perturbation == "sam":
-        return SAM(params, rho=cfg.rho)
+        return SAM(params, rho=cfg.rho, sum_gradients=world.sum_gradients)
     if cfg.adapter == "full":
         return RandomWeightNoise(rho=cfg.rho, total_steps=cfg.steps, seed=cfg.seed, weights=linear_weights(model),
                                  clean_loss_every=cfg.clean_loss_every)

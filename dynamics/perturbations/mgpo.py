@@ -159,7 +159,7 @@ class MGPO(PerturbationDefaults):
         with perturbed_lora_layers({layer: deltas[layer.name] for layer in fused}, ways), \
                 perturbed_base_layers(bases, base_application):
             loss = loss_fn(model, batch)
-        loss.backward()
+            loss.backward()  # inside: gradient checkpointing re-runs the perturbed forward here
         return loss.detach()
 
     def _split_by_application(self) -> tuple[list[AdapterLayer], list[AdapterLayer]]:

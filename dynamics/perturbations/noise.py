@@ -112,7 +112,7 @@ class RandomWeightNoise(CountsSteps):
             bases = {layer.base: deltas[layer.name] for layer in self.layers}
             with perturbed_base_layers(bases, application="dense"):
                 loss = loss_fn(model, batch)
-            loss.backward()
+                loss.backward()  # inside: gradient checkpointing re-runs the perturbed forward here
             return loss.detach()
         weights = list(self.weights.values())
         with exact_restore(weights):

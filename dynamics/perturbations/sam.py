@@ -8,9 +8,17 @@
 davda54/sam. With gradient accumulation each micro-batch takes its own ascent step from its own
 gradient (SAM's m-sharpness with m = the micro-batch size); the gradients of earlier
 micro-batches are set aside during the two passes and added back.
+
+Data parallel (``dynamics.distributed``): ``sum_gradients`` sums the first pass's gradient over the
+processes before ``e`` is formed, so every process ascends along the gradient of the whole
+micro-batch, as one process would (the global-ascent reading; per-process ascent, SAM's
+m-sharpness with m = the shard, would make the result depend on the number of processes). The
+second pass's gradient is summed with the rest of the step's.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -22,8 +30,10 @@ from dynamics.tensors import global_norm
 class SAM(PerturbationDefaults):
     """Two passes per micro-batch (module doc). No state carries over between steps."""
 
-    def __init__(self, params: list[torch.Tensor], *, rho: float, eps: float = 1e-12) -> None:
+    def __init__(self, params: list[torch.Tensor], *, rho: float, eps: float = 1e-12,
+                 sum_gradients: Callable[[Sequence[torch.Tensor]], None] = lambda params: None) -> None:
         self.params = params
+        self.sum_gradients = sum_gradients  # over the processes of a data-parallel run (module doc)
         self.rho, self.eps = rho, eps
         self.loss_clean = CleanLoss(every=0)  # fed by the first pass, every step
         self.begin_step()
@@ -38,6 +48,7 @@ class SAM(PerturbationDefaults):
             p.grad = None
         clean = loss_fn(model, batch)
         clean.backward()
+        self.sum_gradients(self.params)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         grad_norm = global_norm(grads)
         ascent = torch._foreach_mul(grads, self.rho / (grad_norm + self.eps))

@@ -41,6 +41,7 @@ METRICS_SCHEMA = pa.schema(
         ("perturb_norm", pa.float64()),  # global norm of the weight perturbation applied
         ("step_time_s", pa.float64()),
         ("peak_mem_mb", pa.float64()),
+        ("tokens_per_s", pa.float64()),  # non-padding input tokens of the step (all processes) / step_time_s
     ]
 )
 
@@ -168,12 +169,12 @@ class RunLogs:
     """The four tables a training run writes as it goes: ``metrics``, ``layers``, ``evals`` and
     ``sharpness`` (``--sharpness-every``), each a ``ParquetLog`` in ``run_dir``."""
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    def __init__(self, run_dir: str | os.PathLike, flush_every_s: float = 5.0) -> None:
         run_dir = Path(run_dir)
-        self.metrics = ParquetLog(run_dir / "metrics.parquet", METRICS_SCHEMA)
-        self.layers = ParquetLog(run_dir / "layers.parquet", LAYERS_SCHEMA)
-        self.evals = ParquetLog(run_dir / "eval.parquet", EVAL_SCHEMA)
-        self.sharpness = ParquetLog(run_dir / "sharpness.parquet", SHARPNESS_SCHEMA)
+        self.metrics = ParquetLog(run_dir / "metrics.parquet", METRICS_SCHEMA, flush_every_s)
+        self.layers = ParquetLog(run_dir / "layers.parquet", LAYERS_SCHEMA, flush_every_s)
+        self.evals = ParquetLog(run_dir / "eval.parquet", EVAL_SCHEMA, flush_every_s)
+        self.sharpness = ParquetLog(run_dir / "sharpness.parquet", SHARPNESS_SCHEMA, flush_every_s)
 
     def all(self) -> tuple[ParquetLog, ...]:
         return self.metrics, self.layers, self.evals, self.sharpness

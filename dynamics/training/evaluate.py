@@ -15,7 +15,7 @@ from torch import nn
 
 from dynamics.config import RunConfig
 from dynamics.data import Example, TaskData, n_loss_terms
-from dynamics.loss import cross_entropy_sum, forward_logits, to_device
+from dynamics.loss import cross_entropy_sum, forward_logits, mixed_precision, to_device
 
 
 @contextlib.contextmanager
@@ -34,7 +34,7 @@ def evaluate(model: nn.Module, task: TaskData, cfg: RunConfig, device: torch.dev
     exact-match by greedy decoding of the first ``n_eval_generate`` problems (causal LM)."""
     started = time.perf_counter()
     total, terms, predictions, labels = 0.0, 0, [], []
-    with eval_mode(model):
+    with eval_mode(model), mixed_precision(device.type if cfg.autocast else None):
         for start in range(0, len(task.eval), cfg.batch_size):
             batch = to_device(task.collate(task.eval[start : start + cfg.batch_size]), device)
             logits = forward_logits(model, batch, task.kind)  # one forward for the loss and the predictions

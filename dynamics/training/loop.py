@@ -6,11 +6,17 @@ subclass.
 Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples (``train_step``
 documents the step). Data order is a pure function of (seed, epoch), so a resumed run draws
 exactly the batches an uninterrupted one would.
+
+Started by ``torchrun`` / ``accelerate launch`` on N processes, the same function trains one run
+data-parallel (``dynamics.distributed``): each process takes its shard of every micro-batch, the
+step sums the gradients, and process 0 alone claims the run folder, evaluates, measures sharpness,
+logs and checkpoints; the others wait for it in the next step's collectives.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -27,6 +33,7 @@ from dynamics.adapters import LoraGASource, save_initial
 from dynamics.config import ConfigError, ConfigWarning, RunConfig, as_config, warn_ineffective
 from dynamics.curvature import measure_sharpness
 from dynamics.data import TaskData, load_task, n_loss_terms
+from dynamics.distributed import ONE_PROCESS, World, backend_for
 from dynamics.files import first_line
 from dynamics.loss import loss_sum, to_device
 from dynamics.models import build_model, load_tokenizer, resolve_device, resolve_dtype
@@ -35,7 +42,8 @@ from dynamics.training.evaluate import evaluate
 from dynamics.training.step import TrainState, train_step
 
 
-def train(config: RunConfig | Mapping[str, Any], on_start: Callable[[str], None] | None = None) -> runs.Run:
+def train(config: RunConfig | Mapping[str, Any], on_start: Callable[[str], None] | None = None,
+          world: World | None = None) -> runs.Run:
     """Run (or resume) one instrumented training; returns the run folder as a ``Run``.
 
     ``on_start`` is called once the model and data are loaded and the first step is about to run,
@@ -46,61 +54,126 @@ def train(config: RunConfig | Mapping[str, Any], on_start: Callable[[str], None]
     everything logged so far is kept), ``interrupted`` (SIGINT/SIGTERM: a checkpoint is written) or
     ``failed`` (an exception, re-raised after the status is recorded). Bad settings raise
     ``ConfigError`` before anything is written.
+
+    ``world`` is the processes of a data-parallel run (default: the launcher's, read from the
+    environment; one process without a launcher).
     """
     cfg = as_config(config)
-    warn_ineffective(cfg)
-    plan = runs.plan_run(cfg)
+    world = world or World.from_env(backend_for(resolve_device(cfg)))
+    if cfg.batch_size % world.size:
+        raise ConfigError(f"--batch-size {cfg.batch_size}: must be a multiple of the {world.size} processes "
+                          "(each takes an equal shard of every micro-batch)")
+    if world.is_main:
+        warn_ineffective(cfg)
+    plan = _agreed_plan(cfg, world)
     if plan.mode == "done":
         return runs.load_run(plan.run_dir)
     with torch_threads(cfg.threads):
-        model, task, device, setup = _build(cfg, plan)  # all that can fail on bad input, before the folder is touched
-        runtime = {**_runtime(cfg, model, task, device), **setup} if plan.mode == "new" else None
+        # all that can fail on bad input, before the folder is touched
+        model, task, device, setup = _build(cfg, plan, world)
+        runtime = {**_runtime(cfg, model, task, device, world), **setup} if plan.mode == "new" else None
         keep_initial = plan.mode == "new" and cfg.adapter in runs.INITIAL_ADAPTER_KEPT
         write_initial = (lambda folder: save_initial(model, folder / runs.INITIAL_ADAPTER)) if keep_initial else None
-        with runs.claim_run(cfg, runtime, write_more=write_initial) as run_dir:  # the one writer, or a ConfigError
-            if plan.mode == "resume" and runs.plan_run(cfg).mode == "done":  # finished while we loaded
-                return runs.load_run(run_dir)
-            if runtime and setup:
+        claim = runs.claim_run(cfg, runtime, write_more=write_initial) if world.is_main else contextlib.nullcontext(
+            plan.run_dir)
+        with _claimed_by_main(world, claim, cfg, plan) as run_dir:  # the one writer, or a ConfigError
+            if run_dir is None:  # finished while we loaded
+                return runs.load_run(plan.run_dir)
+            if runtime and setup and world.is_main:
                 runs.update_summary(run_dir, **setup)  # one-off costs, beside the run's wall time
             # Draws during training (dropout, noise) come from a fork of torch's RNG seeded by cfg.seed
             # (or restored from the checkpoint): reproducible, the caller's RNG state left as it was.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(cfg.seed)
                 return _train_steps(cfg, run_dir, model, task, device, resume=plan.mode == "resume",
-                                    on_start=on_start)
+                                    on_start=on_start, world=world)
+
+
+PLAN_MODES = ("new", "resume", "done")
+
+
+def _agreed_plan(cfg: RunConfig, world: World) -> runs.RunPlan:
+    """Process 0's plan, on every process (the others must not read a folder process 0 may be
+    creating). A plan refused on process 0 is refused on all."""
+    if not world.distributed:
+        return runs.plan_run(cfg)
+    if not world.is_main:
+        mode = world.broadcast_int(-1)
+        if mode < 0:
+            raise _following_process_0(f"--run-id {cfg.run_dir.name}: refused by process 0 (its message says why)")
+        return runs.RunPlan(PLAN_MODES[mode], cfg.run_dir)
+    try:
+        plan = runs.plan_run(cfg)
+    except BaseException:
+        world.broadcast_int(-1)
+        raise
+    world.broadcast_int(PLAN_MODES.index(plan.mode))
+    return plan
+
+
+def _following_process_0(message: str) -> ConfigError:
+    """The refusal of a process other than 0, which follows process 0's (the CLI prints only that)."""
+    error = ConfigError(message)
+    error.follows_process_0 = True
+    return error
+
+
+@contextlib.contextmanager
+def _claimed_by_main(world: World, claim, cfg: RunConfig, plan: runs.RunPlan) -> Iterator[Any]:
+    """Enter ``claim`` (process 0's ``claim_run``) and tell every process how it went: yields the
+    run folder, or None when the run finished while we loaded it."""
+    CLAIMED, REFUSED, FINISHED = 1, 0, 2
+    with contextlib.ExitStack() as stack:
+        try:
+            run_dir = stack.enter_context(claim)
+        except BaseException:
+            if world.is_main:
+                world.broadcast_int(REFUSED)
+            raise
+        outcome = CLAIMED
+        if world.is_main and plan.mode == "resume" and runs.plan_run(cfg).mode == "done":
+            outcome = FINISHED
+        outcome = world.broadcast_int(outcome)
+        if outcome == REFUSED:
+            raise _following_process_0(f"--run-id {cfg.run_dir.name}: process 0 could not claim the run "
+                                       "(its message says why)")
+        yield run_dir if outcome == CLAIMED else None
 
 
 def _train_steps(cfg: RunConfig, run_dir, model: nn.Module, task: TaskData, device: torch.device,
-                 resume: bool, on_start: Callable[[str], None] | None = None) -> runs.Run:
+                 resume: bool, on_start: Callable[[str], None] | None = None, world: World = ONE_PROCESS) -> runs.Run:
     from tqdm.auto import tqdm  # lazy: tqdm.auto probes for Jupyter widgets on import
 
-    state = TrainState.create(cfg, model)
-    logs = RunLogs(run_dir)
+    state = TrainState.create(cfg, model, world)
+    # Process 0 writes the run's tables; the others keep their rows in memory and never flush.
+    logs = RunLogs(run_dir, flush_every_s=5.0 if world.is_main else math.inf)
     progress = _restore(state, run_dir, device) if resume else Progress()
-    logs.load(keep_through_step=progress.step)  # drop rows logged after the checkpoint
-    if on_start is not None:
+    if world.is_main:
+        logs.load(keep_through_step=progress.step)  # drop rows logged after the checkpoint
+    if on_start is not None and world.is_main:
         on_start(f"resuming from checkpoint step {progress.step}" if progress.step
                  else "resuming from the start (no checkpoint yet)" if resume else "new run")
     order = DataOrder(len(task.train), cfg.seed)
     clock = SessionClock(progress)
-    bar = tqdm(total=cfg.steps, initial=progress.step, disable=not cfg.progress, unit="step", desc=run_dir.name,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=progress.step, disable=not (cfg.progress and world.is_main), unit="step",
+               desc=run_dir.name, dynamic_ncols=True)
     status = "running"
     model.train()
     try:
         with StopRequest() as stop:
             if progress.step == 0:
                 _evaluate(state, task, logs, progress, device, bar)
-                _save(run_dir, cfg, logs, clock, "running")
+                _save(run_dir, cfg, logs, clock, "running", world)
             while progress.step < cfg.steps:
-                micro_batches = order.micro_batches(task, progress.examples, cfg, device)
+                micro_batches = order.micro_batches(task, progress.examples, cfg, device, world)
                 step = progress.step + 1
+                world.seed_step(cfg.seed, step)
                 result = train_step(state, micro_batches, step, layer_metrics=every(cfg.layer_metrics_every, step))
                 if not result.applied:
                     logs.metrics.append(result.row)
                     status = "diverged"
                     break
-                progress.advance(micro_batches, cfg.batch_size * cfg.grad_accum)
+                progress.advance(result.tokens, cfg.batch_size * cfg.grad_accum)
                 logs.metrics.append({**result.row, "tokens": progress.tokens,
                                      "epoch": progress.examples / len(task.train)})
                 for row in result.layer_rows:
@@ -113,22 +186,24 @@ def _train_steps(cfg: RunConfig, run_dir, model: nn.Module, task: TaskData, devi
                     _evaluate(state, task, logs, progress, device, bar)
                 if every(cfg.sharpness_every, step):
                     _measure_sharpness(state, task, logs, progress, device, bar)
-                if last_step or every(cfg.checkpoint_every, step) or stop.requested:
+                stop_now = world.any(stop.requested)  # every process stops after the same step
+                if last_step or every(cfg.checkpoint_every, step) or stop_now:
                     _checkpoint(state, run_dir, logs, clock, progress, device)
-                if stop.requested and not last_step:
+                if stop_now and not last_step:
                     status = "interrupted"
                     break
             else:
                 status = "completed"
     except KeyboardInterrupt:
-        _save(run_dir, cfg, logs, clock, "interrupted")
+        _save(run_dir, cfg, logs, clock, "interrupted", world)
         raise
     except BaseException as error:
-        _save(run_dir, cfg, logs, clock, "failed", error=f"{type(error).__name__}: {error}")
+        _save(run_dir, cfg, logs, clock, "failed", world, error=f"{type(error).__name__}: {error}")
         raise
     finally:
         bar.close()
-    _save(run_dir, cfg, logs, clock, status)
+    _save(run_dir, cfg, logs, clock, status, world)
+    world.barrier()  # the summary is on disk before any process reads the run back
     return runs.load_run(run_dir)
 
 
@@ -150,10 +225,16 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _build(cfg: RunConfig, plan: runs.RunPlan) -> tuple[nn.Module, TaskData, torch.device, dict[str, float]]:
+def _build(cfg: RunConfig, plan: runs.RunPlan, world: World = ONE_PROCESS
+           ) -> tuple[nn.Module, TaskData, torch.device, dict[str, float]]:
     """Model, task and device of ``cfg`` (a new run's folder is created only once they all load),
-    and the seconds of one-off set-up worth recording (LoRA-GA's initialisation)."""
+    and the seconds of one-off set-up worth recording (LoRA-GA's initialisation). In a
+    data-parallel run each process builds the same model (LoRA-GA's gradient estimate included)
+    and then takes process 0's weights, as DDP does, so they start bit-identical."""
     device = resolve_device(cfg)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
     try:
         tokenizer = load_tokenizer(cfg)
     except (OSError, ValueError) as error:  # not found locally or on the hub, no network, no tokenizer files
@@ -176,6 +257,7 @@ def _build(cfg: RunConfig, plan: runs.RunPlan) -> tuple[nn.Module, TaskData, tor
         raise
     except (OSError, ValueError) as error:
         raise ConfigError(f"--model {cfg.model}: cannot load it ({first_line(error)})") from error
+    world.broadcast_tensors([*model.parameters(), *model.buffers()])
     if estimate is None:
         return model, task, device, {}
     # the estimate's forward/backward passes, then peft's SVDs and offsets (until build_model returned)
@@ -210,10 +292,12 @@ class GradientEstimate:
         self.seconds = self.finished - started
 
 
-def _runtime(cfg: RunConfig, model: nn.Module, task: TaskData, device: torch.device) -> dict[str, Any]:
+def _runtime(cfg: RunConfig, model: nn.Module, task: TaskData, device: torch.device,
+             world: World = ONE_PROCESS) -> dict[str, Any]:
     """Where and on what a new run trains (config.json's ``runtime``)."""
     dtype = resolve_dtype(cfg, device)
     return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "processes": world.size,
             "n_train": len(task.train), "n_eval": len(task.eval),
             # parameters of the model as trained (base + adapter; tied weights once)
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -241,11 +325,12 @@ class DataOrder:
             out.append(int(self._perm[i % self.n_examples]))
         return out
 
-    def micro_batches(self, task: TaskData, start: int, cfg: RunConfig, device: torch.device) -> list[dict]:
+    def micro_batches(self, task: TaskData, start: int, cfg: RunConfig, device: torch.device,
+                      world: World = ONE_PROCESS) -> list[dict]:
         """One step's ``grad_accum`` micro-batches of ``batch_size`` examples from stream position
-        ``start``, collated and on ``device``."""
+        ``start``, collated and on ``device``; in a data-parallel run, this process's shard of each."""
         indices = self.indices(start, cfg.batch_size * cfg.grad_accum)
-        return [to_device(task.collate([task.train[i] for i in indices[k : k + cfg.batch_size]]), device)
+        return [to_device(task.collate([task.train[i] for i in world.shard(indices[k : k + cfg.batch_size])]), device)
                 for k in range(0, len(indices), cfg.batch_size)]
 
 
@@ -259,10 +344,10 @@ class Progress:
     examples: int = 0  # training examples seen
     wall_time_s: float = 0.0  # over all sessions of this run
 
-    def advance(self, micro_batches: list[dict], examples: int) -> None:
+    def advance(self, tokens: int, examples: int) -> None:
         self.step += 1
         self.examples += examples
-        self.tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        self.tokens += tokens
 
 
 class SessionClock:
@@ -278,9 +363,13 @@ class SessionClock:
         return self.progress
 
 
-def _save(run_dir, cfg: RunConfig, logs: RunLogs, clock: SessionClock, status: str, **extra: Any) -> None:
-    """Flush the logs, then write summary.json (so the summary never names rows not on disk)."""
+def _save(run_dir, cfg: RunConfig, logs: RunLogs, clock: SessionClock, status: str, world: World = ONE_PROCESS,
+          **extra: Any) -> None:
+    """Flush the logs, then write summary.json (so the summary never names rows not on disk);
+    process 0's duty."""
     progress = clock.tick()
+    if not world.is_main:
+        return
     logs.flush()
     fields = {"error": None, **logs.summary_numbers(), **extra}  # extra may set the error
     runs.update_summary(run_dir, status=status, steps_done=progress.step, steps_total=cfg.steps,
@@ -289,6 +378,8 @@ def _save(run_dir, cfg: RunConfig, logs: RunLogs, clock: SessionClock, status: s
 
 def _checkpoint(state: TrainState, run_dir, logs: RunLogs, clock: SessionClock, progress: Progress,
                 device: torch.device) -> None:
+    if not state.world.is_main:
+        return
     _save(run_dir, state.cfg, logs, clock, "running")  # logs on disk cover every step up to the checkpoint
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -302,7 +393,7 @@ def _restore(state: TrainState, run_dir, device: torch.device) -> Progress:
     """Load the newest checkpoint that reads in full (a damaged newer one is named and skipped);
     a run with no checkpoint yet starts from step 0, one whose checkpoints are all damaged stops."""
     step, trainer_state, damaged = runs.latest_intact_checkpoint(run_dir)
-    for line in damaged:
+    for line in damaged if state.world.is_main else ():
         warnings.warn(f"{run_dir.name}: {line}" + (f"; resuming from step {step}" if step else ""), ConfigWarning,
                       stacklevel=2)
     if step is None:
@@ -320,7 +411,7 @@ def _restore(state: TrainState, run_dir, device: torch.device) -> Progress:
 
 # --- evaluation and sharpness during training -------------------------------------------------------
 def _evaluate(state: TrainState, task: TaskData, logs: RunLogs, progress: Progress, device, bar) -> None:
-    if state.cfg.n_eval and task.eval:
+    if state.cfg.n_eval and task.eval and state.world.is_main:
         bar.set_postfix_str("evaluating", refresh=True)
         with state.perturbation.unperturbed(state.model):
             logs.evals.append({"step": progress.step, **evaluate(state.model, task, state.cfg, device)})
@@ -328,6 +419,8 @@ def _evaluate(state: TrainState, task: TaskData, logs: RunLogs, progress: Progre
 
 def _measure_sharpness(state: TrainState, task: TaskData, logs: RunLogs, progress: Progress, device, bar) -> None:
     cfg = state.cfg
+    if not state.world.is_main:
+        return
     bar.set_postfix_str("sharpness", refresh=True)
     with state.perturbation.unperturbed(state.model):
         rows = measure_sharpness(state.model, task, cfg, device, k=cfg.sharpness_k, n_batches=cfg.sharpness_batches,

@@ -2,6 +2,7 @@
 
     for micro_batch in micro_batches:
         loss += perturbation.forward_backward(model, micro_batch, loss_fn)   # perturb, backward, restore
+    world.sum_gradients(params)                                            # data parallel: the global gradient
     perturbation.on_accumulated_grad(model, optimizer)                     # e.g. MGPO's g_l (eq. 8)
     hooks.before_optimizer_step(model)                                     # e.g. AdaLoRA's regulariser
     grad_norm = clip(grads)                                                # norm before clipping
@@ -10,7 +11,10 @@
         optimizer.zero_grad(); perturbation.after_optimizer_step(...)
 
 ``train_step`` returns the step's ``metrics.parquet`` row (and per-layer rows when asked); a step
-whose loss or gradient is not finite is not applied, and says so.
+whose loss or gradient is not finite is not applied, and says so. In a data-parallel run
+(``dynamics.distributed``) ``micro_batches`` are this process's shards, the loss is divided by the
+step's global number of loss terms, and after the gradient sum every process holds the numbers one
+process would: the row is the same on all of them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 from dynamics.adapters import AdapterHooks, adapter_hooks, layer_name
 from dynamics.config import RunConfig
 from dynamics.data import n_loss_terms
+from dynamics.distributed import ONE_PROCESS, World
 from dynamics.loss import step_loss_fn
 from dynamics.perturbations import Perturbation, make_perturbation
 from dynamics.tensors import global_norm
@@ -46,9 +51,10 @@ class TrainState:
     hooks: AdapterHooks
     params: list[torch.Tensor] = field(default_factory=list)  # trainable tensors, in model order
     layers: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # layer_name -> its trainable tensors
+    world: World = field(default_factory=World)  # the processes of a data-parallel run
 
     @classmethod
-    def create(cls, cfg: RunConfig, model: nn.Module) -> TrainState:
+    def create(cls, cfg: RunConfig, model: nn.Module, world: World = ONE_PROCESS) -> TrainState:
         optimizer = make_optimizer(cfg, model)
         layers: dict[str, list[torch.Tensor]] = {}
         params = []
@@ -56,8 +62,8 @@ class TrainState:
             if p.requires_grad:
                 params.append(p)
                 layers.setdefault(layer_name(name), []).append(p)
-        return cls(cfg, model, optimizer, make_scheduler(cfg, optimizer), make_perturbation(cfg, model, optimizer),
-                   adapter_hooks(cfg), params, layers)
+        return cls(cfg, model, optimizer, make_scheduler(cfg, optimizer),
+                   make_perturbation(cfg, model, optimizer, world), adapter_hooks(cfg), params, layers, world)
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, scheduler, perturbation and adapter state (``trainer_state.pt`` holds these
@@ -77,6 +83,7 @@ class StepResult:
     row: dict[str, Any]  # the metrics.parquet row, but for the loop's counters (tokens, epoch)
     layer_rows: list[dict[str, Any]]  # layers.parquet rows; empty unless asked for
     applied: bool  # False: the loss or gradient was not finite, the weights did not move
+    tokens: int = 0  # non-padding input tokens of the step, over all processes
 
 
 def train_step(state: TrainState, micro_batches: Sequence[dict[str, torch.Tensor]], step: int,
@@ -85,32 +92,38 @@ def train_step(state: TrainState, micro_batches: Sequence[dict[str, torch.Tensor
 
     The row holds ``step``, ``loss`` (the step's mean loss at the point the gradient was taken),
     ``loss_clean``, ``lr`` (used by this step), ``grad_norm`` (before clipping), the perturbation's
-    numbers, with ``cfg.instrument`` the update / parameter / momentum norms, and ``step_time_s``
-    and ``peak_mem_mb`` of this call. With ``layer_metrics`` the per-layer gradient norms (before
-    clipping) and the perturbation's per-layer numbers.
+    numbers, with ``cfg.instrument`` the update / parameter / momentum norms, and ``step_time_s``,
+    ``peak_mem_mb`` (this process's) and ``tokens_per_s`` (all processes' tokens) of this call.
+    With ``layer_metrics`` the per-layer gradient norms (before clipping) and the perturbation's
+    per-layer numbers.
     """
-    cfg, model, perturbation = state.cfg, state.model, state.perturbation
+    cfg, model, perturbation, world = state.cfg, state.model, state.perturbation, state.world
     device = micro_batches[0]["input_ids"].device
     started = time.perf_counter()
     reset_peak_memory(device)
     lr = state.scheduler.get_last_lr()[0]
 
-    loss_fn = step_loss_fn(cfg.task_kind, sum(n_loss_terms(b, cfg.task_kind) for b in micro_batches))
+    n_terms, tokens = world.sum_ints([sum(n_loss_terms(b, cfg.task_kind) for b in micro_batches),
+                                      sum(int(b["attention_mask"].sum()) for b in micro_batches)])
+    loss_fn = step_loss_fn(cfg.task_kind, n_terms, autocast=device.type if cfg.autocast else None)
     loss = sum(perturbation.forward_backward(model, batch, loss_fn) for batch in micro_batches)
+    world.sum_gradients(state.params)
     perturbation.on_accumulated_grad(model, state.optimizer)
     state.hooks.before_optimizer_step(model)
     layer_rows = _layer_rows(state.layers, perturbation, step) if layer_metrics else []
     grad_norm = clip_gradients(state.params, cfg.max_grad_norm)
     loss_value, grad_norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()  # one host sync
 
-    row: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value}
     numbers = perturbation.step_metrics()
-    row["loss_clean"] = numbers.pop("loss_clean", loss_value)
-    row.update(numbers)
+    # each process's losses are its share of the step's (divided by the global term count): summed.
+    # No loss_clean key: the loss is clean; a None value: not measured this step (null).
+    loss_value, loss_clean = world.sum_floats([loss_value, numbers.pop("loss_clean", loss_value)])
+    row: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
+                           "loss_clean": loss_clean, **numbers}
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
         state.optimizer.zero_grad(set_to_none=True)
         row["step_time_s"] = time.perf_counter() - started
-        return StepResult(row, layer_rows, applied=False)
+        return StepResult(row, layer_rows, applied=False, tokens=tokens)
 
     before = [p.detach().clone() for p in state.params] if cfg.instrument else None  # for update_norm
     state.optimizer.step()
@@ -124,7 +137,8 @@ def train_step(state: TrainState, micro_batches: Sequence[dict[str, torch.Tensor
         torch.cuda.synchronize(device)
     row["step_time_s"] = time.perf_counter() - started
     row["peak_mem_mb"] = peak_memory_mb(device)
-    return StepResult(row, layer_rows, applied=True)
+    row["tokens_per_s"] = tokens / row["step_time_s"]
+    return StepResult(row, layer_rows, applied=True, tokens=tokens)
 
 
 def clip_gradients(params: Sequence[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
