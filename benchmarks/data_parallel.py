@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import dynamics
+from dynamics.config import RunConfig, config_flags
 
 COLUMNS = ["loss", "loss_clean", "grad_norm", "param_norm", "update_norm", "momentum_norm", "grad_ema",
            "apn_scale", "perturb_norm"]
@@ -31,13 +32,7 @@ LAYER_COLUMNS = ["grad_norm", "grad_ema", "apn_scale", "perturb_norm"]
 
 
 def flags(settings: dict) -> list[str]:
-    out = []
-    for key, value in settings.items():
-        if isinstance(value, bool):
-            out.append(("--" if value else "--no-") + key.replace("_", "-"))
-        else:
-            out += ["--" + key.replace("_", "-"), str(value)]
-    return out
+    return config_flags(RunConfig(**settings))
 
 
 def largest_relative_difference(a: np.ndarray, b: np.ndarray) -> float | None:

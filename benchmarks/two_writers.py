@@ -25,6 +25,7 @@ import numpy as np
 
 import dynamics
 from dynamics import runs
+from dynamics.config import RunConfig, config_flags
 
 SHORT = dict(model="tiny-llama", task="tiny", method="lora", rank=4, lr=3e-2, steps=40, batch_size=8, n_train=128,
              n_eval=8, n_eval_generate=0, eval_every=0, checkpoint_every=10, threads=1, progress=False)
@@ -33,13 +34,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def cli_args(settings: dict) -> list[str]:
-    args = []
-    for key, value in settings.items():
-        if isinstance(value, bool):
-            args.append(("--" if value else "--no-") + key.replace("_", "-"))
-        else:
-            args += ["--" + key.replace("_", "-"), str(value)]
-    return args
+    return config_flags(RunConfig(**settings))
 
 
 def popen(*argv: str) -> subprocess.Popen:

@@ -20,6 +20,7 @@ import pytest
 
 import dynamics
 from dynamics import runs
+from dynamics.config import RunConfig, config_flags
 
 pytestmark = pytest.mark.slow
 
@@ -90,13 +91,7 @@ KILL_SETTINGS = {**SETTINGS, "method": "lora+mgpo", "steps": 200, "checkpoint_ev
 
 
 def cli_args(settings: dict) -> list[str]:
-    args = []
-    for key, value in settings.items():
-        if isinstance(value, bool):
-            args.append(("--" if value else "--no-") + key.replace("_", "-"))
-        else:
-            args += ["--" + key.replace("_", "-"), str(value)]
-    return args
+    return config_flags(RunConfig(**settings))
 
 
 def alive(pid: int) -> bool:
@@ -170,7 +165,6 @@ def test_nproc_bad_input_is_one_line_before_any_process_starts(tmp_path, flags, 
 
 def test_config_flags_parse_back_to_the_same_config(tiny):
     from dynamics.cli import build_parser, config_from_args
-    from dynamics.config import RunConfig, config_flags
 
     cfg = RunConfig(**tiny(method="lora+mgpo", lr=3.3e-4, rho=0.0123456789, autocast=True, run_id="x"))
     args = build_parser().parse_args(["train", *config_flags(cfg)])
@@ -178,7 +172,6 @@ def test_config_flags_parse_back_to_the_same_config(tiny):
 
 
 def test_grid_trains_each_run_on_several_processes(tmp_path):
-    from dynamics.config import RunConfig
     from dynamics.grid import run_grid
 
     settings = {**SETTINGS, "method": "lora+mgpo", "threads": 0}

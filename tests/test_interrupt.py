@@ -14,6 +14,7 @@ import pytest
 
 import dynamics
 from dynamics import runs
+from dynamics.config import RunConfig, config_flags
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +24,7 @@ SETTINGS = dict(model="tiny-llama", task="tiny", method="lora", lr=3e-2, steps=4
 
 
 def cli_args(settings: dict) -> list[str]:
-    args = []
-    for key, value in settings.items():
-        if isinstance(value, bool):
-            args.append(("--" if value else "--no-") + key.replace("_", "-"))
-        else:
-            args += ["--" + key.replace("_", "-"), str(value)]
-    return args
+    return config_flags(RunConfig(**settings))
 
 
 def start(settings: dict) -> subprocess.Popen:
