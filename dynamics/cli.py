@@ -152,6 +152,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if main_process:
             print(f"{cfg.run_dir}: interrupted", file=sys.stderr)
         return EXIT_CODES["interrupted"]
+    finally:
+        if launched:
+            from dynamics import distributed  # torch is imported by now
+
+            distributed.close()
     if main_process:
         print(describe(run))
     return EXIT_CODES.get(run.summary.get("status"), 1)
