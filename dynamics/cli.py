@@ -154,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_CODES["interrupted"]
     finally:
         if launched:
-            from dynamics import distributed  # torch is imported by now
+            from dynamics import distributed  # lazy: torch (imported by now, but not at CLI start-up)
 
             distributed.close()
     if main_process:
