@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process of the N")
     parser.add_argument("--threads-one", type=int, default=None, help="torch threads of the 1 process (default: "
                                                                        "--threads)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: the config's)")
+    parser.add_argument("--no-dropout", action="store_true", help="switch every dropout off (benchmarks/no_dropout.py)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args()
 
@@ -71,20 +73,23 @@ def main() -> None:
     threads_one = args.threads_one or args.threads
     base = dict(model=args.model, task=args.task, steps=args.steps, batch_size=args.batch_size, lr=3e-3,
                 eval_every=0, checkpoint_every=0, layer_metrics_every=5, progress=False, n_eval=0)
+    if args.seq_len:
+        base["seq_len"] = args.seq_len
+    entry = [str(Path(__file__).with_name("no_dropout.py"))] if args.no_dropout else ["-m", "dynamics"]
     if args.task == "tiny":
         base.update(n_train=256, n_eval_generate=0)
     lines = [f"# {' '.join(sys.argv)}", f"# {platform.node()}, {os.cpu_count()} CPUs, {args.nproc} processes of "
              f"{args.threads} thread(s) vs 1 process of {threads_one} thread(s); global batch {args.batch_size}; "
-             f"{args.steps} steps",
+             f"{args.steps} steps" + (", every dropout off" if args.no_dropout else ""),
              f"{'method':<12} {'max rel diff (metrics)':>23} {'(layers)':>10} {'worst column':>14} "
              f"{'train s, 1':>10} {'train s, N':>10} {'cmd s, 1':>9} {'cmd s, N':>9}"]
     print("\n".join(lines), flush=True)
     for method in args.methods.split(","):
         settings = {**base, "method": method}
-        one_cmd = [sys.executable, "-m", "dynamics", "train", *flags({**settings, "runs_dir": str(root / "one"),
+        one_cmd = [sys.executable, *entry, "train", *flags({**settings, "runs_dir": str(root / "one"),
                                                                         "run_id": method, "threads": threads_one})]
         many_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-                    "-m", "dynamics", "train", *flags({**settings, "runs_dir": str(root / "many"), "run_id": method,
+                    *entry, "train", *flags({**settings, "runs_dir": str(root / "many"), "run_id": method,
                                                        "threads": args.threads})]
         one_s, many_s = timed(one_cmd, threads_one), timed(many_cmd, args.threads)
         one, many = dynamics.load_run(root / "one" / method), dynamics.load_run(root / "many" / method)
