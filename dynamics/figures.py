@@ -65,9 +65,10 @@ METHOD_ORDER = ("lora", "lora+mgpo", "lora+mgpo-noapn", "lora+msam", "lora+sam",
 LOSS_LABEL = "training loss (nats/token)"
 STEP_LABEL = "step (optimizer steps)"
 
-# What each run did, for the phase map (colour-blind-safe: light blue, orange, vermillion, grey).
+# What each run did, for the phase map (colour-blind-safe: light blue, orange, vermillion, pale
+# yellow, grey).
 OUTCOME_COLORS = {"smooth": "#D6EAF8", "double descent": OKABE_ITO["orange"],
-                  "collapse": OKABE_ITO["vermillion"], "diverged": "#4D4D4D"}
+                  "collapse": OKABE_ITO["vermillion"], "no descent": "#F3E6A6", "diverged": "#4D4D4D"}
 
 STYLE = {"font.size": 10, "axes.titlesize": 10.5, "axes.labelsize": 10, "legend.fontsize": 8.5,
          "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False,
@@ -272,10 +273,15 @@ def _draw_seeds(ax, group: pd.DataFrame, color, label: str) -> None:
 
 # --- where the phenomenon lives ----------------------------------------------------------------------------------
 def run_outcome(row: pd.Series) -> str:
-    """What a run did: ``diverged`` (status diverged, or a non-finite loss), ``collapse`` (a
-    divergence that never came back to its first minimum), ``double descent`` or ``smooth``."""
+    """What a run did: ``diverged`` (status diverged, or a non-finite loss), ``no descent`` (its
+    smoothed loss never fell ``min_descent`` below the start: it did not learn, whatever wobbles
+    the detector found), ``double descent``, ``collapse`` (a divergence that never came back to
+    its first minimum) or ``smooth``."""
     if row.get("status") == "diverged" or not np.isfinite(float(row.get("final_loss") or np.nan)):
         return "diverged"
+    descended = row.get("descended")  # None / NaN: not known (a summary an older `dynamics analyze` stored)
+    if descended is not None and not pd.isna(descended) and not bool(descended):
+        return "no descent"
     if bool(row.get("double_descent")):
         return "double descent"
     if (row.get("n_episodes") or 0) > 0:
@@ -300,8 +306,9 @@ def phase_map_runs(runs: pd.DataFrame) -> pd.DataFrame:
 def phase_map(runs: pd.DataFrame) -> Figure:
     """A rank x learning-rate grid per method, each cell coloured by what its run did
     (:func:`run_outcome`) and annotated with the divergence amplitude (peak smoothed loss over the
-    first minimum, minus 1, in %); with several seeds, the most common outcome and the mean
-    amplitude, and the seed count."""
+    first minimum, minus 1, in %; for a run that did not descend, its final loss instead) and,
+    where runs were evaluated, the final task metric; with several seeds, the most common
+    outcome, the means, and the seed count."""
     runs = phase_map_runs(runs).assign(outcome=lambda frame: frame.apply(run_outcome, axis=1))
     lrs = sorted(runs["lr"].unique())
     ranks = sorted(runs.loc[runs["method"] != "full", "rank"].unique()) or [0]
@@ -319,7 +326,13 @@ def phase_map(runs: pd.DataFrame) -> Figure:
                 outcome = group["outcome"].value_counts().idxmax()
                 cells[i, j] = outcomes.index(outcome)
                 amplitude = group["divergence_amplitude"].astype(float).mean()
-                text = "NaN" if outcome == "diverged" else f"+{100 * amplitude:.0f}%" if amplitude > 0 else "0"
+                text = ("NaN" if outcome == "diverged" else
+                        f"loss {group['final_loss'].astype(float).mean():.2f}" if outcome == "no descent" else
+                        f"+{100 * amplitude:.0f}%" if amplitude > 0 else "0")
+                metric = pd.to_numeric(group["eval_metric"], errors="coerce").mean() if "eval_metric" in group else None
+                if metric is not None and np.isfinite(metric):
+                    task = group["task"].iloc[0] if "task" in group else None
+                    text += f"\n{TASK_METRIC_SHORT.get(task, 'metric')} {metric:.2f}"
                 if len(group) > 1:
                     text += f"\n{len(group)} seeds"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8,
@@ -338,7 +351,8 @@ def phase_map(runs: pd.DataFrame) -> Figure:
                 spine.set_visible(False)
         figure.legend([Patch(color=OUTCOME_COLORS[o]) for o in outcomes], outcomes, loc="outside lower center",
                       ncols=len(outcomes))
-        figure.suptitle("What each run did (cell text: divergence amplitude over the first minimum)", fontsize=11)
+        figure.suptitle("What each run did (cell text: divergence amplitude over the first minimum;\n"
+                        "final eval metric: acc = accuracy, EM = exact match)", fontsize=10.5)
     return figure
 
 
@@ -553,6 +567,7 @@ def _short_layer(name: str) -> str:
 # --- method comparisons (paper Fig. 4, Tables 3-4) --------------------------------------------------------------------
 ABLATION_METHODS = ("lora", "lora+mgpo-noapn", "lora+mgpo")
 NOISE_METHODS = ("full", "lora", "lora+noise", "lora+sam", "lora+mgpo")
+TASK_METRIC_SHORT = {"gsm": "EM", "tiny": "EM", "bbc": "acc"}
 TASK_METRICS = {"gsm": ("eval_metric", "exact match"), "tiny": ("eval_metric", "exact match"),
                 "bbc": ("eval_metric", "accuracy")}
 

@@ -107,7 +107,7 @@ def test_phase_map_cells_say_what_each_run_did(runs_table):
     assert outcomes[int(cells[1, 1])] == "double descent"
     assert outcomes[int(cells[2, 2])] == "collapse"
     texts = [text.get_text() for text in lora.texts]
-    assert any(text.startswith("+") and text.endswith("%\n2 seeds") for text in texts)
+    assert any(text.startswith("+") and "%\n" in text and text.endswith("\n2 seeds") for text in texts)
     assert lora.get_xlabel() == "learning rate" and lora.get_ylabel() == "rank r"
 
 
@@ -118,6 +118,11 @@ def test_run_outcome_covers_diverged_runs():
                                 "n_episodes": 1}) == "collapse"
     assert figures.run_outcome({"status": "completed", "final_loss": 1.0, "double_descent": False,
                                 "n_episodes": 0}) == "smooth"
+    # stuck at its start: whatever the detector found, it learned nothing; unknown (None) is not "stuck"
+    assert figures.run_outcome({"status": "completed", "final_loss": 1.61, "double_descent": True, "n_episodes": 1,
+                                "descended": False}) == "no descent"
+    assert figures.run_outcome({"status": "completed", "final_loss": 1.0, "double_descent": True,
+                                "descended": None}) == "double descent"
 
 
 def test_sharpness_against_rank_lr_and_steps_in_method_colours(runs_table):

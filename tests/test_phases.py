@@ -173,17 +173,35 @@ def test_phase_summary_without_divergence_and_without_recovery():
     no_divergence = phase_summary(piecewise_curve([(0, 2.0), (100, 1.0), (400, 0.9)]))
     never_back = phase_summary(piecewise_curve([(0, 2.0), (100, 1.0), (150, 1.0), (180, 1.3), (400, 1.3)]))
 
+    start_loss = no_divergence.pop("start_loss")
+    loss_drop = no_divergence.pop("loss_drop")
     assert no_divergence == {
         "has_double_descent": False,
         "divergence_amplitude": 0.0,
         "steps_lost": 0,
         "n_spikes": 0,
         "n_episodes": 0,
+        "descended": True,
     }
+    # the median of the first 7 steps of a line from 2.0 down by 0.01 a step; down to about 0.9
+    np.testing.assert_allclose(start_loss, 1.97, atol=0.01)
+    np.testing.assert_allclose(loss_drop, 1 - 0.9 / 1.97, atol=0.01)
     assert never_back["has_double_descent"] is False
     assert never_back["n_episodes"] == 1
     assert never_back["steps_lost"] is None
     assert never_back["divergence_amplitude"] > 0.2
+
+
+def test_a_curve_stuck_at_its_start_did_not_descend_whatever_wobbles_it_has():
+    # a classifier settling from 1.76 to chance (ln 5 = 1.61, 8 % down), with a 12 % bump that returns
+    stuck = phase_summary(piecewise_curve([(0, 1.76), (30, 1.61), (60, 1.61), (80, 1.80), (100, 1.80),
+                                           (130, 1.61), (300, 1.61)]))
+    learned_then_lost = phase_summary(piecewise_curve([(0, 1.61), (40, 1.2), (80, 1.61), (300, 1.61)]))
+
+    assert stuck["n_episodes"] == 1 and stuck["has_double_descent"] is True  # the detector sees the bump ...
+    assert stuck["descended"] is False and 0.06 < stuck["loss_drop"] < 0.1  # ... but nothing was learned
+    assert learned_then_lost["descended"] is True and learned_then_lost["loss_drop"] > 0.2
+    assert phase_summary(piecewise_curve([(0, 1.61), (40, 1.2), (300, 1.2)]), min_descent=0.3)["descended"] is False
 
 
 def test_thresholds_change_the_answer():

@@ -65,9 +65,14 @@ class PhaseThresholds:
     rise_sigmas: float = 4.0
     """``min_rise`` is raised by this many ``sigma``: noise alone moves the smoothed curve from
     its running minimum to 4 sigma above it now and then, but rarely for ``min_duration``."""
+    min_descent: float = 0.1
+    """A curve *descended* when its smoothed loss falls at least this far below the start loss
+    (0.1 = 10 %; the start is the median raw loss of the first ``despike_steps`` steps). A run
+    stuck at its starting loss (a classifier at chance) may still wobble into a "divergence";
+    :func:`phase_summary` reports ``descended`` so readers can tell it from one that learned."""
 
     def __post_init__(self) -> None:
-        for name in ("smooth_steps", "despike_steps", "min_rise", "near_min"):
+        for name in ("smooth_steps", "despike_steps", "min_rise", "near_min", "min_descent"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive number")
         for name in ("min_duration", "near_sigmas", "rise_sigmas"):
@@ -186,7 +191,7 @@ def detect_phases(
 def phase_summary(
     loss: np.ndarray | pd.Series, step: np.ndarray | pd.Series | None = None, **thresholds: float
 ) -> dict[str, Any]:
-    """Summarise a loss curve's double descent in five numbers.
+    """Summarise a loss curve's double descent in a handful of numbers.
 
     Parameters
     ----------
@@ -213,11 +218,24 @@ def phase_summary(
             Short excursions of the raw loss, per :class:`SpikeThresholds`.
         ``n_episodes`` (int)
             Number of divergences (``diverge`` rows).
+        ``start_loss`` (float)
+            Median raw loss over the first ``despike_steps`` steps.
+        ``loss_drop`` (float)
+            How far the smoothed loss ever fell below the start: ``1 - min_t s(t) / start_loss``
+            (0.9 = to a tenth of it; 0 or less: never below it).
+        ``descended`` (bool)
+            ``loss_drop >= min_descent``. A curve that did not descend has no first minimum worth
+            the name, so its divergences are noise around its start, not a double descent.
     """
     phase_thresholds, spike_thresholds = _thresholds_from_kwargs(thresholds, (PhaseThresholds, SpikeThresholds))
     loss_values, steps = _checked_curve(loss, step)
     smoothed, episodes = _smooth_and_find_episodes(loss_values, steps, phase_thresholds)
     n_spikes = _count_spikes(loss_values, steps, spike_thresholds)
+    start_points = _odd_points(phase_thresholds.despike_steps, float(np.median(np.diff(steps))), minimum=1)
+    start_loss = float(np.median(loss_values[:start_points]))
+    loss_drop = float(1.0 - smoothed.min() / start_loss)
+    descent = {"start_loss": start_loss, "loss_drop": loss_drop,
+               "descended": bool(loss_drop >= phase_thresholds.min_descent)}
     if not episodes:
         return {
             "has_double_descent": False,
@@ -225,6 +243,7 @@ def phase_summary(
             "steps_lost": 0,
             "n_spikes": n_spikes,
             "n_episodes": 0,
+            **descent,
         }
     first = episodes[0]
     first_minimum = smoothed[: first.start_index + 1].min()
@@ -237,6 +256,7 @@ def phase_summary(
         "steps_lost": steps_lost,
         "n_spikes": n_spikes,
         "n_episodes": len(episodes),
+        **descent,
     }
 
 

@@ -116,7 +116,8 @@ class Run:
     @property
     def phase_summary(self) -> dict[str, Any]:
         """``has_double_descent``, ``divergence_amplitude``, ``steps_lost``, ``n_spikes``,
-        ``n_episodes`` and ``curve`` (see :func:`dynamics.analysis.phase_summary`): the entry
+        ``n_episodes``, ``start_loss``, ``loss_drop``, ``descended``
+        and ``curve`` (see :func:`dynamics.analysis.phase_summary`): the entry
         ``dynamics analyze`` stored in summary.json (with the ``step`` it was measured at) while it
         covers the run, else computed now from ``loss``; ``{}`` when the curve cannot be segmented."""
         stored = self.summary.get("phases")
@@ -205,6 +206,7 @@ def load_run(path: str | os.PathLike) -> Run:
 RUN_TABLE_COLUMNS = ["run_id", "method", "adapter", "perturbation", "model", "task", "rank", "alpha", "lr", "seed",
                      "steps", "status", "alive", "steps_done", "final_loss", "eval_loss", "eval_metric",
                      "eval_macro_f1", "double_descent", "divergence_amplitude", "steps_lost", "n_episodes",
+                     "descended", "loss_drop",
                      "top_eigenvalue", "wall_time_s", "adapter_init_s", "trainable_params", "damage", "path"]
 
 
@@ -213,7 +215,8 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
     summary's final numbers. Columns: ``RUN_TABLE_COLUMNS`` then every other config field.
 
     The phase columns (``double_descent``, ``divergence_amplitude``, ``steps_lost``,
-    ``n_episodes``) come from ``dynamics analyze`` where it ran, else from the loss curve now
+    ``n_episodes``, ``descended``, ``loss_drop``)
+    come from ``dynamics analyze`` where it ran, else from the loss curve now
     (:attr:`Run.phase_summary`); None where there is no curve to segment yet.
 
     A damaged run folder (``check_run``) is not left out: its row has status ``damaged``, the
@@ -266,6 +269,8 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         "divergence_amplitude": phases.get("divergence_amplitude"),
         "steps_lost": phases.get("steps_lost"),
         "n_episodes": phases.get("n_episodes"),
+        "descended": phases.get("descended"),  # None in summaries an older `dynamics analyze` stored
+        "loss_drop": phases.get("loss_drop"),
         "top_eigenvalue": ((summary.get("sharpness") or {}).get("eigenvalues") or [None])[0],
         "damage": None,
         "path": str(run_dir),
