@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from dynamics.analysis.density import gaussian_density
+from dynamics.analysis.phases import PhaseThresholds
 
 
 class NotEnoughRuns(ValueError):
@@ -275,18 +276,27 @@ def _draw_seeds(ax, group: pd.DataFrame, color, label: str) -> None:
 def run_outcome(row: pd.Series) -> str:
     """What a run did: ``diverged`` (status diverged, or a non-finite loss), ``no descent`` (its
     smoothed loss never fell ``min_descent`` below the start: it did not learn, whatever wobbles
-    the detector found), ``double descent``, ``collapse`` (a divergence that never came back to
-    its first minimum) or ``smooth``."""
+    the detector found), ``collapse`` (it descended but ended less than ``min_descent`` below its
+    start, having given its progress back, however slowly; or a divergence that never came back
+    to its first minimum), ``double descent`` or ``smooth``."""
     if row.get("status") == "diverged" or not np.isfinite(float(row.get("final_loss") or np.nan)):
         return "diverged"
-    descended = row.get("descended")  # None / NaN: not known (a summary an older `dynamics analyze` stored)
-    if descended is not None and not pd.isna(descended) and not bool(descended):
+    descended = _known(row.get("descended"))  # None: not known (a summary an older `dynamics analyze` stored)
+    if descended is False:
         return "no descent"
+    final_drop = _known(row.get("final_drop"))
+    if descended and final_drop is not None and final_drop < PhaseThresholds().min_descent:
+        return "collapse"
     if bool(row.get("double_descent")):
         return "double descent"
     if (row.get("n_episodes") or 0) > 0:
         return "collapse"
     return "smooth"
+
+
+def _known(value: Any) -> Any:
+    """``value``, or None where a run-table cell is None / NaN (not measured)."""
+    return None if value is None or pd.isna(value) else (bool(value) if isinstance(value, (bool, np.bool_)) else value)
 
 
 def phase_map_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -305,8 +315,9 @@ def phase_map_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 def phase_map(runs: pd.DataFrame) -> Figure:
     """A rank x learning-rate grid per method, each cell coloured by what its run did
-    (:func:`run_outcome`) and annotated with the divergence amplitude (peak smoothed loss over the
-    first minimum, minus 1, in %; for a run that did not descend, its final loss instead) and,
+    (:func:`run_outcome`) and annotated with the rise (highest divergence peak above the first
+    minimum, in % of the start loss: ``rise_of_start``; for a run that did not descend or
+    collapsed without a detected rise, its final loss instead) and,
     where runs were evaluated, the final task metric; with several seeds, the most common
     outcome, the means, and the seed count."""
     runs = phase_map_runs(runs).assign(outcome=lambda frame: frame.apply(run_outcome, axis=1))
@@ -325,10 +336,12 @@ def phase_map(runs: pd.DataFrame) -> Figure:
                 i, j = rows.index(rank), lrs.index(lr)
                 outcome = group["outcome"].value_counts().idxmax()
                 cells[i, j] = outcomes.index(outcome)
-                amplitude = group["divergence_amplitude"].astype(float).mean()
+                # NaN for summaries stored before rise_of_start existed: the final loss is shown instead
+                rise = pd.to_numeric(group["rise_of_start"], errors="coerce").mean() if "rise_of_start" in group else np.nan
+                final_loss = group["final_loss"].astype(float).mean()
                 text = ("NaN" if outcome == "diverged" else
-                        f"loss {group['final_loss'].astype(float).mean():.2f}" if outcome == "no descent" else
-                        f"+{100 * amplitude:.0f}%" if amplitude > 0 else "0")
+                        f"loss {final_loss:.2f}" if outcome in ("no descent", "collapse") and not rise > 0 else
+                        f"rise {100 * rise:.0f}%" if rise > 0 else "0")
                 metric = pd.to_numeric(group["eval_metric"], errors="coerce").mean() if "eval_metric" in group else None
                 if metric is not None and np.isfinite(metric):
                     task = group["task"].iloc[0] if "task" in group else None
@@ -351,8 +364,8 @@ def phase_map(runs: pd.DataFrame) -> Figure:
                 spine.set_visible(False)
         figure.legend([Patch(color=OUTCOME_COLORS[o]) for o in outcomes], outcomes, loc="outside lower center",
                       ncols=len(outcomes))
-        figure.suptitle("What each run did (cell text: divergence amplitude over the first minimum;\n"
-                        "final eval metric: acc = accuracy, EM = exact match)", fontsize=10.5)
+        figure.suptitle("What each run did (cell text: highest rise above the first minimum, in % of the start "
+                        "loss,\nor the final loss; final eval metric: acc = accuracy, EM = exact match)", fontsize=10.5)
     return figure
 
 

@@ -107,7 +107,7 @@ def test_phase_map_cells_say_what_each_run_did(runs_table):
     assert outcomes[int(cells[1, 1])] == "double descent"
     assert outcomes[int(cells[2, 2])] == "collapse"
     texts = [text.get_text() for text in lora.texts]
-    assert any(text.startswith("+") and "%\n" in text and text.endswith("\n2 seeds") for text in texts)
+    assert any(text.startswith("rise ") and "%\n" in text and text.endswith("\n2 seeds") for text in texts)
     assert lora.get_xlabel() == "learning rate" and lora.get_ylabel() == "rank r"
 
 
@@ -123,6 +123,11 @@ def test_run_outcome_covers_diverged_runs():
                                 "descended": False}) == "no descent"
     assert figures.run_outcome({"status": "completed", "final_loss": 1.0, "double_descent": True,
                                 "descended": None}) == "double descent"
+    # learned, then gave it all back slowly (no rise the detector calls a divergence): a collapse
+    assert figures.run_outcome({"status": "completed", "final_loss": 1.6, "double_descent": False, "n_episodes": 0,
+                                "descended": True, "final_drop": 0.02}) == "collapse"
+    assert figures.run_outcome({"status": "completed", "final_loss": 0.1, "double_descent": False, "n_episodes": 0,
+                                "descended": True, "final_drop": 0.9}) == "smooth"
 
 
 def test_sharpness_against_rank_lr_and_steps_in_method_colours(runs_table):

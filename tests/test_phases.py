@@ -175,9 +175,11 @@ def test_phase_summary_without_divergence_and_without_recovery():
 
     start_loss = no_divergence.pop("start_loss")
     loss_drop = no_divergence.pop("loss_drop")
+    final_drop = no_divergence.pop("final_drop")
     assert no_divergence == {
         "has_double_descent": False,
         "divergence_amplitude": 0.0,
+        "rise_of_start": 0.0,
         "steps_lost": 0,
         "n_spikes": 0,
         "n_episodes": 0,
@@ -186,10 +188,26 @@ def test_phase_summary_without_divergence_and_without_recovery():
     # the median of the first 7 steps of a line from 2.0 down by 0.01 a step; down to about 0.9
     np.testing.assert_allclose(start_loss, 1.97, atol=0.01)
     np.testing.assert_allclose(loss_drop, 1 - 0.9 / 1.97, atol=0.01)
+    np.testing.assert_allclose(final_drop, loss_drop, atol=0.01)  # it ends at its lowest
     assert never_back["has_double_descent"] is False
     assert never_back["n_episodes"] == 1
     assert never_back["steps_lost"] is None
     assert never_back["divergence_amplitude"] > 0.2
+    np.testing.assert_allclose(never_back["rise_of_start"], 0.3 / 1.97, atol=0.02)  # 1.0 -> 1.3 of a 1.97 start
+
+
+def test_near_zero_loss_is_judged_against_the_start_loss_too():
+    # A classifier from 1.6 to 0.003, a wobble to 0.02 (+570 % relative, 1 % of the start in
+    # absolute terms): no divergence. A real rise to 0.5 that comes back to 0.01: a double
+    # descent that recovered, although 0.01 is three times the 0.003 minimum.
+    wobble = [(0, 1.6), (100, 0.003), (150, 0.003), (170, 0.02), (200, 0.003), (400, 0.003)]
+    rise = [(0, 1.6), (100, 0.003), (150, 0.003), (170, 0.5), (200, 0.01), (400, 0.01)]
+    assert detect_phases(piecewise_curve(wobble)).empty
+    assert not detect_phases(piecewise_curve(wobble), min_rise_of_start=0.001, near_of_start=0.0005).empty
+    summary = phase_summary(piecewise_curve(rise))
+    assert summary["has_double_descent"] is True and summary["n_episodes"] == 1
+    assert 0.25 < summary["rise_of_start"] <= 0.5 / 1.6  # the 21-step window blunts the sharp peak a little
+    assert summary["steps_lost"] is not None and 40 < summary["steps_lost"] < 70
 
 
 def test_a_curve_stuck_at_its_start_did_not_descend_whatever_wobbles_it_has():
@@ -201,6 +219,7 @@ def test_a_curve_stuck_at_its_start_did_not_descend_whatever_wobbles_it_has():
     assert stuck["n_episodes"] == 1 and stuck["has_double_descent"] is True  # the detector sees the bump ...
     assert stuck["descended"] is False and 0.06 < stuck["loss_drop"] < 0.1  # ... but nothing was learned
     assert learned_then_lost["descended"] is True and learned_then_lost["loss_drop"] > 0.2
+    assert abs(learned_then_lost["final_drop"]) < 0.05  # ... and gave it all back
     assert phase_summary(piecewise_curve([(0, 1.61), (40, 1.2), (300, 1.2)]), min_descent=0.3)["descended"] is False
 
 
@@ -223,6 +242,8 @@ def test_thresholds_change_the_answer():
         ({"loss": np.ones(40), "step": np.r_[np.arange(20), np.arange(20)]}, "increasing"),
         ({"loss": np.ones(40), "min_rise": -1}, "min_rise=-1"),
         ({"loss": np.ones(40), "near_min": 0.1}, "near_min=0.1: must be smaller than min_rise"),
+        ({"loss": np.ones(40), "near_of_start": 0.1}, "near_of_start=0.1: must not exceed min_rise_of_start"),
+        ({"loss": np.ones(40), "min_rise_of_start": -0.1}, "min_rise_of_start=-0.1"),
         ({"loss": np.ones(40), "smoothing": 5}, "unknown threshold smoothing: valid names are"),
         ({"loss": np.ones(40), "spike_sigmas": 3}, "unknown threshold spike_sigmas"),
     ],

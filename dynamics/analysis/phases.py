@@ -65,6 +65,15 @@ class PhaseThresholds:
     rise_sigmas: float = 4.0
     """``min_rise`` is raised by this many ``sigma``: noise alone moves the smoothed curve from
     its running minimum to 4 sigma above it now and then, but rarely for ``min_duration``."""
+    min_rise_of_start: float = 0.02
+    """... and at least this fraction of the start loss in absolute terms (0.02 = 2 % of
+    ``start_loss``, the median raw loss of the first ``despike_steps`` steps): near a loss of
+    zero a tiny absolute wobble is a large relative rise. Still scale-free: it compares the loss
+    with itself."""
+    near_of_start: float = 0.01
+    """The loss also counts as at its minimum within this fraction of the start loss of it
+    (0.01 = 1 % of ``start_loss``): a loss back at 0.01 after a rise to 0.5 has recovered, even if
+    its running minimum was 0.003."""
     min_descent: float = 0.1
     """A curve *descended* when its smoothed loss falls at least this far below the start loss
     (0.1 = 10 %; the start is the median raw loss of the first ``despike_steps`` steps). A run
@@ -75,11 +84,14 @@ class PhaseThresholds:
         for name in ("smooth_steps", "despike_steps", "min_rise", "near_min", "min_descent"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive number")
-        for name in ("min_duration", "near_sigmas", "rise_sigmas"):
+        for name in ("min_duration", "near_sigmas", "rise_sigmas", "min_rise_of_start", "near_of_start"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be zero or positive")
         if self.near_min >= self.min_rise:
             raise ValueError(f"near_min={self.near_min!r}: must be smaller than min_rise={self.min_rise!r}")
+        if self.near_of_start > self.min_rise_of_start:
+            raise ValueError(f"near_of_start={self.near_of_start!r}: must not exceed "
+                             f"min_rise_of_start={self.min_rise_of_start!r}")
 
 
 @dataclass(frozen=True)
@@ -132,7 +144,10 @@ def detect_phases(
        window's noise gain ``sqrt(sum_i w_i^2)`` (0.26 for 21 points), is the relative noise
        left in ``s``. It raises the relative thresholds to
        ``near(t) = near_min + near_sigmas * sigma(t)`` and
-       ``rise(t) = min_rise + rise_sigmas * sigma(t)``.
+       ``rise(t) = min_rise + rise_sigmas * sigma(t)``, and to the absolute floors
+       ``near_of_start * L0`` and ``min_rise_of_start * L0`` (``L0`` the start loss, the median
+       raw loss of the first ``despike_steps`` steps) read relative to the running minimum:
+       ``near(t) >= near_of_start * L0 / m(t)``, ``rise(t) >= min_rise_of_start * L0 / m(t)``.
     3. Compare with the past: running minimum ``m(t) = min_{t'<=t} s(t')`` and excess
        ``e(t) = s(t) / m(t) - 1`` (a ratio, so multiplying the loss by a constant changes
        nothing).
@@ -157,7 +172,8 @@ def detect_phases(
     **thresholds : float
         Fields of :class:`PhaseThresholds` (defaults): ``smooth_steps`` (21),
         ``despike_steps`` (7), ``min_rise`` (0.05), ``min_duration`` (20), ``near_min`` (0.02),
-        ``near_sigmas`` (2.5), ``rise_sigmas`` (4).
+        ``near_sigmas`` (2.5), ``rise_sigmas`` (4), ``min_rise_of_start`` (0.02),
+        ``near_of_start`` (0.01), ``min_descent`` (0.1).
 
     Returns
     -------
@@ -211,9 +227,15 @@ def phase_summary(
             Highest peak of any divergence relative to the first minimum, the lowest smoothed
             loss before the first divergence: ``max_i s(peak_i) / min_{t <= start_1} s(t) - 1``
             (0.3 = 30 % above); 0.0 without divergence.
+        ``rise_of_start`` (float)
+            The same highest peak as a fraction of the start loss:
+            ``(max_i s(peak_i) - min_{t <= start_1} s(t)) / start_loss`` (0.3 = the loss rose by
+            30 % of where it started); 0.0 without divergence. Unlike the amplitude it stays
+            readable when the first minimum is near zero.
         ``steps_lost`` (int or None)
             Steps from the start of the first divergence until the smoothed loss is back at or
-            below the first minimum; 0 without divergence, None if it never gets back.
+            below the first minimum (or within ``near_of_start * start_loss`` of it); 0 without
+            divergence, None if it never gets back.
         ``n_spikes`` (int)
             Short excursions of the raw loss, per :class:`SpikeThresholds`.
         ``n_episodes`` (int)
@@ -226,20 +248,24 @@ def phase_summary(
         ``descended`` (bool)
             ``loss_drop >= min_descent``. A curve that did not descend has no first minimum worth
             the name, so its divergences are noise around its start, not a double descent.
+        ``final_drop`` (float)
+            ``1 - s(last) / start_loss``: how far below the start the curve ended. A curve that
+            descended and ends with ``final_drop < min_descent`` gave everything back.
     """
     phase_thresholds, spike_thresholds = _thresholds_from_kwargs(thresholds, (PhaseThresholds, SpikeThresholds))
     loss_values, steps = _checked_curve(loss, step)
     smoothed, episodes = _smooth_and_find_episodes(loss_values, steps, phase_thresholds)
     n_spikes = _count_spikes(loss_values, steps, spike_thresholds)
-    start_points = _odd_points(phase_thresholds.despike_steps, float(np.median(np.diff(steps))), minimum=1)
-    start_loss = float(np.median(loss_values[:start_points]))
+    start_loss = _start_loss(loss_values, steps, phase_thresholds)
     loss_drop = float(1.0 - smoothed.min() / start_loss)
     descent = {"start_loss": start_loss, "loss_drop": loss_drop,
-               "descended": bool(loss_drop >= phase_thresholds.min_descent)}
+               "descended": bool(loss_drop >= phase_thresholds.min_descent),
+               "final_drop": float(1.0 - smoothed[-1] / start_loss)}
     if not episodes:
         return {
             "has_double_descent": False,
             "divergence_amplitude": 0.0,
+            "rise_of_start": 0.0,
             "steps_lost": 0,
             "n_spikes": n_spikes,
             "n_episodes": 0,
@@ -248,11 +274,13 @@ def phase_summary(
     first = episodes[0]
     first_minimum = smoothed[: first.start_index + 1].min()
     highest_peak = max(smoothed[episode.peak_index] for episode in episodes)
-    back_below = np.flatnonzero(smoothed[first.peak_index :] <= first_minimum)
+    back_at = first_minimum + phase_thresholds.near_of_start * start_loss
+    back_below = np.flatnonzero(smoothed[first.peak_index :] <= back_at)
     steps_lost = int(steps[first.peak_index + back_below[0]] - steps[first.start_index]) if back_below.size else None
     return {
         "has_double_descent": any(episode.recovery_index is not None for episode in episodes),
         "divergence_amplitude": float(highest_peak / first_minimum - 1.0),
+        "rise_of_start": float((highest_peak - first_minimum) / start_loss),
         "steps_lost": steps_lost,
         "n_spikes": n_spikes,
         "n_episodes": len(episodes),
@@ -361,14 +389,23 @@ def _smooth_and_find_episodes(
     noise_window = absolute_residual.rolling(NOISE_WINDOW_SMOOTHINGS * smooth_points, center=True, min_periods=1)
     local_noise_sigma = MAD_TO_SIGMA * noise_window.median().to_numpy()
     smoothed_noise_sigma = local_noise_sigma * np.sqrt(np.sum(window_weights**2))
-    episodes = find_episodes(
-        smoothed,
-        step,
-        near_min=thresholds.near_min + thresholds.near_sigmas * smoothed_noise_sigma,
-        min_rise=thresholds.min_rise + thresholds.rise_sigmas * smoothed_noise_sigma,
-        min_duration=thresholds.min_duration,
-    )
-    return smoothed, episodes
+    near, rise = excess_thresholds(smoothed, _start_loss(loss, step, thresholds), thresholds, smoothed_noise_sigma)
+    return smoothed, find_episodes(smoothed, step, near_min=near, min_rise=rise, min_duration=thresholds.min_duration)
+
+
+def excess_thresholds(
+    smoothed: np.ndarray, start_loss: float, thresholds: PhaseThresholds, noise_sigma: float | np.ndarray = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The relative excesses ``near(t)``, ``rise(t)`` of :func:`detect_phases`' step 2, shape (n,):
+    ``max(near_min + near_sigmas * sigma, near_of_start * L0 / m(t))`` and the same for the rise,
+    ``m`` the running minimum of ``smoothed`` and ``L0 = start_loss``. With ``noise_sigma`` 0
+    they are the definitions a noise-free curve is judged by (``dynamics.analysis.synthetic``)."""
+    start_over_minimum = start_loss / np.minimum.accumulate(smoothed)  # the absolute floors read over m(t)
+    near = np.maximum(thresholds.near_min + thresholds.near_sigmas * noise_sigma,
+                      thresholds.near_of_start * start_over_minimum)
+    rise = np.maximum(thresholds.min_rise + thresholds.rise_sigmas * noise_sigma,
+                      thresholds.min_rise_of_start * start_over_minimum)
+    return near, rise
 
 
 def _smoothed(loss: np.ndarray, step: np.ndarray, thresholds: PhaseThresholds) -> tuple[np.ndarray, np.ndarray]:
@@ -408,6 +445,12 @@ def _count_spikes(loss: np.ndarray, step: np.ndarray, thresholds: SpikeThreshold
         if later.size and step[start + 1 + later[0]] - step[start] <= thresholds.spike_max_steps:
             n_spikes += 1
     return n_spikes
+
+
+def _start_loss(loss: np.ndarray, step: np.ndarray, thresholds: PhaseThresholds) -> float:
+    """Median raw loss over the first ``despike_steps`` steps: where the curve started."""
+    start_points = _odd_points(thresholds.despike_steps, float(np.median(np.diff(step))), minimum=1)
+    return float(np.median(loss[:start_points]))
 
 
 def _odd_points(window_steps: float, step_spacing: float, minimum: int) -> int:

@@ -31,6 +31,7 @@ import pandas as pd
 from dynamics.analysis.phases import (
     PhaseThresholds,
     detect_phases,
+    excess_thresholds,
     find_episodes,
     phase_summary,
     phases_frame,
@@ -125,13 +126,8 @@ def make_curve(
         loss[start : start + length] *= rng.uniform(1.3, 2.5)
 
     definitions = PhaseThresholds()
-    true_episodes = find_episodes(
-        clean,
-        steps,
-        near_min=definitions.near_min,
-        min_rise=definitions.min_rise,
-        min_duration=definitions.min_duration,
-    )
+    near, rise = excess_thresholds(clean, float(clean[0]), definitions)  # noise-free: the start is clean[0]
+    true_episodes = find_episodes(clean, steps, near_min=near, min_rise=rise, min_duration=definitions.min_duration)
     truth = CurveTruth(
         kind=kind,
         clean=clean,

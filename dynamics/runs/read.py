@@ -116,8 +116,8 @@ class Run:
     @property
     def phase_summary(self) -> dict[str, Any]:
         """``has_double_descent``, ``divergence_amplitude``, ``steps_lost``, ``n_spikes``,
-        ``n_episodes``, ``start_loss``, ``loss_drop``, ``descended``
-        and ``curve`` (see :func:`dynamics.analysis.phase_summary`): the entry
+        ``n_episodes``, ``start_loss``, ``loss_drop``, ``descended``, ``final_drop``,
+        ``rise_of_start`` and ``curve`` (see :func:`dynamics.analysis.phase_summary`): the entry
         ``dynamics analyze`` stored in summary.json (with the ``step`` it was measured at) while it
         covers the run, else computed now from ``loss``; ``{}`` when the curve cannot be segmented."""
         stored = self.summary.get("phases")
@@ -206,7 +206,7 @@ def load_run(path: str | os.PathLike) -> Run:
 RUN_TABLE_COLUMNS = ["run_id", "method", "adapter", "perturbation", "model", "task", "rank", "alpha", "lr", "seed",
                      "steps", "status", "alive", "steps_done", "final_loss", "eval_loss", "eval_metric",
                      "eval_macro_f1", "double_descent", "divergence_amplitude", "steps_lost", "n_episodes",
-                     "descended", "loss_drop",
+                     "descended", "loss_drop", "final_drop", "rise_of_start",
                      "top_eigenvalue", "wall_time_s", "adapter_init_s", "trainable_params", "damage", "path"]
 
 
@@ -215,7 +215,7 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
     summary's final numbers. Columns: ``RUN_TABLE_COLUMNS`` then every other config field.
 
     The phase columns (``double_descent``, ``divergence_amplitude``, ``steps_lost``,
-    ``n_episodes``, ``descended``, ``loss_drop``)
+    ``n_episodes``, ``descended``, ``loss_drop``, ``final_drop``, ``rise_of_start``)
     come from ``dynamics analyze`` where it ran, else from the loss curve now
     (:attr:`Run.phase_summary`); None where there is no curve to segment yet.
 
@@ -271,6 +271,8 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         "n_episodes": phases.get("n_episodes"),
         "descended": phases.get("descended"),  # None in summaries an older `dynamics analyze` stored
         "loss_drop": phases.get("loss_drop"),
+        "final_drop": phases.get("final_drop"),
+        "rise_of_start": phases.get("rise_of_start"),
         "top_eigenvalue": ((summary.get("sharpness") or {}).get("eigenvalues") or [None])[0],
         "damage": None,
         "path": str(run_dir),
