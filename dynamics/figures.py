@@ -253,7 +253,8 @@ def _loss_panels(curves: pd.DataFrame, reference: pd.DataFrame | None, phases: p
         if len(diverge):
             handles.append(Patch(color="0.5", alpha=0.25, lw=0))
             labels.append("divergence phase")
-        axes[-1].legend(handles, labels, title=hue_label, loc="upper right", fontsize=8, title_fontsize=8.5)
+        # outside the panels: inside, it hid the curves of whichever panel it sat on
+        figure.legend(handles, labels, title=hue_label, loc="outside right center", fontsize=8, title_fontsize=8.5)
         figure.suptitle(title + "  (faint: raw loss, bold: smoothed)", fontsize=11)
     return figure
 
@@ -316,10 +317,11 @@ def phase_map_runs(runs: pd.DataFrame) -> pd.DataFrame:
 def phase_map(runs: pd.DataFrame) -> Figure:
     """A rank x learning-rate grid per method, each cell coloured by what its run did
     (:func:`run_outcome`) and annotated with the rise (highest divergence peak above the first
-    minimum, in % of the start loss: ``rise_of_start``; for a run that did not descend or
-    collapsed without a detected rise, its final loss instead) and,
+    minimum, in % of the start loss: ``rise_of_start``) of a double descent or collapse, else the
+    final training loss, and,
     where runs were evaluated, the final task metric; with several seeds, the most common
-    outcome, the means, and the seed count."""
+    outcome, the means over the seeds that had it (the metric: over all), and how many did
+    ("2/3 seeds")."""
     runs = phase_map_runs(runs).assign(outcome=lambda frame: frame.apply(run_outcome, axis=1))
     lrs = sorted(runs["lr"].unique())
     ranks = sorted(runs.loc[runs["method"] != "full", "rank"].unique()) or [0]
@@ -334,20 +336,23 @@ def phase_map(runs: pd.DataFrame) -> Figure:
             cells = np.full((len(rows), len(lrs)), np.nan)
             for (rank, lr), group in runs[runs["method"] == method].groupby(["rank", "lr"]):
                 i, j = rows.index(rank), lrs.index(lr)
-                outcome = group["outcome"].value_counts().idxmax()
+                counts = group["outcome"].value_counts()
+                outcome, agreeing = counts.idxmax(), int(counts.max())
                 cells[i, j] = outcomes.index(outcome)
+                typical = group[group["outcome"] == outcome]  # the numbers of the seeds that did what the colour says
                 # NaN for summaries stored before rise_of_start existed: the final loss is shown instead
-                rise = pd.to_numeric(group["rise_of_start"], errors="coerce").mean() if "rise_of_start" in group else np.nan
-                final_loss = group["final_loss"].astype(float).mean()
+                rise = (pd.to_numeric(typical["rise_of_start"], errors="coerce").mean() if "rise_of_start" in typical
+                        else np.nan)
+                final_loss = typical["final_loss"].astype(float).mean()
                 text = ("NaN" if outcome == "diverged" else
-                        f"loss {final_loss:.2f}" if outcome in ("no descent", "collapse") and not rise > 0 else
-                        f"rise {100 * rise:.0f}%" if rise > 0 else "0")
+                        f"rise {100 * rise:.0f}%" if outcome in ("double descent", "collapse") and rise > 0 else
+                        f"loss {final_loss:.2g}")
                 metric = pd.to_numeric(group["eval_metric"], errors="coerce").mean() if "eval_metric" in group else None
                 if metric is not None and np.isfinite(metric):
                     task = group["task"].iloc[0] if "task" in group else None
                     text += f"\n{TASK_METRIC_SHORT.get(task, 'metric')} {metric:.2f}"
                 if len(group) > 1:
-                    text += f"\n{len(group)} seeds"
+                    text += f"\n{len(group)} seeds" if agreeing == len(group) else f"\n{agreeing}/{len(group)} seeds"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8,
                         color="white" if outcome in ("diverged", "collapse") else "black")
             ax.imshow(np.ma.masked_invalid(cells), cmap=cmap, vmin=-0.5, vmax=len(outcomes) - 0.5, origin="lower",
@@ -365,7 +370,8 @@ def phase_map(runs: pd.DataFrame) -> Figure:
         figure.legend([Patch(color=OUTCOME_COLORS[o]) for o in outcomes], outcomes, loc="outside lower center",
                       ncols=len(outcomes))
         figure.suptitle("What each run did (cell text: highest rise above the first minimum, in % of the start "
-                        "loss,\nor the final loss; final eval metric: acc = accuracy, EM = exact match)", fontsize=10.5)
+                        "loss,\nor the final training loss; final eval metric: acc = accuracy, EM = exact match)",
+                        fontsize=10.5)
     return figure
 
 

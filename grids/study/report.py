@@ -1,0 +1,227 @@
+"""Everything docs/results.md quotes, re-derived from the study's run folders.
+
+    python grids/study/report.py runs/study            # tables + CSVs + figures
+    python grids/study/report.py runs/study --no-figures
+
+Writes ``docs/study/study_runs.csv`` (one row per run: settings, outcome, phase numbers, eval
+metrics, cost, sharpness), ``docs/study/tables.md`` (the seed-aggregated tables of
+docs/results.md, mean ± sample standard deviation over seeds, and the paired LoRA-MGPO - LoRA
+differences per seed) and, unless ``--no-figures``, the figures under ``docs/figures/study/`` by
+``dynamics figures`` on the subset of runs each one needs (each folder's index.md lists the run ids
+and the command). The runs come from the grid files beside this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import dynamics
+from dynamics import figures
+from dynamics.figure_set import make_figures
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDY = ROOT / "docs" / "study"
+FIGURES_OUT = ROOT / "docs" / "figures" / "study"
+# the study's shared settings (every grid under grids/study/): MiniLM-L6 + bbc, 300 steps of 8 x 64
+SETTINGS = {"model": "minilm-l6", "task": "bbc", "steps": 300, "batch_size": 8, "seq_len": 64}
+DEFAULT_RHO, DEFAULT_CAP = 0.05, 10.0
+LEARNED = ("smooth", "double descent")  # outcomes of runs that learned and kept it
+RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_cap", "status", "outcome", "final_loss",
+               "eval_loss", "eval_metric", "eval_macro_f1", "double_descent", "rise_of_start", "divergence_amplitude",
+               "steps_lost", "n_episodes", "loss_drop", "final_drop", "top_eigenvalue", "step_time_s", "peak_mem_mb",
+               "wall_time_s"]
+
+
+def study_runs(runs_dir: Path) -> pd.DataFrame:
+    """The completed study runs with their outcome and cost (median step time, peak memory)."""
+    table = dynamics.load_runs(runs_dir)
+    table = table[table["status"].isin(["completed", "diverged"])]
+    for field, value in SETTINGS.items():
+        table = table[table[field] == value]
+    table = table.assign(rank=lambda t: t["rank"].where(t["method"] != "full", 0),
+                         alpha=lambda t: t["alpha"].where(t["method"] != "full", 0),
+                         rho=lambda t: t["rho"].fillna(DEFAULT_RHO),
+                         outcome=lambda t: t.apply(figures.run_outcome, axis=1))
+    cost = {run_id: _cost(Path(path)) for run_id, path in zip(table["run_id"], table["path"], strict=True)}
+    table = table.assign(step_time_s=[cost[r][0] for r in table["run_id"]],
+                         peak_mem_mb=[cost[r][1] for r in table["run_id"]])
+    return table.sort_values(["method", "rank", "lr", "rho", "apn_cap", "seed"]).reset_index(drop=True)
+
+
+def _cost(path: Path) -> tuple[float, float]:
+    metrics = dynamics.load_run(path).metrics
+    return float(metrics["step_time_s"].median()), float(metrics["peak_mem_mb"].max())
+
+
+def at_defaults(table: pd.DataFrame) -> pd.DataFrame:
+    """Runs at MGPO's default knobs (the rho x cap grid's other runs left out)."""
+    return table[np.isclose(table["rho"], DEFAULT_RHO) & np.isclose(table["apn_cap"], DEFAULT_CAP)]
+
+
+def mean_sd(values: pd.Series, digits: int = 3) -> str:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    if values.empty:
+        return "-"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def outcome_counts(outcomes: pd.Series) -> str:
+    counts = outcomes.value_counts()
+    return ", ".join(f"{n} {name}" for name, n in counts.items())
+
+
+def cell_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Seed-aggregated rows per ``keys``: outcomes, rise, steps lost, losses, metrics, cost."""
+    rows = []
+    for key, group in table.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        learned = group[group["outcome"].isin(LEARNED)]  # a rise means something only where the run learned
+        rows.append({**dict(zip(keys, key, strict=True)), "seeds": len(group),
+                     "outcomes": outcome_counts(group["outcome"]),
+                     "rise % of start": mean_sd(100 * learned["rise_of_start"], 0),
+                     "steps lost": mean_sd(learned["steps_lost"], 0),
+                     "final loss": mean_sd(group["final_loss"]),
+                     "eval acc": mean_sd(group["eval_metric"]),
+                     "eval macro-F1": mean_sd(group["eval_macro_f1"]),
+                     "λ_max": mean_sd(group["top_eigenvalue"], 2)})
+    return pd.DataFrame(rows)
+
+
+def paired(table: pd.DataFrame, method: str, baseline: str, keys: list[str]) -> pd.DataFrame:
+    """``method`` - ``baseline`` per seed at each cell (same seed: same data order and head init)."""
+    columns = ["eval_metric", "final_loss", "rise_of_start", "outcome"]
+    a = table[table["method"] == method].set_index([*keys, "seed"])[columns]
+    b = table[table["method"] == baseline].set_index([*keys, "seed"])[columns]
+    both = a.merge(b, left_index=True, right_index=True, suffixes=("_a", "_b"))
+    rows = []
+    for key, group in both.groupby(level=keys):
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append({**dict(zip(keys, key, strict=True)), "pairs": len(group),
+                     "Δ eval acc": mean_sd(group["eval_metric_a"] - group["eval_metric_b"]),
+                     "Δ final loss": mean_sd(group["final_loss_a"] - group["final_loss_b"]),
+                     "Δ rise % of start (both learned)": mean_sd(
+                         100 * (group["rise_of_start_a"] - group["rise_of_start_b"])
+                         [group["outcome_a"].isin(LEARNED) & group["outcome_b"].isin(LEARNED)], 0),
+                     "outcomes": " / ".join(f"{x} vs {y}" for x, y in zip(group["outcome_a"], group["outcome_b"],
+                                                                           strict=True))})
+    return pd.DataFrame(rows)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(no runs yet)\n"
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}" if math.isfinite(value) else "-"
+    return str(value)
+
+
+def tables(table: pd.DataFrame) -> str:
+    """The markdown of docs/study/tables.md."""
+    defaults = at_defaults(table)
+    lora_full = defaults[defaults["method"].isin(["lora", "full"])]
+    edge = defaults[defaults["method"].isin(["lora", "lora+mgpo"]) &
+                    (((defaults["rank"] == 8) & defaults["lr"].isin([2e-3, 5e-3, 1e-2])) |
+                     ((defaults["rank"] == 128) & defaults["lr"].isin([5e-4, 1e-3, 2e-3])))]
+    cell = defaults[(defaults["rank"] == 8) & np.isclose(defaults["lr"], 5e-3) & (defaults["method"] != "full")]
+    knobs = table[(table["method"] == "lora+mgpo") & (table["rank"] == 8) & np.isclose(table["lr"], 5e-3) &
+                  (table["seed"] == 0)]
+    sections = [
+        ("Phase map: LoRA and full fine-tuning per (rank, lr), all seeds run",
+         cell_table(lora_full, ["method", "rank", "lr"])),
+        ("Learning edge: LoRA vs LoRA-MGPO", cell_table(edge, ["rank", "lr", "method"])),
+        ("Learning edge: LoRA-MGPO - LoRA, paired by seed", paired(edge, "lora+mgpo", "lora", ["rank", "lr"])),
+        ("Perturbations at r = alpha = 8, lr 5e-3", cell_table(cell, ["method"])),
+        ("Perturbations at r = alpha = 8, lr 5e-3: each - LoRA, paired by seed",
+         pd.concat([paired(cell, m, "lora", ["rank", "lr"]).assign(method=m)
+                    for m in sorted(cell["method"].unique()) if m != "lora"] or [pd.DataFrame()])),
+        ("Cost at r = alpha = 8, lr 5e-3 (median step time, peak memory; two runs shared the 2 cores)",
+         cost_table(cell)),
+        ("MGPO rho x apn_cap at r = alpha = 8, lr 5e-3, seed 0", cell_table(knobs, ["rho", "apn_cap"])),
+    ]
+    text = ["# Study tables (generated by `python grids/study/report.py runs/study`; do not edit)\n",
+            "Mean ± sample standard deviation over seeds; `rise % of start`: the highest divergence peak above the "
+            "first minimum of the smoothed training loss, in % of the start loss (0 when no divergence); "
+            "`steps lost`: steps from the divergence start until the loss is back at its first minimum; both over "
+            "the seeds that learned (outcome smooth or double descent; '-' when none did); eval "
+            "acc / macro-F1 on 256 held-out articles at step 300; λ_max: top Hessian eigenvalue of the eval loss "
+            "(one batch) at the final checkpoint, where `dynamics analyze` measured it.\n"]
+    for title, frame in sections:
+        text += [f"## {title}\n", markdown(frame)]
+    return "\n".join(text)
+
+
+def cost_table(cell: pd.DataFrame) -> pd.DataFrame:
+    lora = cell[cell["method"] == "lora"]
+    if lora.empty:
+        return pd.DataFrame()
+    base_time, base_mem = lora["step_time_s"].median(), lora["peak_mem_mb"].median()
+    rows = []
+    for method, group in cell.groupby("method"):
+        time, memory = group["step_time_s"].median(), group["peak_mem_mb"].median()
+        rows.append({"method": method, "runs": len(group), "step time (s)": f"{time:.3f}",
+                     "vs LoRA": f"{time / base_time:.2f}x", "peak memory (MB)": f"{memory:.0f}",
+                     "memory vs LoRA": f"{memory / base_mem:.2f}x"})
+    return pd.DataFrame(rows)
+
+
+def draw(table: pd.DataFrame) -> None:
+    """Each study figure from the runs it needs (dynamics figures on a list of run folders)."""
+    defaults = at_defaults(table)
+
+    def paths(frame: pd.DataFrame) -> list[str]:
+        return sorted(frame["path"])
+
+    phase = defaults[defaults["method"].isin(["lora", "full", "lora+mgpo"])]
+    subsets = {
+        "phase_map": (phase, "phase_map"),
+        "edge_r8": (defaults[defaults["method"].isin(["lora", "lora+mgpo"]) & (defaults["rank"] == 8) &
+                             defaults["lr"].isin([2e-3, 5e-3, 1e-2])], "loss_vs_lr,sharpness"),
+        # full fine-tuning learns at the same three lrs: its panel sits beside LoRA's
+        "edge_r128": (defaults[((defaults["method"].isin(["lora", "lora+mgpo"]) & (defaults["rank"] == 128)) |
+                                (defaults["method"] == "full")) & defaults["lr"].isin([5e-4, 1e-3, 2e-3])],
+                      "loss_vs_lr,sharpness"),
+        "rank_lr2e-3": (defaults[defaults["method"].isin(["lora", "lora+mgpo"]) & np.isclose(defaults["lr"], 2e-3)],
+                        "loss_vs_rank"),
+        "perturbations": (defaults[(defaults["rank"] == 8) & np.isclose(defaults["lr"], 5e-3) &
+                                   (defaults["method"] != "full")], "ablation,noise,cost,mgpo_state"),
+    }
+    for name, (frame, only) in subsets.items():
+        if frame.empty:
+            print(f"report: {name}: no runs yet")
+            continue
+        out = FIGURES_OUT / name
+        make_figures(paths(frame), out=out, only=only,
+                     command=f"python grids/study/report.py (figure set {name}): dynamics figures <{len(frame)} runs> "
+                             f"--out {out.relative_to(ROOT)} --only {only}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs_dir", nargs="?", default="runs/study", type=Path)
+    parser.add_argument("--no-figures", action="store_true")
+    args = parser.parse_args()
+    table = study_runs(args.runs_dir)
+    STUDY.mkdir(parents=True, exist_ok=True)
+    table[RUN_COLUMNS].to_csv(STUDY / "study_runs.csv", index=False, float_format="%.6g")
+    (STUDY / "tables.md").write_text(tables(table))
+    print(f"report: {len(table)} runs -> {STUDY / 'study_runs.csv'}, {STUDY / 'tables.md'}")
+    if not args.no_figures:
+        draw(table)
+
+
+if __name__ == "__main__":
+    main()
