@@ -82,6 +82,10 @@ def draw_loss_vs_lr(data: RunsData) -> Drawn:
     return Drawn(figures.loss_vs_lr(data.curves, data.phases), _ids(chosen))
 
 
+def draw_loss_by_method(data: RunsData) -> Drawn:
+    return Drawn(figures.loss_by_method(data.curves), _ids(figures.method_cells(data.curves)))
+
+
 def draw_phase_map(data: RunsData) -> Drawn:
     return Drawn(figures.phase_map(data.table), _ids(figures.phase_map_runs(data.table)))
 
@@ -160,6 +164,8 @@ FIGURES = (
     FigureSpec("loss_vs_rank", draw_loss_vs_rank, "training loss across ranks (r = alpha), phases shaded",
                "grids/rank_sweep.toml"),
     FigureSpec("loss_vs_lr", draw_loss_vs_lr, "training loss across learning rates", "grids/lr_sweep.toml"),
+    FigureSpec("loss_by_method", draw_loss_by_method, "training loss of each method at shared (rank, lr) "
+                                                      "settings, a line per seed", "grids/study/edge_mgpo_bbc.toml"),
     FigureSpec("phase_map", draw_phase_map, "rank x lr map of what each run did, with divergence amplitude",
                "grids/rank_sweep.toml and grids/lr_sweep.toml"),
     FigureSpec("sharpness", draw_sharpness, "top Hessian eigenvalue against rank / lr (and over training)",

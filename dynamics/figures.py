@@ -219,6 +219,66 @@ def loss_vs_lr(curves: pd.DataFrame, phases: pd.DataFrame | None = None, rank: i
                         title=f"Training loss across learning rates, rank {rank}", hue_format=_format_lr)
 
 
+def method_cells(curves: pd.DataFrame, max_cells: int = 6) -> pd.DataFrame:
+    """The rows :func:`loss_by_method` draws: LoRA-family runs at the (rank, lr) cells where two or
+    more methods ran (at most ``max_cells``, those with the most methods, then runs), plus full
+    fine-tuning at a cell's lr (its rank setting means nothing); a ``cell`` column names the cell."""
+    curves = _require(curves, ("run_id", "method", "rank", "lr", "step", "smoothed"),
+                      "loss curves (load_metrics(..., table='smoothed_loss'))")
+    adapters = curves[curves["method"] != "full"]
+    cells = (adapters.groupby(["rank", "lr"]).agg(methods=("method", "nunique"), runs=("run_id", "nunique"))
+             .reset_index())
+    full = curves[curves["method"] == "full"]
+    cells["methods"] += [int(np.isclose(full["lr"], lr).any()) for lr in cells["lr"]]
+    cells = cells[cells["methods"] >= 2]
+    if cells.empty:
+        raise NotEnoughRuns("needs runs of two or more methods at one (rank, lr) setting")
+    cells = cells.sort_values(["methods", "runs"], ascending=False).head(max_cells).sort_values(["rank", "lr"])
+    chosen = []
+    for rank, lr in zip(cells["rank"], cells["lr"], strict=True):
+        name = f"rank {int(rank)}, lr {_format_lr(lr)}"
+        at_cell = adapters[(adapters["rank"] == rank) & np.isclose(adapters["lr"], lr)]
+        chosen += [at_cell.assign(cell=name), full[np.isclose(full["lr"], lr)].assign(cell=name)]
+    return pd.concat(chosen, ignore_index=True)
+
+
+def loss_by_method(curves: pd.DataFrame) -> Figure:
+    """Smoothed training loss over steps of each method at shared (rank, lr) cells, a panel per cell
+    (:func:`method_cells`), one line per seed in the method's colour: with a few seeds, each
+    run's own curve says more than a mean (a seed that never learned would drag it)."""
+    chosen = method_cells(curves)
+    cells = list(dict.fromkeys(chosen["cell"]))
+    with figure_style():
+        figure, axes = _new_figure(len(cells), panel_width=3.7 if len(cells) > 1 else 5.5, sharey=True,
+                                   ncols=min(len(cells), 3))
+        log_y = _spans_decades(chosen["smoothed"].to_numpy())
+        for ax, cell in zip(axes, cells, strict=True):
+            at_cell = chosen[chosen["cell"] == cell]
+            for method in _methods(at_cell):
+                runs_of_method = at_cell[at_cell["method"] == method]
+                label = method_label(method)  # seed counts differ between panels: the lines show them
+                for k, (_, run) in enumerate(runs_of_method.groupby("run_id")):
+                    run = run.sort_values("step")
+                    ax.plot(run["step"], run["smoothed"], color=method_color(method), lw=1.4, alpha=0.85,
+                            label=label if k == 0 else "_" + label)
+            ax.set_title(cell)
+            ax.set_xlabel(STEP_LABEL)
+            if log_y:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.25, lw=0.5)
+        for ax in axes[:: min(len(cells), 3)]:
+            ax.set_ylabel("smoothed " + LOSS_LABEL + (", log scale" if log_y else ""))
+        handles = {}
+        for ax in axes:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, handle)
+        figure.legend(list(handles.values()), list(handles), title="method", loc="outside right center", fontsize=8,
+                      title_fontsize=8.5)
+        figure.suptitle("Training loss by method, a line per seed (perturbed methods: the loss at the perturbed "
+                        "weights, where their gradient is taken)", fontsize=10.5)
+    return figure
+
+
 def _loss_panels(curves: pd.DataFrame, reference: pd.DataFrame | None, phases: pd.DataFrame | None, *,
                  hue: str, hue_label: str, title: str, hue_format=lambda value: f"{value:g}") -> Figure:
     methods = _methods(curves)
@@ -424,10 +484,9 @@ def sharpness(sharpness_rows: pd.DataFrame) -> Figure:
                 ax.plot(mean.index, mean.to_numpy(), color=color, lw=1.6, label=method_label(method))
             if x in ("rank", "lr"):
                 ax.set_xscale("log", base=2 if x == "rank" else 10)
-                if x == "rank":
-                    ticks = sorted(frame["rank"].unique())
-                    ax.set_xticks(ticks, [str(int(t)) for t in ticks])
-                    ax.minorticks_off()
+                ticks = sorted(frame[x].unique())  # the values run, not log-axis decades (2x10^-3, 3x10^-3, ...)
+                ax.set_xticks(ticks, [str(int(t)) if x == "rank" else _format_lr(t) for t in ticks])
+                ax.minorticks_off()
             if _spans_decades(frame["eigenvalue"]):
                 ax.set_yscale("log")
             ax.set_xlabel(x_label)

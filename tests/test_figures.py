@@ -96,6 +96,22 @@ def test_loss_figures_need_a_sweep(tmp_path):
         figures.phase_map(table)
 
 
+def test_loss_by_method_a_panel_per_shared_cell_a_line_per_seed(curves):
+    figure = figures.loss_by_method(curves)
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    titles = [ax.get_title() for ax in panels]
+    assert "rank 32, lr 5e-4" in titles  # LoRA and LoRA-MGPO there, full FT at that lr too
+    panel = panels[titles.index("rank 32, lr 5e-4")]
+    colors = [to_hex(line.get_color()) for line in panel.get_lines()]
+    lora_runs = curves[(curves["method"] == "lora") & (curves["rank"] == 32) & (curves["lr"] == 5e-4)]["run_id"]
+    assert colors.count(figures.method_color("lora").lower()) == lora_runs.nunique() == 2  # one line per seed
+    assert figures.method_color("full").lower() in colors
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert labels[:3] == ["LoRA", "LoRA-MGPO", "Full FT"]  # each method once, whatever its panels
+    with pytest.raises(figures.NotEnoughRuns, match="two or more methods"):
+        figures.loss_by_method(curves[curves["method"] == "lora"])
+
+
 def test_phase_map_cells_say_what_each_run_did(runs_table):
     figure = figures.phase_map(runs_table)
     lora = next(ax for ax in figure.axes if ax.get_title() == "LoRA")

@@ -189,15 +189,15 @@ def draw(table: pd.DataFrame) -> None:
     subsets = {
         "phase_map": (phase, "phase_map"),
         "edge_r8": (defaults[defaults["method"].isin(["lora", "lora+mgpo"]) & (defaults["rank"] == 8) &
-                             defaults["lr"].isin([2e-3, 5e-3, 1e-2])], "loss_vs_lr,sharpness"),
+                             defaults["lr"].isin([2e-3, 5e-3, 1e-2])], "loss_vs_lr,loss_by_method,sharpness"),
         # full fine-tuning learns at the same three lrs: its panel sits beside LoRA's
         "edge_r128": (defaults[((defaults["method"].isin(["lora", "lora+mgpo"]) & (defaults["rank"] == 128)) |
                                 (defaults["method"] == "full")) & defaults["lr"].isin([5e-4, 1e-3, 2e-3])],
-                      "loss_vs_lr,sharpness"),
+                      "loss_vs_lr,loss_by_method,sharpness"),
         "rank_lr2e-3": (defaults[defaults["method"].isin(["lora", "lora+mgpo"]) & np.isclose(defaults["lr"], 2e-3)],
                         "loss_vs_rank"),
         "perturbations": (defaults[(defaults["rank"] == 8) & np.isclose(defaults["lr"], 5e-3) &
-                                   (defaults["method"] != "full")], "ablation,noise,cost,mgpo_state"),
+                                   (defaults["method"] != "full")], "loss_by_method,ablation,noise,cost,mgpo_state"),
     }
     for name, (frame, only) in subsets.items():
         if frame.empty:
