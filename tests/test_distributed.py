@@ -86,7 +86,7 @@ def test_two_processes_train_like_one(two_process_runs, method):
         sorted(p.name for p in one.path.iterdir() if p.name.startswith("."))
 
 
-KILL_SETTINGS = {**SETTINGS, "method": "lora+mgpo", "steps": 200, "checkpoint_every": 10, "keep_checkpoints": 2,
+KILL_SETTINGS = {**SETTINGS, "method": "lora+mgpo", "steps": 100, "checkpoint_every": 10, "keep_checkpoints": 2,
                  "eval_every": 100, "n_train": 256}
 
 
