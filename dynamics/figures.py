@@ -249,7 +249,7 @@ def loss_by_method(curves: pd.DataFrame) -> Figure:
     chosen = method_cells(curves)
     cells = list(dict.fromkeys(chosen["cell"]))
     with figure_style():
-        figure, axes = _new_figure(len(cells), panel_width=3.7 if len(cells) > 1 else 5.5, sharey=True,
+        figure, axes = _new_figure(len(cells), panel_width=3.7 if len(cells) > 1 else 5.5, height=3.6, sharey=True,
                                    ncols=min(len(cells), 3))
         log_y = _spans_decades(chosen["smoothed"].to_numpy())
         for ax, cell in zip(axes, cells, strict=True):
@@ -267,14 +267,14 @@ def loss_by_method(curves: pd.DataFrame) -> Figure:
                 ax.set_yscale("log")
             ax.grid(alpha=0.25, lw=0.5)
         for ax in axes[:: min(len(cells), 3)]:
-            ax.set_ylabel("smoothed " + LOSS_LABEL + (", log scale" if log_y else ""))
+            ax.set_ylabel("smoothed loss (nats/token)" + (", log scale" if log_y else ""))
         handles = {}
         for ax in axes:
             for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
                 handles.setdefault(label, handle)
         figure.legend(list(handles.values()), list(handles), title="method", loc="outside right center", fontsize=8,
                       title_fontsize=8.5)
-        figure.suptitle("Training loss by method, a line per seed (perturbed methods: the loss at the perturbed "
+        figure.suptitle("Training loss by method, a line per seed\n(perturbed methods: the loss at the perturbed "
                         "weights, where their gradient is taken)", fontsize=10.5)
     return figure
 
