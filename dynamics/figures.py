@@ -397,7 +397,9 @@ def phase_map(runs: pd.DataFrame) -> Figure:
             for (rank, lr), group in runs[runs["method"] == method].groupby(["rank", "lr"]):
                 i, j = rows.index(rank), lrs.index(lr)
                 counts = group["outcome"].value_counts()
-                outcome, agreeing = counts.idxmax(), int(counts.max())
+                agreeing = int(counts.max())
+                # a tie goes to the worse outcome (later in OUTCOME_COLORS): a cell never looks better than its seeds
+                outcome = max(counts[counts == agreeing].index, key=outcomes.index)
                 cells[i, j] = outcomes.index(outcome)
                 typical = group[group["outcome"] == outcome]  # the numbers of the seeds that did what the colour says
                 # NaN for summaries stored before rise_of_start existed: the final loss is shown instead
