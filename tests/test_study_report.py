@@ -49,3 +49,13 @@ def test_paired_differences_match_seeds(report):
     assert pairs["Δ eval acc"] == f"{0.03:.3f} ± {pd.Series([0.05, 0.01]).std():.3f}"
     assert pairs["Δ rise % of start (both learned)"] == "-20 ± 0"
     assert pairs["outcomes"] == "double descent vs double descent / smooth vs double descent"
+
+
+def test_gsm_half_reads_eval_loss_not_accuracy(report):
+    runs = table().assign(eval_loss=lambda t: 1.0 + t["seed"] / 10 + (t["method"] == "lora+mgpo") * 0.5)
+    cells = report.cell_table(runs, ["method"], report.GSM_METRICS).set_index("method")
+    assert "eval acc" not in cells.columns
+    assert cells.loc["lora+mgpo", "eval loss"] == f"{1.55:.3f} ± {pd.Series([1.5, 1.6]).std():.3f}"
+    pairs = report.paired(runs, "lora+mgpo", "lora", ["rank", "lr"], report.GSM_METRICS[0]).iloc[0]
+    assert pairs["Δ eval loss"] == "0.500 ± 0.000"
+    assert report.STUDIES["gsm"]["settings"]["model"] == "smollm2-135m"

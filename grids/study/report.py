@@ -1,7 +1,8 @@
 """Everything docs/results.md quotes, re-derived from the study's run folders.
 
-    python grids/study/report.py runs/study            # tables + CSVs + figures
+    python grids/study/report.py runs/study                      # bbc: tables + CSVs + figures
     python grids/study/report.py runs/study --no-figures
+    python grids/study/report.py runs/study_gsm --study gsm      # the SmolLM2 + gsm half
 
 Writes ``docs/study/study_runs.csv`` (one row per run: settings, outcome, phase numbers, eval
 metrics, cost, sharpness), ``docs/study/tables.md`` (the seed-aggregated tables of
@@ -27,8 +28,15 @@ from dynamics.figure_set import make_figures
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = ROOT / "docs" / "study"
 FIGURES_OUT = ROOT / "docs" / "figures" / "study"
-# the study's shared settings (every grid under grids/study/): MiniLM-L6 + bbc, 300 steps of 8 x 64
-SETTINGS = {"model": "minilm-l6", "task": "bbc", "steps": 300, "batch_size": 8, "seq_len": 64}
+# each half's shared settings (the grids under grids/study/ named *_bbc / *_gsm) and its outputs
+STUDIES = {
+    "bbc": {"settings": {"model": "minilm-l6", "task": "bbc", "steps": 300, "batch_size": 8, "seq_len": 64},
+            "runs_csv": "study_runs.csv", "tables_md": "tables.md", "figures": FIGURES_OUT},
+    "gsm": {"settings": {"model": "smollm2-135m", "task": "gsm", "steps": 200, "batch_size": 4, "seq_len": 128},
+            "runs_csv": "study_runs_gsm.csv", "tables_md": "tables_gsm.md", "figures": FIGURES_OUT / "gsm"},
+}
+BBC_METRICS = (("eval acc", "eval_metric"), ("eval macro-F1", "eval_macro_f1"))
+GSM_METRICS = (("eval loss", "eval_loss"),)  # exact match reads 0 at seq_len 128 (answers cut): not run
 DEFAULT_RHO, DEFAULT_CAP = 0.05, 10.0
 LEARNED = ("smooth", "double descent")  # outcomes of runs that learned and kept it
 RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_cap", "status", "outcome", "final_loss",
@@ -37,11 +45,12 @@ RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_ca
                "wall_time_s"]
 
 
-def study_runs(runs_dir: Path) -> pd.DataFrame:
-    """The completed study runs with their outcome and cost (median step time, peak memory)."""
+def study_runs(runs_dir: Path, study: str = "bbc") -> pd.DataFrame:
+    """The completed runs of one half of the study (``STUDIES``) with their outcome and cost
+    (median step time, peak memory)."""
     table = dynamics.load_runs(runs_dir)
     table = table[table["status"].isin(["completed", "diverged"])]
-    for field, value in SETTINGS.items():
+    for field, value in STUDIES[study]["settings"].items():
         table = table[table[field] == value]
     table = table.assign(rank=lambda t: t["rank"].where(t["method"] != "full", 0),
                          alpha=lambda t: t["alpha"].where(t["method"] != "full", 0),
@@ -77,8 +86,9 @@ def outcome_counts(outcomes: pd.Series) -> str:
     return ", ".join(f"{n} {name}" for name, n in counts.items())
 
 
-def cell_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Seed-aggregated rows per ``keys``: outcomes, rise, steps lost, losses, metrics, cost."""
+def cell_table(table: pd.DataFrame, keys: list[str], metrics=BBC_METRICS) -> pd.DataFrame:
+    """Seed-aggregated rows per ``keys``: outcomes, rise, steps lost, losses, eval ``metrics``
+    ((label, run-table column) pairs) and the top Hessian eigenvalue."""
     rows = []
     for key, group in table.groupby(keys, sort=True):
         key = key if isinstance(key, tuple) else (key,)
@@ -88,15 +98,17 @@ def cell_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
                      "rise % of start": mean_sd(100 * learned["rise_of_start"], 0),
                      "steps lost": mean_sd(learned["steps_lost"], 0),
                      "final loss": mean_sd(group["final_loss"]),
-                     "eval acc": mean_sd(group["eval_metric"]),
-                     "eval macro-F1": mean_sd(group["eval_macro_f1"]),
+                     **{label: mean_sd(group[column]) for label, column in metrics},
                      "λ_max": mean_sd(group["top_eigenvalue"], 2)})
     return pd.DataFrame(rows)
 
 
-def paired(table: pd.DataFrame, method: str, baseline: str, keys: list[str]) -> pd.DataFrame:
-    """``method`` - ``baseline`` per seed at each cell (same seed: same data order and head init)."""
-    columns = ["eval_metric", "final_loss", "rise_of_start", "outcome"]
+def paired(table: pd.DataFrame, method: str, baseline: str, keys: list[str],
+           metric: tuple[str, str] = BBC_METRICS[0]) -> pd.DataFrame:
+    """``method`` - ``baseline`` per seed at each cell (same seed: same data order and head init);
+    ``metric``: the (label, run-table column) of the eval metric compared."""
+    label, column = metric
+    columns = list(dict.fromkeys([column, "final_loss", "rise_of_start", "outcome"]))
     a = table[table["method"] == method].set_index([*keys, "seed"])[columns]
     b = table[table["method"] == baseline].set_index([*keys, "seed"])[columns]
     both = a.merge(b, left_index=True, right_index=True, suffixes=("_a", "_b"))
@@ -104,7 +116,7 @@ def paired(table: pd.DataFrame, method: str, baseline: str, keys: list[str]) -> 
     for key, group in both.groupby(level=keys):
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(keys, key, strict=True)), "pairs": len(group),
-                     "Δ eval acc": mean_sd(group["eval_metric_a"] - group["eval_metric_b"]),
+                     f"Δ {label}": mean_sd(group[f"{column}_a"] - group[f"{column}_b"]),
                      "Δ final loss": mean_sd(group["final_loss_a"] - group["final_loss_b"]),
                      "Δ rise % of start (both learned)": mean_sd(
                          100 * (group["rise_of_start_a"] - group["rise_of_start_b"])
@@ -167,6 +179,34 @@ def tables(table: pd.DataFrame) -> str:
     return "\n".join(text)
 
 
+def gsm_tables(table: pd.DataFrame) -> str:
+    """The markdown of docs/study/tables_gsm.md (SmolLM2-135M + gsm, 200 steps of 4 x 128)."""
+    defaults = at_defaults(table)
+    metric = GSM_METRICS[0]
+    lora_full = defaults[defaults["method"].isin(["lora", "full"])]
+    mgpo_cells = defaults[defaults["method"] == "lora+mgpo"][["rank", "lr"]].drop_duplicates()
+    contrast = defaults[defaults["method"].isin(["lora", "lora+mgpo"])].merge(mgpo_cells, on=["rank", "lr"])
+    sections = [
+        ("Phase map: LoRA and full fine-tuning per (rank, lr), all seeds run",
+         cell_table(lora_full, ["method", "rank", "lr"], GSM_METRICS)),
+        ("LoRA vs LoRA-MGPO where both ran", cell_table(contrast, ["rank", "lr", "method"], GSM_METRICS)),
+        ("LoRA-MGPO - LoRA, paired by seed", paired(contrast, "lora+mgpo", "lora", ["rank", "lr"], metric)),
+        ("Divergences: start and peak step of every detected rise", rise_steps_table(defaults)),
+        ("LoRA-MGPO's APN factor per run: at its cap, and what the run did", mgpo_state_table(table, metric)),
+    ]
+    text = ["# Study tables, SmolLM2-135M + gsm (generated by `python grids/study/report.py runs/study_gsm "
+            "--study gsm`; do not edit)\n",
+            "Mean ± sample standard deviation over seeds where more than one ran; `rise % of start`: the highest "
+            "divergence peak above the first minimum of the smoothed training loss, in % of the start loss (0 when "
+            "no divergence); `steps lost`: steps from the divergence start until the loss is back at its first "
+            "minimum; both over the runs that learned (outcome smooth or double descent); eval loss: mean "
+            "next-token cross-entropy on 64 held-out problems at step 200 (exact match is not measured: at "
+            "seq_len 128 most answers are cut before their final number).\n"]
+    for title, frame in sections:
+        text += [f"## {title}\n", markdown(frame)]
+    return "\n".join(text)
+
+
 def rise_steps_table(table: pd.DataFrame) -> pd.DataFrame:
     """Where each run's divergences start and peak (phase detector, smoothed training loss), per
     seed: runs of one seed draw the same batches in the same order, whatever their method, rank
@@ -181,7 +221,7 @@ def rise_steps_table(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["seed", "start"]) if rows else pd.DataFrame()
 
 
-def mgpo_state_table(table: pd.DataFrame) -> pd.DataFrame:
+def mgpo_state_table(table: pd.DataFrame, metric: tuple[str, str] = BBC_METRICS[0]) -> pd.DataFrame:
     """Per LoRA-MGPO run: how long the APN factor c = min(1 / g_ema, apn_cap) sat at its cap, the
     median perturbation norm, and what the run did (``apn_scale``, ``perturb_norm`` of metrics.parquet;
     both are means over layers / a global norm as the training loop logs them)."""
@@ -192,7 +232,7 @@ def mgpo_state_table(table: pd.DataFrame) -> pd.DataFrame:
         at_cap = np.isclose(scale, run["apn_cap"], rtol=1e-3)
         first = scale[metrics.loc[scale.index, "step"] <= 50]
         rows.append({"rank": run["rank"], "lr": run["lr"], "rho": run["rho"], "apn_cap": run["apn_cap"],
-                     "seed": run["seed"], "outcome": run["outcome"], "eval acc": f"{run['eval_metric']:.3f}",
+                     "seed": run["seed"], "outcome": run["outcome"], metric[0]: f"{run[metric[1]]:.3f}",
                      "% steps at cap (1-50)": f"{100 * np.isclose(first, run['apn_cap'], rtol=1e-3).mean():.0f}",
                      "% steps at cap (all)": f"{100 * at_cap.mean():.0f}",
                      "median perturb_norm": f"{metrics['perturb_norm'].median():.2f}"})
@@ -244,6 +284,27 @@ def draw(table: pd.DataFrame) -> None:
                              f"--out {out.relative_to(ROOT)} --only {only}")
 
 
+def draw_gsm(table: pd.DataFrame) -> None:
+    """The gsm half's figures: its phase map, loss against lr and rank, and LoRA vs LoRA-MGPO."""
+    defaults = at_defaults(table)
+    out_root = STUDIES["gsm"]["figures"]
+    mgpo_cells = defaults[defaults["method"] == "lora+mgpo"][["rank", "lr"]].drop_duplicates()
+    subsets = {
+        "phase_map": (defaults, "phase_map"),
+        "lora_lr_rank": (defaults[defaults["method"] == "lora"], "loss_vs_lr,loss_vs_rank"),
+        "lora_vs_mgpo": (defaults[defaults["method"].isin(["lora", "lora+mgpo"])].merge(mgpo_cells, on=["rank", "lr"]),
+                         "loss_by_method,mgpo_state"),
+    }
+    for name, (frame, only) in subsets.items():
+        if frame.empty or (name == "lora_vs_mgpo" and frame["method"].nunique() < 2):
+            print(f"report: gsm/{name}: no runs yet")
+            continue
+        out = out_root / name
+        make_figures(sorted(frame["path"]), out=out, only=only,
+                     command=f"python grids/study/report.py runs/study_gsm --study gsm (figure set gsm/{name}): "
+                             f"dynamics figures <{len(frame)} runs> --out {out.relative_to(ROOT)} --only {only}")
+
+
 def draw_mgpo_states(table: pd.DataFrame) -> None:
     """LoRA-MGPO's instrument panel for seeds 0 (learned) and 2 (stuck at chance) at r 8, lr 5e-3."""
     import matplotlib.pyplot as plt
@@ -266,16 +327,24 @@ def draw_mgpo_states(table: pd.DataFrame) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs_dir", nargs="?", default="runs/study", type=Path)
+    parser.add_argument("--study", choices=sorted(STUDIES), default="bbc",
+                        help="which half: bbc (MiniLM-L6, default) or gsm (SmolLM2-135M)")
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args()
-    table = study_runs(args.runs_dir)
+    study = STUDIES[args.study]
+    table = study_runs(args.runs_dir, args.study)
     STUDY.mkdir(parents=True, exist_ok=True)
-    table[RUN_COLUMNS].to_csv(STUDY / "study_runs.csv", index=False, float_format="%.6g")
-    (STUDY / "tables.md").write_text(tables(table))
-    print(f"report: {len(table)} runs -> {STUDY / 'study_runs.csv'}, {STUDY / 'tables.md'}")
-    if not args.no_figures:
+    runs_csv, tables_md = STUDY / study["runs_csv"], STUDY / study["tables_md"]
+    table[RUN_COLUMNS].to_csv(runs_csv, index=False, float_format="%.6g")
+    tables_md.write_text(tables(table) if args.study == "bbc" else gsm_tables(table))
+    print(f"report: {len(table)} runs -> {runs_csv}, {tables_md}")
+    if args.no_figures:
+        return
+    if args.study == "bbc":
         draw(table)
         draw_mgpo_states(table)
+    else:
+        draw_gsm(table)
 
 
 if __name__ == "__main__":
