@@ -201,8 +201,8 @@ def gsm_tables(table: pd.DataFrame) -> str:
             "divergence peak above the first minimum of the smoothed training loss, in % of the start loss (0 when "
             "no divergence); `steps lost`: steps from the divergence start until the loss is back at its first "
             "minimum; both over the runs that learned (outcome smooth or double descent); eval loss: mean "
-            "next-token cross-entropy on 64 held-out problems at step 200 (exact match is not measured: at "
-            "seq_len 128 most answers are cut before their final number).\n"]
+            "cross-entropy of the answer tokens (the worked solution) of 64 held-out problems at step 200 (exact "
+            "match is not measured: at seq_len 128 most answers are cut before their final number).\n"]
     for title, frame in sections:
         text += [f"## {title}\n", markdown(frame)]
     return "\n".join(text)
