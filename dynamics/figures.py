@@ -336,16 +336,19 @@ def _draw_seeds(ax, group: pd.DataFrame, color, label: str) -> None:
 # --- where the phenomenon lives ----------------------------------------------------------------------------------
 def run_outcome(row: pd.Series) -> str:
     """What a run did: ``diverged`` (status diverged, or a non-finite loss), ``no descent`` (its
-    smoothed loss never fell ``min_descent`` below the start: it did not learn, whatever wobbles
-    the detector found), ``collapse`` (it descended but ended less than ``min_descent`` below its
-    start, having given its progress back, however slowly; or a divergence that never came back
-    to its first minimum), ``double descent`` or ``smooth``."""
+    smoothed loss never fell ``min_descent`` below the start and did not end ``min_descent`` above
+    it: it did not learn, whatever wobbles the detector found), ``collapse`` (it descended but
+    ended less than ``min_descent`` below its start, having given its progress back, however
+    slowly; or it never descended and ended more than ``min_descent`` above its start, rising from
+    the first steps and staying up; or a divergence that never came back to its first minimum),
+    ``double descent`` or ``smooth``."""
     if row.get("status") == "diverged" or not np.isfinite(float(row.get("final_loss") or np.nan)):
         return "diverged"
     descended = _known(row.get("descended"))  # None: not known (a summary an older `dynamics analyze` stored)
-    if descended is False:
-        return "no descent"
     final_drop = _known(row.get("final_drop"))
+    if descended is False:
+        rose_and_stayed = final_drop is not None and final_drop < -PhaseThresholds().min_descent
+        return "collapse" if rose_and_stayed else "no descent"
     if descended and final_drop is not None and final_drop < PhaseThresholds().min_descent:
         return "collapse"
     if bool(row.get("double_descent")):

@@ -139,6 +139,11 @@ def test_run_outcome_covers_diverged_runs():
                                 "descended": False}) == "no descent"
     assert figures.run_outcome({"status": "completed", "final_loss": 1.0, "double_descent": True,
                                 "descended": None}) == "double descent"
+    # never descended but blew up from the start and stayed up (SmolLM2, r 128, lr 5e-3: 1.4 -> 5.2)
+    assert figures.run_outcome({"status": "completed", "final_loss": 5.2, "double_descent": False, "n_episodes": 0,
+                                "descended": False, "final_drop": -2.7}) == "collapse"
+    assert figures.run_outcome({"status": "completed", "final_loss": 1.63, "double_descent": False, "n_episodes": 0,
+                                "descended": False, "final_drop": -0.01}) == "no descent"
     # learned, then gave it all back slowly (no rise the detector calls a divergence): a collapse
     assert figures.run_outcome({"status": "completed", "final_loss": 1.6, "double_descent": False, "n_episodes": 0,
                                 "descended": True, "final_drop": 0.02}) == "collapse"

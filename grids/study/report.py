@@ -292,7 +292,10 @@ def draw_gsm(table: pd.DataFrame) -> None:
     mgpo_cells = defaults[defaults["method"] == "lora+mgpo"][["rank", "lr"]].drop_duplicates()
     subsets = {
         "phase_map": (defaults, "phase_map"),
-        "lora_lr_rank": (defaults[defaults["method"] == "lora"], "loss_vs_lr,loss_vs_rank"),
+        # one folder per rank: loss_vs_lr draws one rank (the lower on a tie)
+        "lora_lr_r8": (defaults[(defaults["method"] == "lora") & (defaults["rank"] == 8)], "loss_vs_lr"),
+        "lora_lr_r128": (defaults[(defaults["method"] == "lora") & (defaults["rank"] == 128)], "loss_vs_lr"),
+        "lora_rank": (defaults[defaults["method"] == "lora"], "loss_vs_rank"),
         "lora_vs_mgpo": (defaults[defaults["method"].isin(["lora", "lora+mgpo"])].merge(mgpo_cells, on=["rank", "lr"]),
                          "loss_by_method,mgpo_state"),
     }
