@@ -127,9 +127,9 @@ def paired(table: pd.DataFrame, method: str, baseline: str, keys: list[str],
     return pd.DataFrame(rows)
 
 
-def markdown(frame: pd.DataFrame) -> str:
+def markdown(frame: pd.DataFrame, empty: str = "(no runs yet)") -> str:
     if frame.empty:
-        return "(no runs yet)\n"
+        return f"{empty}\n"
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
     rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
     body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
@@ -204,7 +204,8 @@ def gsm_tables(table: pd.DataFrame) -> str:
             "cross-entropy of the answer tokens (the worked solution) of 64 held-out problems at step 200 (exact "
             "match is not measured: at seq_len 128 most answers are cut before their final number).\n"]
     for title, frame in sections:
-        text += [f"## {title}\n", markdown(frame)]
+        empty = "(no rise detected in any run)" if title.startswith("Divergences") else "(no runs yet)"
+        text += [f"## {title}\n", markdown(frame, empty)]
     return "\n".join(text)
 
 
@@ -236,8 +237,18 @@ def mgpo_state_table(table: pd.DataFrame, metric: tuple[str, str] = BBC_METRICS[
                      "seed": run["seed"], "outcome": run["outcome"], metric[0]: f"{run[metric[1]]:.3f}",
                      "% steps at cap (1-50)": f"{100 * np.isclose(first, run['apn_cap'], rtol=1e-3).mean():.0f}",
                      "% steps at cap (all)": f"{100 * at_cap.mean():.0f}",
+                     "median apn_scale": f"{scale.median():.2f}",
+                     "% layer-steps at cap": f"{100 * _layers_at_cap(run):.0f}",
                      "median perturb_norm": f"{metrics['perturb_norm'].median():.2f}"})
     return pd.DataFrame(rows)
+
+
+def _layers_at_cap(run: pd.Series) -> float:
+    """Fraction of the logged (layer, step) APN factors at the cap (layers.parquet, every
+    ``layer_metrics_every`` steps): the per-layer reading of the mean ``apn_scale``."""
+    layers = dynamics.load_run(run["path"]).layers
+    scale = layers["apn_scale"].dropna() if layers is not None and "apn_scale" in layers else pd.Series(dtype=float)
+    return float(np.isclose(scale, run["apn_cap"], rtol=1e-3).mean()) if len(scale) else float("nan")
 
 
 def cost_table(cell: pd.DataFrame) -> pd.DataFrame:
