@@ -109,7 +109,7 @@ def paired(table: pd.DataFrame, method: str, baseline: str, keys: list[str],
     """``method`` - ``baseline`` per seed at each cell (same seed: same data order and head init);
     ``metric``: the (label, run-table column) of the eval metric compared."""
     label, column = metric
-    columns = list(dict.fromkeys([column, "final_loss", "rise_of_start", "outcome"]))
+    columns = [column, "final_loss", "rise_of_start", "outcome"]
     a = table[table["method"] == method].set_index([*keys, "seed"])[columns]
     b = table[table["method"] == baseline].set_index([*keys, "seed"])[columns]
     both = a.merge(b, left_index=True, right_index=True, suffixes=("_a", "_b"))
