@@ -6,6 +6,7 @@ Each launch starts real processes (imports included: ~20 s on 2 cores), so one l
 methods in turn (``tests/dp_worker.py``)."""
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -94,11 +95,17 @@ def cli_args(settings: dict) -> list[str]:
     return config_flags(RunConfig(**settings))
 
 
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+def lock_released(run_dir: Path) -> bool:
+    """Whether the run's ``.lock`` can be taken. The kernel frees a ``flock`` when the last thread of
+    its holder exits, which can be after the killed process already reads as a zombie (its main
+    thread is gone, its other threads still exiting): so wait on the lock, not on process status."""
+    with open(run_dir / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return True
 
 
 def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
@@ -115,8 +122,8 @@ def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
     process.wait()
     deadline = time.monotonic() + 30
-    while any(alive(pid) for pid in tree[1:]):
-        assert time.monotonic() < deadline, "a worker outlived SIGKILL"
+    while not lock_released(run_dir):
+        assert time.monotonic() < deadline, "a worker outlived SIGKILL (the run's lock is still held)"
         time.sleep(0.05)
     summary = runs.read_summary(run_dir)
     assert summary["status"] == "running" and summary["steps_done"] < KILL_SETTINGS["steps"]
