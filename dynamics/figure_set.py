@@ -44,6 +44,10 @@ class RunsData:
         return runs.load_metrics(self.table, table="sharpness")
 
     @cached_property
+    def trace(self) -> pd.DataFrame:
+        return runs.load_metrics(self.table, table="trace")
+
+    @cached_property
     def density(self) -> pd.DataFrame:
         return runs.load_metrics(self.table, table="density")
 
@@ -94,6 +98,13 @@ def draw_sharpness(data: RunsData) -> Drawn:
     if data.sharpness.empty:
         raise _missing_curvature(data, data.sharpness, "top Hessian eigenvalues", "")
     return Drawn(figures.sharpness(data.sharpness), _ids(data.sharpness))
+
+
+def draw_sharpness_by_method(data: RunsData) -> Drawn:
+    if data.sharpness.empty:
+        raise _missing_curvature(data, data.sharpness, "top Hessian eigenvalues", "")
+    used = figures.curvature_cells(figures.final_sharpness(data.sharpness))
+    return Drawn(figures.sharpness_by_method(data.sharpness, data.trace), _ids(used))
 
 
 def draw_spectrum(data: RunsData) -> Drawn:
@@ -170,6 +181,9 @@ FIGURES = (
                "grids/rank_sweep.toml and grids/lr_sweep.toml"),
     FigureSpec("sharpness", draw_sharpness, "top Hessian eigenvalue against rank / lr (and over training)",
                "grids/rank_sweep.toml, then dynamics analyze"),
+    FigureSpec("sharpness_by_method", draw_sharpness_by_method, "top Hessian eigenvalue and trace of each "
+               "method's final minimum at shared (rank, lr) settings", "grids/study/sharpness_bbc.toml, then "
+               "dynamics analyze --trace"),
     FigureSpec("spectrum", draw_spectrum, "Hessian eigenvalue density (SLQ), LoRA vs LoRA-MGPO",
                "grids/methods_gsm.toml, then dynamics analyze --density"),
     FigureSpec("mgpo_state", draw_mgpo_state, "LoRA-MGPO's state over training (loss, norms, g_ema, APN)",

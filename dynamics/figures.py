@@ -8,6 +8,7 @@ files). The frames are those of ``dynamics.runs``:
 * ``curves``: ``load_metrics(root, table="smoothed_loss")`` (run_id, settings, step, loss, smoothed);
 * ``phases``: ``load_metrics(root, table="phases")``;
 * ``sharpness_rows``: ``load_metrics(root, table="sharpness")`` (``eigen_rank`` = eigenvalue index);
+* ``trace_rows``: ``load_metrics(root, table="trace")``;
 * ``density``: ``load_metrics(root, table="density")``;
 * ``metrics``, ``layers``: one run's ``Run.metrics`` / ``Run.layers``, or ``load_metrics`` frames.
 
@@ -505,6 +506,85 @@ def sharpness(sharpness_rows: pd.DataFrame) -> Figure:
         figure.suptitle("Sharpness: top eigenvalue of the eval-loss Hessian (trainable parameters)"
                         + ("\nhollow points: Lanczos not converged to --tol (a lower bound)" if unconverged else ""),
                         fontsize=11)
+    return figure
+
+
+def final_trace(trace_rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: the Hutchinson trace estimate at its last measured checkpoint."""
+    rows = _require(trace_rows, ("run_id", "method", "step", "trace", "standard_error"),
+                    "Hessian traces (load_metrics(..., table='trace'))")
+    return rows.sort_values(["run_id", "step"]).groupby("run_id", as_index=False).last()
+
+
+def curvature_cells(final: pd.DataFrame, max_cells: int = 3) -> pd.DataFrame:
+    """The rows of ``final`` (one per run, with ``method``, ``rank``, ``lr``) at the (rank, lr) cells
+    where two or more methods were measured, at most ``max_cells`` (most methods, then most
+    runs), each row named by a ``cell`` column; full fine-tuning joins a cell of its lr."""
+    adapters, full = final[final["method"] != "full"], final[final["method"] == "full"]
+    cells = adapters.groupby(["rank", "lr"]).agg(methods=("method", "nunique"), runs=("run_id", "nunique"))
+    cells = cells.reset_index()
+    cells["methods"] += [int(np.isclose(full["lr"], lr).any()) for lr in cells["lr"]]
+    cells = cells[cells["methods"] >= 2]
+    if cells.empty:
+        raise NotEnoughRuns("needs final-checkpoint curvature of two or more methods at one (rank, lr) setting "
+                            "(dynamics analyze)")
+    cells = cells.sort_values(["methods", "runs"], ascending=False).head(max_cells).sort_values(["rank", "lr"])
+    chosen = []
+    for rank, lr in zip(cells["rank"], cells["lr"], strict=True):
+        name = f"rank {int(rank)}, lr {_format_lr(lr)}"
+        chosen += [adapters[(adapters["rank"] == rank) & np.isclose(adapters["lr"], lr)].assign(cell=name),
+                   full[np.isclose(full["lr"], lr)].assign(cell=name)]
+    return pd.concat(chosen, ignore_index=True)
+
+
+def sharpness_by_method(sharpness_rows: pd.DataFrame, trace_rows: pd.DataFrame | None = None) -> Figure:
+    """Curvature of each method's final minimum at shared (rank, lr) cells (:func:`curvature_cells`):
+    the top eigenvalue of the eval-loss Hessian (``dynamics analyze``) and, where measured, its
+    Hutchinson trace (``--trace``), a point per seed (error bars: the trace's standard error) and
+    a bar at the seed mean. A column per cell, a row per measure; a log axis where the values
+    span a decade or more (seeds of one setting often do)."""
+    top = final_sharpness(sharpness_rows).rename(columns={"eigenvalue": "value"}).assign(error=np.nan)
+    measures = [("λ_max (top eigenvalue)", curvature_cells(top))]
+    if trace_rows is not None and not trace_rows.empty:
+        traces = final_trace(trace_rows).rename(columns={"trace": "value", "standard_error": "error"})
+        with contextlib.suppress(NotEnoughRuns):  # no trace at a shared cell: eigenvalues alone
+            measures.append(("tr(H) (Hutchinson)", curvature_cells(traces)))
+    cells = list(dict.fromkeys(measures[0][1]["cell"]))
+    examples = sorted(pd.to_numeric(top["n_examples"], errors="coerce").dropna().astype(int).unique()) \
+        if "n_examples" in top else []
+    with figure_style():
+        figure, axes = _new_figure(len(cells) * len(measures), ncols=len(cells),
+                                   panel_width=max(3.2, 0.55 * top["method"].nunique() + 1.4), height=3.0)
+        for row, (label, frame) in enumerate(measures):
+            for column, cell in enumerate(cells):
+                ax = axes[row * len(cells) + column]
+                at_cell = frame[frame["cell"] == cell]
+                if at_cell.empty:  # the trace was measured at other cells only
+                    ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center",
+                            color="0.55")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    ax.set_ylabel(label if column == 0 else "")
+                    continue
+                present = _methods(at_cell)
+                for position, method in enumerate(present):
+                    values = at_cell[at_cell["method"] == method]
+                    color = method_color(method)
+                    ax.bar(position, values["value"].mean(), width=0.7, color=color, alpha=0.35)
+                    jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(1)
+                    ax.errorbar(position + jitter, values["value"], yerr=values["error"].fillna(0).abs(), fmt="o",
+                                ms=4.5, color=color, ecolor="0.3", elinewidth=0.8, capsize=2)
+                ax.set_xticks(range(len(present)), [method_label(m) for m in present], rotation=30, ha="right",
+                              rotation_mode="anchor", fontsize=8)
+                if _spans_decades(at_cell["value"]) and (at_cell["value"] > 0).all():
+                    ax.set_yscale("log")
+                ax.set_ylabel(label if column == 0 else "")
+                ax.set_title(cell if row == 0 else "")
+                ax.grid(axis="y", alpha=0.25, lw=0.5)
+        shown = f" on {examples[0]} held-out examples" if len(examples) == 1 else ""
+        figure.suptitle(f"Curvature of the final minimum by method: eval-loss Hessian{shown}, trainable "
+                        "parameters\nbars: seed mean, points: seeds (error bars: the trace estimate's standard "
+                        "error)", fontsize=10.5)
     return figure
 
 

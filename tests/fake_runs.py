@@ -12,7 +12,14 @@ import pyarrow.parquet as pq
 from dynamics.analysis.synthetic import make_curve
 from dynamics.config import RunConfig
 from dynamics.files import write_json
-from dynamics.runs.logs import DENSITY_SCHEMA, EVAL_SCHEMA, LAYERS_SCHEMA, METRICS_SCHEMA, SHARPNESS_SCHEMA
+from dynamics.runs.logs import (
+    DENSITY_SCHEMA,
+    EVAL_SCHEMA,
+    LAYERS_SCHEMA,
+    METRICS_SCHEMA,
+    SHARPNESS_SCHEMA,
+    TRACE_SCHEMA,
+)
 
 LAYERS = [f"base_model.model.model.layers.{i}.self_attn.{name}" for i in range(2) for name in ("q_proj", "v_proj")]
 
@@ -21,7 +28,8 @@ def write_fake_run(root: Path, *, method: str = "lora", rank: int = 8, lr: float
                    kind: str = "decay", steps: int = 200, task: str = "tiny", status: str = "completed",
                    eval_metric: float = 0.1, eval_loss: float = 1.0, trainable_params: int | None = None,
                    step_time_s: float = 1.0, peak_mem_mb: float = 1000.0, top_eigenvalue: float | None = None,
-                   sharpness_over_training: bool = False, density_center: float | None = None) -> Path:
+                   sharpness_over_training: bool = False, density_center: float | None = None,
+                   hessian_trace: float | None = None) -> Path:
     """One run folder under ``root``; ``kind`` is a :func:`make_curve` kind (``bump`` = a double
     descent). Returns its path."""
     model = "tiny-llama" if task == "tiny" else "smollm2-135m"
@@ -72,6 +80,11 @@ def write_fake_run(root: Path, *, method: str = "lora", rank: int = 8, lr: float
                 "seconds": [1.0] * len(sharp_steps), "source": sources}
         pq.write_table(pa.Table.from_pydict(rows, schema=SHARPNESS_SCHEMA), run_dir / "sharpness.parquet")
         summary["sharpness"] = {"step": steps, "eigenvalues": [top_eigenvalue], "converged": True}
+    if hessian_trace is not None:
+        rows = {"step": [steps], "trace": [hessian_trace], "standard_error": [0.05 * hessian_trace], "n_hvp": [30],
+                "converged": [False], "n_examples": [8], "seconds": [1.0], "source": ["checkpoint"]}
+        pq.write_table(pa.Table.from_pydict(rows, schema=TRACE_SCHEMA), run_dir / "trace.parquet")
+        summary["trace"] = {"step": steps, "trace": hessian_trace, "standard_error": 0.05 * hessian_trace}
     if density_center is not None:
         rng = np.random.default_rng(seed)
         nodes = np.concatenate([rng.normal(0.0, 0.05, 8), [density_center], rng.normal(0, 0.05, 8),
@@ -87,7 +100,8 @@ def write_fake_run(root: Path, *, method: str = "lora", rank: int = 8, lr: float
 def write_fake_grid(root: Path) -> Path:
     """A small study: lora and lora+mgpo at ranks 8/32/128 x lrs 1e-4/5e-4/1e-3 (LoRA at high rank and
     lr shows a double descent, MGPO a smooth curve), 2 seeds at one cell, full at two lrs, the
-    ablation and noise methods at r = 8, lr 5e-4, curvature on some runs."""
+    ablation and noise methods at r = 8, lr 5e-4, curvature on some runs (the trace at r = 32, lr 5e-4
+    only, where seed 1's curvature is twice seed 0's)."""
     for method in ("lora", "lora+mgpo"):
         for rank in (8, 32, 128):
             for lr in (1e-4, 5e-4, 1e-3):
@@ -96,9 +110,11 @@ def write_fake_grid(root: Path) -> Path:
                     kind = "no_recovery"
                 seeds = (0, 1) if (rank, lr) == (32, 5e-4) else (0,)
                 for seed in seeds:
+                    top_eigenvalue = (2.0 if method == "lora" else 1.0) * rank ** 0.5 / lr ** 0.1 * (1 + seed)
                     write_fake_run(root, method=method, rank=rank, lr=lr, seed=seed, kind=kind,
                                    eval_metric=0.2 if method == "lora" else 0.25,
-                                   top_eigenvalue=(2.0 if method == "lora" else 1.0) * rank ** 0.5 / lr ** 0.1,
+                                   top_eigenvalue=top_eigenvalue,
+                                   hessian_trace=10 * top_eigenvalue if (rank, lr) == (32, 5e-4) else None,
                                    sharpness_over_training=(rank, lr) == (8, 5e-4),
                                    density_center=(30.0 if method == "lora" else 15.0) if (rank, lr) == (32, 5e-4)
                                    else None,

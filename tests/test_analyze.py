@@ -119,6 +119,9 @@ def test_trace_and_density_land_in_the_run_folder(trained):
     analyze_run(trained.path, checkpoints="40", sharpness=False, trace=True, trace_samples=10)
     assert run.trace["step"].tolist() == [20, 40]  # step 40 replaced, not duplicated
     assert json.loads((trained.path / "summary.json").read_text())["trace"]["step"] == 40
+    # the run table carries the final checkpoint's trace beside its top eigenvalue
+    row = dynamics.load_runs(trained.path.parent).set_index("run_id").loc[trained.run_id]
+    assert row["hessian_trace"] == pytest.approx(run.trace.query("step == 40")["trace"].iloc[0])
 
 
 def test_cli_analyze_trace_density_flags(trained, capsys):

@@ -167,6 +167,30 @@ def test_sharpness_against_rank_lr_and_steps_in_method_colours(runs_table):
     assert (final["source"] == "checkpoint").all() and (final["eigen_rank"] == 1).all()
 
 
+def test_sharpness_by_method_bars_are_seed_means_of_eigenvalue_and_trace(runs_table):
+    rows, traces = load_metrics(runs_table, table="sharpness"), load_metrics(runs_table, table="trace")
+    figure = figures.sharpness_by_method(rows, traces)
+    axes = [ax for ax in figure.axes if ax.get_visible()]
+    assert len(axes) == 6  # three cells (r 32 / 5e-4 first: the most runs) x eigenvalue and trace rows
+    titles = [ax.get_title() for ax in axes[:3]]
+    assert "rank 32, lr 5e-4" in titles
+    column = titles.index("rank 32, lr 5e-4")
+    top, trace = axes[column], axes[3 + column]
+    assert [label.get_text() for label in top.get_xticklabels()] == ["LoRA", "LoRA-MGPO"]
+    # seeds 0 and 1 measured 1x and 2x the base value: the bar is their mean, 1.5x
+    base = {"lora": 2.0 * 32 ** 0.5 / 5e-4 ** 0.1, "lora+mgpo": 32 ** 0.5 / 5e-4 ** 0.1}
+    assert [bar.get_height() for bar in top.patches] == pytest.approx([1.5 * base["lora"], 1.5 * base["lora+mgpo"]])
+    assert [bar.get_height() for bar in trace.patches] == pytest.approx([15 * base["lora"], 15 * base["lora+mgpo"]])
+    assert [to_hex(bar.get_facecolor()) for bar in top.patches] == [figures.method_color(m).lower()
+                                                                    for m in ("lora", "lora+mgpo")]
+    others = [axes[3 + i] for i in range(3) if i != column]
+    assert all(ax.texts[0].get_text() == "not measured" for ax in others)  # no trace there: said, not drawn
+    assert "on 8 held-out examples" in figure._suptitle.get_text()
+    one_method = rows[rows["method"] == "lora"]
+    with pytest.raises(figures.NotEnoughRuns, match="two or more methods"):
+        figures.sharpness_by_method(one_method)
+
+
 def test_spectrum_overlays_a_lora_and_an_mgpo_run(runs_table):
     figure = figures.spectrum(load_metrics(runs_table, table="density"))
     (ax,) = figure.axes

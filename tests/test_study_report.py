@@ -59,3 +59,49 @@ def test_gsm_half_reads_eval_loss_not_accuracy(report):
     pairs = report.paired(runs, "lora+mgpo", "lora", ["rank", "lr"], report.GSM_METRICS[0]).iloc[0]
     assert pairs["Δ eval loss"] == "0.500 ± 0.000"
     assert report.STUDIES["gsm"]["settings"]["model"] == "smollm2-135m"
+
+
+def ledger_rows():
+    rows = table().assign(run_id=lambda t: [f"{m}-s{s}" for m, s in zip(t["method"], t["seed"])], status="completed",
+                          rho=0.05, apn_cap=10.0,
+                          eval_loss=0.2, double_descent=lambda t: t["outcome"] == "double descent", n_episodes=1,
+                          descended=True, loss_drop=0.9, final_drop=lambda t: 1 - t["final_loss"] / 1.6,
+                          rises=lambda t: ["120-131 170-180", "", "118-130", "", ""])
+    rows.loc[rows["outcome"] == "collapse", "final_drop"] = 0.0  # a collapse gave its descent back
+    return rows
+
+
+def test_ledger_keeps_rows_not_on_disk_and_checks_the_re_runs(report, tmp_path):
+    ledger = ledger_rows()
+    ledger_csv = tmp_path / "runs.csv"
+    ledger.to_csv(ledger_csv, index=False)
+    # on disk: a re-run of lora seed 0 that reproduces it, one of lora+mgpo seed 1 that does not, one new run
+    on_disk = pd.concat([ledger.iloc[[0]], ledger.iloc[[3]].assign(final_loss=0.07),
+                         ledger.iloc[[1]].assign(run_id="new", seed=5)]).assign(on_disk=True, path="somewhere")
+    lines = []
+    merged = report.with_ledger(on_disk, ledger_csv, {"task": "bbc"}, log=lines.append)
+    assert len(merged) == 6 and merged["run_id"].is_unique
+    assert set(merged.loc[~merged["on_disk"].astype(bool), "run_id"]) == {"lora-s1", "lora+mgpo-s0", "lora-s2"}
+    assert (merged.loc[~merged["on_disk"].astype(bool), "task"] == "bbc").all()
+    assert merged.set_index("run_id").loc["lora+mgpo-s1", "final_loss"] == 0.07  # the run on disk wins
+    assert lines[0] == "report: lora+mgpo-s1: final_loss 0.07 differs from the ledger's 0.05"
+    assert lines[-1].startswith("report: 3 runs on disk (2 of them re-runs of ledger rows), 3 rows kept from")
+
+
+def test_ledger_rows_name_outcomes_their_numbers_no_longer_give(report, tmp_path):
+    ledger = ledger_rows()
+    ledger.loc[0, "outcome"] = "smooth"  # its numbers say double descent
+    ledger.to_csv(tmp_path / "runs.csv", index=False)
+    lines = []
+    report.with_ledger(ledger.iloc[:0].assign(on_disk=True, path=None), tmp_path / "runs.csv", {}, log=lines.append)
+    assert "report: lora-s0: the ledger says smooth, its numbers now read double descent" in lines
+
+
+def test_rise_table_reads_the_ledger_rises(report, tmp_path):
+    ledger = ledger_rows()
+    ledger.to_csv(tmp_path / "runs.csv", index=False)
+    merged = report.with_ledger(ledger.iloc[:0].assign(on_disk=True, path=None), tmp_path / "runs.csv", {},
+                                log=lambda line: None)
+    rises = report.rise_steps_table(merged)
+    assert rises[["seed", "start", "peak", "method"]].values.tolist() == [
+        [0, 120, 131, "lora"], [0, 170, 180, "lora"], [1, 118, 130, "lora"]]

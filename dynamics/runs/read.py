@@ -207,7 +207,8 @@ RUN_TABLE_COLUMNS = ["run_id", "method", "adapter", "perturbation", "model", "ta
                      "steps", "status", "alive", "steps_done", "final_loss", "eval_loss", "eval_metric",
                      "eval_macro_f1", "double_descent", "divergence_amplitude", "steps_lost", "n_episodes",
                      "descended", "loss_drop", "final_drop", "rise_of_start",
-                     "top_eigenvalue", "wall_time_s", "adapter_init_s", "trainable_params", "damage", "path"]
+                     "top_eigenvalue", "hessian_trace", "wall_time_s", "adapter_init_s", "trainable_params", "damage",
+                     "path"]
 
 
 def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
@@ -274,6 +275,7 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         "final_drop": phases.get("final_drop"),
         "rise_of_start": phases.get("rise_of_start"),
         "top_eigenvalue": ((summary.get("sharpness") or {}).get("eigenvalues") or [None])[0],
+        "hessian_trace": (summary.get("trace") or {}).get("trace"),  # dynamics analyze --trace (Hutchinson)
         "damage": None,
         "path": str(run_dir),
     }

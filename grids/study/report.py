@@ -5,11 +5,20 @@
     python grids/study/report.py runs/study_gsm --study gsm      # the SmolLM2 + gsm half
 
 Writes ``docs/study/study_runs.csv`` (one row per run: settings, outcome, phase numbers, eval
-metrics, cost, sharpness), ``docs/study/tables.md`` (the seed-aggregated tables of
-docs/results.md, mean ± sample standard deviation over seeds, and the paired LoRA-MGPO - LoRA
-differences per seed) and, unless ``--no-figures``, the figures under ``docs/figures/study/`` by
-``dynamics figures`` on the subset of runs each one needs (each folder's index.md lists the run ids
-and the command). The runs come from the grid files beside this script.
+metrics, cost, curvature, the steps of every rise, LoRA-MGPO's APN statistics),
+``docs/study/tables.md`` (the seed-aggregated tables of docs/results.md, mean ± sample standard
+deviation over seeds, and the paired LoRA-MGPO - LoRA differences per seed) and, unless
+``--no-figures``, the figures under ``docs/figures/study/`` by ``dynamics figures`` on the subset of
+runs each one needs (each folder's index.md lists the run ids and the command). The runs come from
+the grid files beside this script.
+
+The per-run CSV is the study's ledger: the study spans sessions and machines, and run folders do
+not travel (they stay out of git). A run on disk replaces its row; a row whose run is not on disk
+is kept as it was measured, so a report over a few re-run or new runs never drops the others.
+Every table is computed from the ledger. A figure needs the run folders (curves): a figure set
+whose runs are not all on disk is left as committed, said in one line; the phase map needs only
+the ledger's columns and is always redrawn from all of it. A run re-run here whose final loss or
+eval numbers differ from its ledger row is named (runs are deterministic on one machine type).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 import dynamics
-from dynamics import figures
+from dynamics import figures, runs
 from dynamics.figure_set import make_figures
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +52,12 @@ LEARNED = ("smooth", "double descent")  # outcomes of runs that learned and kept
 RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_cap", "status", "outcome", "final_loss",
                "eval_loss", "eval_metric", "eval_macro_f1", "double_descent", "rise_of_start", "divergence_amplitude",
                "steps_lost", "n_episodes", "loss_drop", "final_drop", "top_eigenvalue", "step_time_s", "peak_mem_mb",
-               "wall_time_s"]
+               "wall_time_s",
+               # added with the ledger (rows of earlier runs carry what their committed tables showed)
+               "descended", "rises", "hessian_trace", "hessian_trace_se", "curvature_examples",
+               "apn_cap_pct_first50", "apn_cap_pct", "apn_scale_median", "apn_layer_cap_pct", "perturb_norm_median"]
+# what a re-run must reproduce of its ledger row (same seed, same data order, same machine type)
+REPRODUCED = ("final_loss", "eval_loss", "eval_metric")
 
 
 def study_runs(runs_dir: Path, study: str = "bbc") -> pd.DataFrame:
@@ -52,20 +66,74 @@ def study_runs(runs_dir: Path, study: str = "bbc") -> pd.DataFrame:
     table = dynamics.load_runs(runs_dir)
     table = table[table["status"].isin(["completed", "diverged"])]
     for field, value in STUDIES[study]["settings"].items():
-        table = table[table[field] == value]
+        table = table[table[field] == value] if field in table else table.iloc[:0]
+    if table.empty:
+        return pd.DataFrame(columns=[*RUN_COLUMNS, "path", "on_disk"])
     table = table.assign(rank=lambda t: t["rank"].where(t["method"] != "full", 0),
                          alpha=lambda t: t["alpha"].where(t["method"] != "full", 0),
                          rho=lambda t: t["rho"].fillna(STUDIES[study]["rho"]),
                          outcome=lambda t: t.apply(figures.run_outcome, axis=1))
-    cost = {run_id: _cost(Path(path)) for run_id, path in zip(table["run_id"], table["path"], strict=True)}
-    table = table.assign(step_time_s=[cost[r][0] for r in table["run_id"]],
-                         peak_mem_mb=[cost[r][1] for r in table["run_id"]])
+    measured = pd.DataFrame([_from_files(dynamics.load_run(path), cap)
+                             for path, cap in zip(table["path"], table["apn_cap"], strict=True)], index=table.index)
+    table = pd.concat([table, measured], axis=1).assign(on_disk=True)
     return table.sort_values(["method", "rank", "lr", "rho", "apn_cap", "seed"]).reset_index(drop=True)
 
 
-def _cost(path: Path) -> tuple[float, float]:
-    metrics = dynamics.load_run(path).metrics
-    return float(metrics["step_time_s"].median()), float(metrics["peak_mem_mb"].max())
+def _from_files(run, apn_cap: float) -> dict:
+    """The per-run numbers read from a run's files rather than its summary: cost (median step
+    time, peak memory), where its rises start and peak, curvature details, and for LoRA-MGPO how
+    long the APN factor c = min(1 / g_ema, apn_cap) sat at its cap (``apn_scale`` of
+    metrics.parquet is the mean over layers; layers.parquet has the per-layer factor every
+    ``layer_metrics_every`` steps) and the median perturbation norm (global, over layers)."""
+    metrics = run.metrics
+    diverge = run.phases[run.phases["phase"] == "diverge"]
+    top = run.sharpness[run.sharpness["rank"] == 1].sort_values("step").tail(1)
+    trace = run.trace.sort_values("step").tail(1)
+    row = {"step_time_s": float(metrics["step_time_s"].median()), "peak_mem_mb": float(metrics["peak_mem_mb"].max()),
+           "rises": " ".join(f"{int(a)}-{int(b)}" for a, b in zip(diverge["start_step"], diverge["end_step"],
+                                                                  strict=True)),
+           "hessian_trace_se": float(trace["standard_error"].iloc[0]) if len(trace) else np.nan,
+           "curvature_examples": int(top["n_examples"].iloc[0]) if len(top) else np.nan}
+    scale = metrics["apn_scale"].dropna() if "apn_scale" in metrics else pd.Series(dtype=float)
+    if len(scale):
+        first = scale[metrics.loc[scale.index, "step"] <= 50]
+        layers = run.layers
+        per_layer = layers["apn_scale"].dropna() if layers is not None and "apn_scale" in layers else scale.iloc[:0]
+        row.update(apn_cap_pct_first50=100 * np.isclose(first, apn_cap, rtol=1e-3).mean(),
+                   apn_cap_pct=100 * np.isclose(scale, apn_cap, rtol=1e-3).mean(),
+                   apn_scale_median=float(scale.median()),
+                   apn_layer_cap_pct=100 * np.isclose(per_layer, apn_cap, rtol=1e-3).mean() if len(per_layer)
+                   else np.nan,
+                   perturb_norm_median=float(metrics["perturb_norm"].median()))
+    return row
+
+
+def with_ledger(on_disk: pd.DataFrame, ledger_csv: Path, settings: dict, log=print) -> pd.DataFrame:
+    """``on_disk`` (``study_runs``) plus the rows of the committed per-run CSV whose runs are not on
+    disk (``on_disk`` False, no ``path``, the half's shared ``settings``). A run on disk that is
+    also in the ledger must reproduce its ``REPRODUCED`` numbers, and a kept row's outcome must be
+    what ``run_outcome`` makes of its numbers now; each that does not is named in one line."""
+    if not ledger_csv.exists():
+        return on_disk
+    ledger = pd.read_csv(ledger_csv, dtype={"rises": str})  # "" / NaN: no rise / not known
+    again = ledger[ledger["run_id"].isin(on_disk["run_id"])].set_index("run_id")
+    now = on_disk.set_index("run_id").loc[again.index]
+    for column in REPRODUCED:
+        differ = ~np.isclose(now[column].astype(float), again[column].astype(float), rtol=1e-4, equal_nan=True)
+        for run_id in again.index[differ]:
+            log(f"report: {run_id}: {column} {now.loc[run_id, column]:.6g} differs from the ledger's "
+                f"{again.loc[run_id, column]:.6g}")
+    kept = ledger[~ledger["run_id"].isin(on_disk["run_id"])].assign(on_disk=False, path=None, **settings)
+    for run_id, stored, now in zip(kept["run_id"], kept["outcome"], kept.apply(figures.run_outcome, axis=1),
+                                   strict=True):
+        if stored != now:
+            log(f"report: {run_id}: the ledger says {stored}, its numbers now read {now}")
+    if len(again) or len(kept):
+        shown = ledger_csv.relative_to(ROOT) if ledger_csv.is_relative_to(ROOT) else ledger_csv
+        log(f"report: {len(on_disk)} runs on disk ({len(again)} of them re-runs of ledger rows), "
+            f"{len(kept)} rows kept from {shown}")
+    merged = pd.concat([on_disk, kept], ignore_index=True) if len(kept) else on_disk
+    return merged.sort_values(["method", "rank", "lr", "rho", "apn_cap", "seed"]).reset_index(drop=True)
 
 
 def at_defaults(table: pd.DataFrame, study: str = "bbc") -> pd.DataFrame:
@@ -167,6 +235,8 @@ def tables(table: pd.DataFrame) -> str:
          rise_steps_table(defaults)),
         ("LoRA-MGPO's APN factor per run: at its cap, and what the run did", mgpo_state_table(table)),
         ("MGPO rho x apn_cap at r = alpha = 8, lr 5e-3, seeds 0 and 2", cell_table(knobs, ["rho", "apn_cap", "seed"])),
+        ("Curvature of the final minimum per cell and method (default MGPO knobs)",
+         curvature_table(defaults, ["rank", "lr", "method"])),
     ]
     text = ["# Study tables (generated by `python grids/study/report.py runs/study`; do not edit)\n",
             "Mean ± sample standard deviation over seeds; `rise % of start`: the highest divergence peak above the "
@@ -174,7 +244,9 @@ def tables(table: pd.DataFrame) -> str:
             "`steps lost`: steps from the divergence start until the loss is back at its first minimum; both over "
             "the seeds that learned (outcome smooth or double descent; '-' when none did); eval "
             "acc / macro-F1 on 256 held-out articles at step 300; λ_max: top Hessian eigenvalue of the eval loss "
-            "(one batch) at the final checkpoint, where `dynamics analyze` measured it.\n"]
+            "at the final checkpoint, where `dynamics analyze` measured it, and tr(H) its Hutchinson trace, on the "
+            "number of held-out articles the curvature table gives (8: one batch, the first pass; 32: four "
+            "batches).\n"]
     for title, frame in sections:
         text += [f"## {title}\n", markdown(frame)]
     return "\n".join(text)
@@ -210,45 +282,53 @@ def gsm_tables(table: pd.DataFrame) -> str:
 
 
 def rise_steps_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Where each run's divergences start and peak (phase detector, smoothed training loss), per
-    seed: runs of one seed draw the same batches in the same order, whatever their method, rank
-    or lr, so rises that share steps within a seed point at the data, not the optimizer."""
+    """Where each run's divergences start and peak (phase detector, smoothed training loss; the
+    ledger's ``rises``, "start-peak" pairs), per seed: runs of one seed draw the same batches in
+    the same order, whatever their method, rank or lr, so rises that share steps within a seed
+    point at the data, not the optimizer."""
     rows = []
     for _, run in table.iterrows():
-        phases = dynamics.load_run(run["path"]).phases
-        diverge = phases[phases["phase"] == "diverge"]
-        for start, peak in zip(diverge["start_step"], diverge["end_step"], strict=True):
-            rows.append({"seed": run["seed"], "start": int(start), "peak": int(peak), "method": run["method"],
+        for rise in str(run["rises"] if isinstance(run["rises"], str) else "").split():
+            start, peak = map(int, rise.split("-"))
+            rows.append({"seed": run["seed"], "start": start, "peak": peak, "method": run["method"],
                          "rank": run["rank"], "lr": run["lr"], "outcome": run["outcome"]})
     return pd.DataFrame(rows).sort_values(["seed", "start"]) if rows else pd.DataFrame()
 
 
 def mgpo_state_table(table: pd.DataFrame, metric: tuple[str, str] = BBC_METRICS[0]) -> pd.DataFrame:
-    """Per LoRA-MGPO run: how long the APN factor c = min(1 / g_ema, apn_cap) sat at its cap, the
-    median perturbation norm, and what the run did (``apn_scale``, ``perturb_norm`` of metrics.parquet;
-    both are means over layers / a global norm as the training loop logs them)."""
+    """Per LoRA-MGPO run: how long the APN factor c = min(1 / g_ema, apn_cap) sat at its cap (over
+    the mean factor of each step: steps 1-50 and all; over the logged per-layer factors), its
+    median, the median perturbation norm, and what the run did (``_from_files``)."""
     rows = []
     for _, run in table[table["method"] == "lora+mgpo"].iterrows():
-        metrics = dynamics.load_run(run["path"]).metrics
-        scale = metrics["apn_scale"].dropna()
-        at_cap = np.isclose(scale, run["apn_cap"], rtol=1e-3)
-        first = scale[metrics.loc[scale.index, "step"] <= 50]
         rows.append({"rank": run["rank"], "lr": run["lr"], "rho": run["rho"], "apn_cap": run["apn_cap"],
                      "seed": run["seed"], "outcome": run["outcome"], metric[0]: f"{run[metric[1]]:.3f}",
-                     "% steps at cap (1-50)": f"{100 * np.isclose(first, run['apn_cap'], rtol=1e-3).mean():.0f}",
-                     "% steps at cap (all)": f"{100 * at_cap.mean():.0f}",
-                     "median apn_scale": f"{scale.median():.2f}",
-                     "% layer-steps at cap": f"{100 * _layers_at_cap(run):.0f}",
-                     "median perturb_norm": f"{metrics['perturb_norm'].median():.2f}"})
+                     "% steps at cap (1-50)": f"{run['apn_cap_pct_first50']:.0f}",
+                     "% steps at cap (all)": f"{run['apn_cap_pct']:.0f}",
+                     "median apn_scale": f"{run['apn_scale_median']:.2f}",
+                     "% layer-steps at cap": f"{run['apn_layer_cap_pct']:.0f}",
+                     "median perturb_norm": f"{run['perturb_norm_median']:.2f}"})
     return pd.DataFrame(rows)
 
 
-def _layers_at_cap(run: pd.Series) -> float:
-    """Fraction of the logged (layer, step) APN factors at the cap (layers.parquet, every
-    ``layer_metrics_every`` steps): the per-layer reading of the mean ``apn_scale``."""
-    layers = dynamics.load_run(run["path"]).layers
-    scale = layers["apn_scale"].dropna() if layers is not None and "apn_scale" in layers else pd.Series(dtype=float)
-    return float(np.isclose(scale, run["apn_cap"], rtol=1e-3).mean()) if len(scale) else float("nan")
+def curvature_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Seed-aggregated curvature of the final minimum per ``keys``: the top Hessian eigenvalue and
+    the Hutchinson trace of the eval loss (``dynamics analyze``; the mean of the trace estimates'
+    standard errors beside the spread over seeds), on how many held-out examples, and what the
+    runs did (a run at chance sits on a plateau, whose low curvature says nothing of flatness)."""
+    rows = []
+    measured = table[table["top_eigenvalue"].notna()]
+    for key, group in measured.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        examples = sorted(group["curvature_examples"].dropna().astype(int).unique())
+        rows.append({**dict(zip(keys, key, strict=True)), "seeds": len(group),
+                     "outcomes": outcome_counts(group["outcome"]),
+                     "eval examples": ", ".join(map(str, examples)) or "-",
+                     "λ_max": mean_sd(group["top_eigenvalue"], 1),
+                     "tr(H)": mean_sd(group["hessian_trace"], 0),
+                     "tr(H) standard error (mean)": (f"{group['hessian_trace_se'].mean():.0f}"
+                                                     if group["hessian_trace_se"].notna().any() else "-")})
+    return pd.DataFrame(rows)
 
 
 def cost_table(cell: pd.DataFrame) -> pd.DataFrame:
@@ -266,15 +346,11 @@ def cost_table(cell: pd.DataFrame) -> pd.DataFrame:
 
 
 def draw(table: pd.DataFrame) -> None:
-    """Each study figure from the runs it needs (dynamics figures on a list of run folders)."""
+    """Each bbc study figure from the runs it needs (``draw_sets``)."""
     defaults = at_defaults(table)
-
-    def paths(frame: pd.DataFrame) -> list[str]:
-        return sorted(frame["path"])
-
-    phase = defaults[defaults["method"].isin(["lora", "full", "lora+mgpo"])]
+    r8 = defaults[(defaults["rank"] == 8) & (defaults["method"] != "full")]
     subsets = {
-        "phase_map": (phase, "phase_map"),
+        "phase_map": (defaults[defaults["method"].isin(["lora", "full", "lora+mgpo"])], "phase_map"),
         "edge_r8": (defaults[defaults["method"].isin(["lora", "lora+mgpo"]) & (defaults["rank"] == 8) &
                              defaults["lr"].isin([2e-3, 5e-3, 1e-2])], "loss_vs_lr,loss_by_method,sharpness"),
         # full fine-tuning learns at the same three lrs: its panel sits beside LoRA's
@@ -283,41 +359,72 @@ def draw(table: pd.DataFrame) -> None:
                       "loss_vs_lr,loss_by_method,sharpness"),
         "rank_lr2e-3": (defaults[defaults["method"].isin(["lora", "lora+mgpo"]) & np.isclose(defaults["lr"], 2e-3)],
                         "loss_vs_rank"),
-        "perturbations": (defaults[(defaults["rank"] == 8) & np.isclose(defaults["lr"], 5e-3) &
-                                   (defaults["method"] != "full")], "loss_by_method,ablation,noise,cost,mgpo_state"),
+        "perturbations": (r8[np.isclose(r8["lr"], 5e-3)], "loss_by_method,ablation,noise,cost,mgpo_state"),
+        # grids/study/sharpness_bbc.toml: curvature on 4 eval batches, the trace with it
+        "sharpness": (r8[r8["lr"].isin([2e-3, 5e-3]) & (r8["curvature_examples"] == 32)], "sharpness_by_method"),
     }
-    for name, (frame, only) in subsets.items():
-        if frame.empty:
-            print(f"report: {name}: no runs yet")
-            continue
-        out = FIGURES_OUT / name
-        make_figures(paths(frame), out=out, only=only,
-                     command=f"python grids/study/report.py (figure set {name}): dynamics figures <{len(frame)} runs> "
-                             f"--out {out.relative_to(ROOT)} --only {only}")
+    draw_sets(subsets, FIGURES_OUT, "python grids/study/report.py runs/study")
 
 
 def draw_gsm(table: pd.DataFrame) -> None:
     """The gsm half's figures: its phase map, loss against lr and rank, and LoRA vs LoRA-MGPO."""
     defaults = at_defaults(table, "gsm")
-    out_root = STUDIES["gsm"]["figures"]
     mgpo_cells = defaults[defaults["method"] == "lora+mgpo"][["rank", "lr"]].drop_duplicates()
+    contrast = defaults[defaults["method"].isin(["lora", "lora+mgpo"])].merge(mgpo_cells, on=["rank", "lr"])
     subsets = {
         "phase_map": (defaults, "phase_map"),
-        # one folder per rank: loss_vs_lr draws one rank (the lower on a tie)
-        "lora_lr_r8": (defaults[(defaults["method"] == "lora") & (defaults["rank"] == 8)], "loss_vs_lr"),
+        # one folder per rank: loss_vs_lr draws one rank (the lower on a tie); full fine-tuning
+        # gets its own panel across its lrs beside LoRA r 8's
+        "lr_r8_full": (defaults[((defaults["method"] == "lora") & (defaults["rank"] == 8)) |
+                                (defaults["method"] == "full")], "loss_vs_lr"),
         "lora_lr_r128": (defaults[(defaults["method"] == "lora") & (defaults["rank"] == 128)], "loss_vs_lr"),
         "lora_rank": (defaults[defaults["method"] == "lora"], "loss_vs_rank"),
-        "lora_vs_mgpo": (defaults[defaults["method"].isin(["lora", "lora+mgpo"])].merge(mgpo_cells, on=["rank", "lr"]),
+        "lora_vs_mgpo": (contrast if contrast["method"].nunique() >= 2 else contrast.iloc[:0],
                          "loss_by_method,mgpo_state"),
     }
+    draw_sets(subsets, STUDIES["gsm"]["figures"], "python grids/study/report.py runs/study_gsm --study gsm")
+
+
+def draw_sets(subsets: dict[str, tuple[pd.DataFrame, str]], out_root: Path, report_command: str) -> None:
+    """Each figure set (name -> (its runs, the ``dynamics figures --only`` names)) into
+    ``out_root/name``: the phase map from the ledger's columns (every run, on disk or not), the
+    others by ``dynamics figures`` on the run folders, only where all of the set's runs are on
+    disk (else the committed figures stay, said in one line)."""
     for name, (frame, only) in subsets.items():
-        if frame.empty or (name == "lora_vs_mgpo" and frame["method"].nunique() < 2):
-            print(f"report: gsm/{name}: no runs yet")
-            continue
         out = out_root / name
+        where = f"{out.relative_to(ROOT)}"
+        if frame.empty:
+            print(f"report: {where}: no runs yet")
+            continue
+        if only == "phase_map":
+            draw_phase_map(frame, out, f"{report_command} (figure set {name}): the phase map of {len(frame)} ledger "
+                                       f"rows")
+            continue
+        missing = int((~frame["on_disk"].astype(bool)).sum())
+        if missing:
+            print(f"report: {where}: {missing} of its {len(frame)} runs are not on disk here; figures left as "
+                  "committed")
+            continue
         make_figures(sorted(frame["path"]), out=out, only=only,
-                     command=f"python grids/study/report.py runs/study_gsm --study gsm (figure set gsm/{name}): "
-                             f"dynamics figures <{len(frame)} runs> --out {out.relative_to(ROOT)} --only {only}")
+                     command=f"{report_command} (figure set {name}): dynamics figures <{len(frame)} runs> "
+                             f"--out {where} --only {only}")
+
+
+def draw_phase_map(frame: pd.DataFrame, out: Path, command: str) -> None:
+    """``figures.phase_map`` of ledger rows (it reads only the run table's columns), written with
+    an index entry as ``dynamics figures`` writes one."""
+    import matplotlib.pyplot as plt
+
+    from dynamics.figure_set import Drawn, write_figure, write_index
+
+    out.mkdir(parents=True, exist_ok=True)
+    figure = figures.phase_map(frame)
+    run_ids = sorted(figures.phase_map_runs(frame)["run_id"])
+    write_figure(Drawn(figure, run_ids), out, "phase_map")
+    plt.close(figure)
+    write_index(out, {"phase_map": {"command": command, "run_ids": run_ids, "written_at": runs.now_iso(),
+                                    "git_commit": runs.git_commit(), "extra": []}})
+    print(f"report: {out.relative_to(ROOT)}/phase_map.png ({len(run_ids)} runs)")
 
 
 def draw_mgpo_states(table: pd.DataFrame) -> None:
@@ -330,7 +437,11 @@ def draw_mgpo_states(table: pd.DataFrame) -> None:
     out.mkdir(parents=True, exist_ok=True)
     chosen = at_defaults(table)
     chosen = chosen[(chosen["method"] == "lora+mgpo") & (chosen["rank"] == 8) & np.isclose(chosen["lr"], 5e-3)]
-    for _, row in chosen[chosen["seed"].isin([0, 2])].iterrows():
+    chosen = chosen[chosen["seed"].isin([0, 2])]
+    if not chosen["on_disk"].astype(bool).all():
+        print(f"report: {out.relative_to(ROOT)}: its runs are not on disk here; figures left as committed")
+        return
+    for _, row in chosen.iterrows():
         run = dynamics.load_run(row["path"])
         title = f"LoRA-MGPO state, r 8, lr 5e-3, seed {row['seed']} ({row['outcome']}): {row['run_id']}"
         figure = figures.mgpo_state(run.metrics, run.layers, apn_cap=run.config.get("apn_cap"), title=title)
@@ -347,9 +458,9 @@ def main() -> None:
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args()
     study = STUDIES[args.study]
-    table = study_runs(args.runs_dir, args.study)
-    STUDY.mkdir(parents=True, exist_ok=True)
     runs_csv, tables_md = STUDY / study["runs_csv"], STUDY / study["tables_md"]
+    table = with_ledger(study_runs(args.runs_dir, args.study), runs_csv, study["settings"])
+    STUDY.mkdir(parents=True, exist_ok=True)
     table[RUN_COLUMNS].to_csv(runs_csv, index=False, float_format="%.6g")
     tables_md.write_text(tables(table) if args.study == "bbc" else gsm_tables(table))
     print(f"report: {len(table)} runs -> {runs_csv}, {tables_md}")
