@@ -373,10 +373,8 @@ def draw_gsm(table: pd.DataFrame) -> None:
     contrast = defaults[defaults["method"].isin(["lora", "lora+mgpo"])].merge(mgpo_cells, on=["rank", "lr"])
     subsets = {
         "phase_map": (defaults, "phase_map"),
-        # one folder per rank: loss_vs_lr draws one rank (the lower on a tie); full fine-tuning
-        # gets its own panel across its lrs beside LoRA r 8's
-        "lr_r8_full": (defaults[((defaults["method"] == "lora") & (defaults["rank"] == 8)) |
-                                (defaults["method"] == "full")], "loss_vs_lr"),
+        # one folder per rank: loss_vs_lr draws one rank (the lower on a tie)
+        "lora_lr_r8": (defaults[(defaults["method"] == "lora") & (defaults["rank"] == 8)], "loss_vs_lr"),
         "lora_lr_r128": (defaults[(defaults["method"] == "lora") & (defaults["rank"] == 128)], "loss_vs_lr"),
         "lora_rank": (defaults[defaults["method"] == "lora"], "loss_vs_rank"),
         "lora_vs_mgpo": (contrast if contrast["method"].nunique() >= 2 else contrast.iloc[:0],
