@@ -541,7 +541,7 @@ def sharpness_by_method(sharpness_rows: pd.DataFrame, trace_rows: pd.DataFrame |
     """Curvature of each method's final minimum at shared (rank, lr) cells (:func:`curvature_cells`):
     the top eigenvalue of the eval-loss Hessian (``dynamics analyze``) and, where measured, its
     Hutchinson trace (``--trace``), a point per seed (error bars: the trace's standard error) and
-    a bar at the seed mean. A column per cell, a row per measure; a log axis where the values
+    a line at the seed mean. A column per cell, a row per measure; a log axis where the values
     span a decade or more (seeds of one setting often do)."""
     top = final_sharpness(sharpness_rows).rename(columns={"eigenvalue": "value"}).assign(error=np.nan)
     measures = [("λ_max (top eigenvalue)", curvature_cells(top))]
@@ -570,7 +570,9 @@ def sharpness_by_method(sharpness_rows: pd.DataFrame, trace_rows: pd.DataFrame |
                 for position, method in enumerate(present):
                     values = at_cell[at_cell["method"] == method]
                     color = method_color(method)
-                    ax.bar(position, values["value"].mean(), width=0.7, color=color, alpha=0.35)
+                    # the mean as a short line, not a bar: a bar's length means nothing on a log axis
+                    ax.hlines(values["value"].mean(), position - 0.3, position + 0.3, color=color, lw=2.5,
+                              label=f"mean {method}")
                     jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(1)
                     ax.errorbar(position + jitter, values["value"], yerr=values["error"].fillna(0).abs(), fmt="o",
                                 ms=4.5, color=color, ecolor="0.3", elinewidth=0.8, capsize=2)
@@ -578,12 +580,16 @@ def sharpness_by_method(sharpness_rows: pd.DataFrame, trace_rows: pd.DataFrame |
                               rotation_mode="anchor", fontsize=8)
                 if _spans_decades(at_cell["value"]) and (at_cell["value"] > 0).all():
                     ax.set_yscale("log")
+                    ax.yaxis.set_major_locator(mpl.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 1-2-5: labels
+                    ax.yaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+                    ax.yaxis.set_minor_formatter(mpl.ticker.NullFormatter())
+                ax.set_xlim(-0.6, len(present) - 0.4)
                 ax.set_ylabel(label if column == 0 else "")
                 ax.set_title(cell if row == 0 else "")
                 ax.grid(axis="y", alpha=0.25, lw=0.5)
         shown = f" on {examples[0]} held-out examples" if len(examples) == 1 else ""
         figure.suptitle(f"Curvature of the final minimum by method: eval-loss Hessian{shown}, trainable "
-                        "parameters\nbars: seed mean, points: seeds (error bars: the trace estimate's standard "
+                        "parameters\nlines: seed mean, points: seeds (error bars: the trace estimate's standard "
                         "error)", fontsize=10.5)
     return figure
 
