@@ -71,21 +71,35 @@ def ledger_rows():
     return rows
 
 
-def test_ledger_keeps_rows_not_on_disk_and_checks_the_re_runs(report, tmp_path):
+def test_ledger_keeps_first_runs_and_records_re_runs_beside_them(report, tmp_path):
     ledger = ledger_rows()
-    ledger_csv = tmp_path / "runs.csv"
-    ledger.to_csv(ledger_csv, index=False)
+    first_csv, reruns_csv = tmp_path / "runs.csv", tmp_path / "reruns.csv"
+    ledger.to_csv(first_csv, index=False)
     # on disk: a re-run of lora seed 0 that reproduces it, one of lora+mgpo seed 1 that does not, one new run
     on_disk = pd.concat([ledger.iloc[[0]], ledger.iloc[[3]].assign(final_loss=0.07),
-                         ledger.iloc[[1]].assign(run_id="new", seed=5)]).assign(on_disk=True, path="somewhere")
+                         ledger.iloc[[1]].assign(run_id="new", seed=5)]).assign(on_disk=True, path="somewhere",
+                                                                                 started_at="2026-12-05T02:00:00")
     lines = []
-    merged = report.with_ledger(on_disk, ledger_csv, {"task": "bbc"}, log=lines.append)
-    assert len(merged) == 6 and merged["run_id"].is_unique
-    assert set(merged.loc[~merged["on_disk"].astype(bool), "run_id"]) == {"lora-s1", "lora+mgpo-s0", "lora-s2"}
-    assert (merged.loc[~merged["on_disk"].astype(bool), "task"] == "bbc").all()
-    assert merged.set_index("run_id").loc["lora+mgpo-s1", "final_loss"] == 0.07  # the run on disk wins
-    assert lines[0] == "report: lora+mgpo-s1: final_loss 0.07 differs from the ledger's 0.05"
-    assert lines[-1].startswith("report: 3 runs on disk (2 of them re-runs of ledger rows), 3 rows kept from")
+    measured = report.ledgers(on_disk, first_csv, reruns_csv, {"task": "bbc"}, log=lines.append)
+    first = measured.first.set_index("run_id")
+    assert len(first) == 6 and first.loc["lora+mgpo-s1", "final_loss"] == 0.05  # the first measurement stays
+    assert first.loc["new", "on_disk"] and not first.loc["lora-s0", "on_disk"]
+    assert (first.loc[~first["on_disk"].astype(bool), "task"] == "bbc").all()
+    assert sorted(measured.reruns["run_id"]) == ["lora+mgpo-s1", "lora-s0"]
+    assert measured.latest.set_index("run_id").loc["lora+mgpo-s1", "final_loss"] == 0.07
+    assert "report: lora+mgpo-s1: re-run final_loss 0.07, first run 0.05" in lines
+    assert "report: 1 of 2 re-runs reproduce their first run's final_loss, eval_loss, eval_metric" in lines
+    replication = report.replication_table(measured).set_index("seed")
+    assert replication["reproduced"].tolist() == ["yes", "no"]
+    assert replication.loc[1, "final loss"] == "0.05 / 0.07"
+    # the ledger written back, read again with the same folders on disk: the new run is its own row
+    # (same started_at), not a re-run of itself
+    measured.first.to_csv(first_csv, index=False)
+    measured.reruns.to_csv(reruns_csv, index=False)
+    again = report.ledgers(on_disk, first_csv, reruns_csv, {"task": "bbc"}, log=lambda line: None)
+    assert sorted(again.reruns["run_id"]) == ["lora+mgpo-s1", "lora-s0"] and len(again.first) == 6
+    replaced = report.ledgers(on_disk, first_csv, reruns_csv, {}, replace=True, log=lambda line: None)
+    assert replaced.first.set_index("run_id").loc["lora+mgpo-s1", "final_loss"] == 0.07
 
 
 def test_ledger_rows_name_outcomes_their_numbers_no_longer_give(report, tmp_path):
@@ -93,15 +107,16 @@ def test_ledger_rows_name_outcomes_their_numbers_no_longer_give(report, tmp_path
     ledger.loc[0, "outcome"] = "smooth"  # its numbers say double descent
     ledger.to_csv(tmp_path / "runs.csv", index=False)
     lines = []
-    report.with_ledger(ledger.iloc[:0].assign(on_disk=True, path=None), tmp_path / "runs.csv", {}, log=lines.append)
-    assert "report: lora-s0: the ledger says smooth, its numbers now read double descent" in lines
+    report.ledgers(ledger.iloc[:0].assign(on_disk=True, path=None, started_at=None), tmp_path / "runs.csv",
+                   tmp_path / "reruns.csv", {}, log=lines.append)
+    assert f"report: lora-s0: {tmp_path / 'runs.csv'} says smooth, its numbers now read double descent" in lines
 
 
 def test_rise_table_reads_the_ledger_rises(report, tmp_path):
     ledger = ledger_rows()
     ledger.to_csv(tmp_path / "runs.csv", index=False)
-    merged = report.with_ledger(ledger.iloc[:0].assign(on_disk=True, path=None), tmp_path / "runs.csv", {},
-                                log=lambda line: None)
-    rises = report.rise_steps_table(merged)
+    measured = report.ledgers(ledger.iloc[:0].assign(on_disk=True, path=None, started_at=None), tmp_path / "runs.csv",
+                              tmp_path / "reruns.csv", {}, log=lambda line: None)
+    rises = report.rise_steps_table(measured.first)
     assert rises[["seed", "start", "peak", "method"]].values.tolist() == [
         [0, 120, 131, "lora"], [0, 170, 180, "lora"], [1, 118, 130, "lora"]]

@@ -13,17 +13,21 @@ runs each one needs (each folder's index.md lists the run ids and the command). 
 the grid files beside this script.
 
 The per-run CSV is the study's ledger: the study spans sessions and machines, and run folders do
-not travel (they stay out of git). A run on disk replaces its row; a row whose run is not on disk
-is kept as it was measured, so a report over a few re-run or new runs never drops the others.
-Every table is computed from the ledger. A figure needs the run folders (curves): a figure set
-whose runs are not all on disk is left as committed, said in one line; the phase map needs only
-the ledger's columns and is always redrawn from all of it. A run re-run here whose final loss or
-eval numbers differ from its ledger row is named (runs are deterministic on one machine type).
+not travel (they stay out of git). It holds each run id's first measurement; a row whose run is
+not on disk is kept as it was measured, so a report over a few new runs never drops the others.
+A run re-run in a later session (same settings and seed, started at another time) does not
+replace its row: it goes to ``docs/study/study_reruns.csv`` beside it, and the tables show both
+(runs are bit-for-bit repeatable on one machine and software stack, not across them). Every
+table is computed from the ledgers. A figure needs the run folders (curves): a figure set whose
+runs are not all on disk is left as committed, said in one line; the phase map needs only the
+ledger's columns and is always redrawn from all of it. ``--replace``: the runs on disk replace
+the rows of their ids (a study re-run whole on another machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 
@@ -40,9 +44,11 @@ FIGURES_OUT = ROOT / "docs" / "figures" / "study"
 # each half's shared settings (the grids under grids/study/ named *_bbc / *_gsm) and its outputs
 STUDIES = {
     "bbc": {"settings": {"model": "minilm-l6", "task": "bbc", "steps": 300, "batch_size": 8, "seq_len": 64},
-            "runs_csv": "study_runs.csv", "tables_md": "tables.md", "figures": FIGURES_OUT, "rho": 0.05},
+            "runs_csv": "study_runs.csv", "reruns_csv": "study_reruns.csv", "tables_md": "tables.md",
+            "figures": FIGURES_OUT, "rho": 0.05},
     "gsm": {"settings": {"model": "smollm2-135m", "task": "gsm", "steps": 200, "batch_size": 4, "seq_len": 128},
-            "runs_csv": "study_runs_gsm.csv", "tables_md": "tables_gsm.md", "figures": FIGURES_OUT / "gsm",
+            "runs_csv": "study_runs_gsm.csv", "reruns_csv": "study_reruns_gsm.csv", "tables_md": "tables_gsm.md",
+            "figures": FIGURES_OUT / "gsm",
             "rho": 0.01},
 }
 BBC_METRICS = (("eval acc", "eval_metric"), ("eval macro-F1", "eval_macro_f1"))
@@ -55,7 +61,9 @@ RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_ca
                "wall_time_s",
                # added with the ledger (rows of earlier runs carry what their committed tables showed)
                "descended", "rises", "hessian_trace", "hessian_trace_se", "curvature_examples",
-               "apn_cap_pct_first50", "apn_cap_pct", "apn_scale_median", "apn_layer_cap_pct", "perturb_norm_median"]
+               "apn_cap_pct_first50", "apn_cap_pct", "apn_scale_median", "apn_layer_cap_pct", "perturb_norm_median",
+               # where and with what the run was made (unknown for runs of the first sessions)
+               "started_at", "versions"]
 # what a re-run must reproduce of its ledger row (same seed, same data order, same machine type)
 REPRODUCED = ("final_loss", "eval_loss", "eval_metric")
 
@@ -89,7 +97,11 @@ def _from_files(run, apn_cap: float) -> dict:
     diverge = run.phases[run.phases["phase"] == "diverge"]
     top = run.sharpness[run.sharpness["rank"] == 1].sort_values("step").tail(1)
     trace = run.trace.sort_values("step").tail(1)
-    row = {"step_time_s": float(metrics["step_time_s"].median()), "peak_mem_mb": float(metrics["peak_mem_mb"].max()),
+    versions = run.info.get("versions") or {}
+    row = {"started_at": run.info.get("started_at"),
+           "versions": " ".join(f"{name} {versions[name]}" for name in ("torch", "transformers", "peft")
+                                if name in versions),
+           "step_time_s": float(metrics["step_time_s"].median()), "peak_mem_mb": float(metrics["peak_mem_mb"].max()),
            "rises": " ".join(f"{int(a)}-{int(b)}" for a, b in zip(diverge["start_step"], diverge["end_step"],
                                                                   strict=True)),
            "hessian_trace_se": float(trace["standard_error"].iloc[0]) if len(trace) else np.nan,
@@ -108,32 +120,97 @@ def _from_files(run, apn_cap: float) -> dict:
     return row
 
 
-def with_ledger(on_disk: pd.DataFrame, ledger_csv: Path, settings: dict, log=print) -> pd.DataFrame:
-    """``on_disk`` (``study_runs``) plus the rows of the committed per-run CSV whose runs are not on
-    disk (``on_disk`` False, no ``path``, the half's shared ``settings``). A run on disk that is
-    also in the ledger must reproduce its ``REPRODUCED`` numbers, and a kept row's outcome must be
-    what ``run_outcome`` makes of its numbers now; each that does not is named in one line."""
-    if not ledger_csv.exists():
-        return on_disk
-    ledger = pd.read_csv(ledger_csv, dtype={"rises": str})  # "" / NaN: no rise / not known
-    again = ledger[ledger["run_id"].isin(on_disk["run_id"])].set_index("run_id")
-    now = on_disk.set_index("run_id").loc[again.index]
-    for column in REPRODUCED:
-        differ = ~np.isclose(now[column].astype(float), again[column].astype(float), rtol=1e-4, equal_nan=True)
-        for run_id in again.index[differ]:
-            log(f"report: {run_id}: {column} {now.loc[run_id, column]:.6g} differs from the ledger's "
-                f"{again.loc[run_id, column]:.6g}")
-    kept = ledger[~ledger["run_id"].isin(on_disk["run_id"])].assign(on_disk=False, path=None, **settings)
-    for run_id, stored, now in zip(kept["run_id"], kept["outcome"], kept.apply(figures.run_outcome, axis=1),
+@dataclasses.dataclass
+class Ledgers:
+    """The study's runs as measured: ``first``, each run id's first measurement (the per-run CSV),
+    and ``reruns``, the latest re-run of a run id measured before (the re-runs CSV). ``on_disk``:
+    the row's run folder is here (a re-run's first measurement is not)."""
+
+    first: pd.DataFrame
+    reruns: pd.DataFrame
+
+    @property
+    def latest(self) -> pd.DataFrame:
+        """Each run id as last measured: its re-run where there is one, else its first run."""
+        first = self.first[~self.first["run_id"].isin(self.reruns["run_id"])]
+        return _sorted(pd.concat([first, self.reruns], ignore_index=True))
+
+
+def ledgers(on_disk: pd.DataFrame, first_csv: Path, reruns_csv: Path, settings: dict, replace: bool = False,
+            log=print) -> Ledgers:
+    """The committed ledgers brought up to date with the runs on disk (``study_runs``).
+
+    A run on disk whose id is not in the first ledger is a new row there. One that is, with the
+    same ``started_at``, is that row's own folder (its row is refreshed: a later ``dynamics
+    analyze`` shows). One that is, started at another time (another session, machine or library
+    versions), is a re-run: the first ledger keeps its row, the re-runs ledger takes the run, and
+    a re-run that does not reproduce its ``REPRODUCED`` numbers is named in one line. With
+    ``replace`` the runs on disk win everywhere (a study re-run whole elsewhere). Rows kept from a
+    CSV have ``on_disk`` False, no ``path`` and the half's shared ``settings``; a kept row whose
+    outcome is not what ``run_outcome`` makes of its numbers now is named in one line."""
+    first, reruns = (_read_ledger(path, settings, log) for path in (first_csv, reruns_csv))
+    known = first.set_index("run_id")
+    started = known["started_at"].reindex(on_disk["run_id"]).to_numpy() if len(known) else np.full(len(on_disk), None)
+    in_first = on_disk["run_id"].isin(known.index).to_numpy()
+    same_folder = in_first & (on_disk["started_at"].astype(str).to_numpy() == started.astype(str))
+    rerun = on_disk[in_first & ~same_folder & (not replace)]
+    own = on_disk[~in_first | same_folder | replace]
+    first = _sorted(pd.concat([first[~first["run_id"].isin(own["run_id"])], own], ignore_index=True))
+    reruns = _sorted(pd.concat([reruns[~reruns["run_id"].isin(rerun["run_id"])], rerun], ignore_index=True))
+    if len(rerun):
+        before = known.loc[rerun["run_id"]]
+        now = rerun.set_index("run_id")
+        same = pd.Series(True, index=now.index)
+        for column in REPRODUCED:
+            differ = ~np.isclose(now[column].astype(float), before[column].astype(float), rtol=1e-4, equal_nan=True)
+            same &= ~differ
+            for run_id in now.index[differ]:
+                log(f"report: {run_id}: re-run {column} {now.loc[run_id, column]:.6g}, first run "
+                    f"{before.loc[run_id, column]:.6g}")
+        log(f"report: {int(same.sum())} of {len(rerun)} re-runs reproduce their first run's "
+            f"{', '.join(REPRODUCED)}")
+    log(f"report: {len(on_disk)} runs on disk ({len(rerun)} re-runs of earlier runs); {len(first)} runs in "
+        f"{_shown(first_csv)}, {len(reruns)} in {_shown(reruns_csv)}")
+    return Ledgers(first, reruns)
+
+
+def _read_ledger(path: Path, settings: dict, log) -> pd.DataFrame:
+    if not path.exists():
+        return pd.DataFrame(columns=[*RUN_COLUMNS, "path", "on_disk"])
+    rows = pd.read_csv(path, dtype={"rises": str, "started_at": str, "versions": str})  # rises "": none, NaN: unknown
+    rows = rows.reindex(columns=list(dict.fromkeys([*rows.columns, *RUN_COLUMNS])))  # older ledgers lack some
+    rows = rows.assign(on_disk=False, path=None, **settings)
+    for run_id, stored, now in zip(rows["run_id"], rows["outcome"], rows.apply(figures.run_outcome, axis=1),
                                    strict=True):
         if stored != now:
-            log(f"report: {run_id}: the ledger says {stored}, its numbers now read {now}")
-    if len(again) or len(kept):
-        shown = ledger_csv.relative_to(ROOT) if ledger_csv.is_relative_to(ROOT) else ledger_csv
-        log(f"report: {len(on_disk)} runs on disk ({len(again)} of them re-runs of ledger rows), "
-            f"{len(kept)} rows kept from {shown}")
-    merged = pd.concat([on_disk, kept], ignore_index=True) if len(kept) else on_disk
-    return merged.sort_values(["method", "rank", "lr", "rho", "apn_cap", "seed"]).reset_index(drop=True)
+            log(f"report: {run_id}: {_shown(path)} says {stored}, its numbers now read {now}")
+    return rows
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def _sorted(table: pd.DataFrame) -> pd.DataFrame:
+    return table.sort_values(["method", "rank", "lr", "rho", "apn_cap", "seed"]).reset_index(drop=True)
+
+
+def replication_table(ledgers: Ledgers, metric: tuple[str, str] = BBC_METRICS[0]) -> pd.DataFrame:
+    """Each re-run beside its first run: outcome, final training loss, rise, the eval ``metric``
+    (label, column), and whether it reproduced them."""
+    first = ledgers.first.set_index("run_id")
+    rows = []
+    for _, rerun in ledgers.reruns.iterrows():
+        before = first.loc[rerun["run_id"]]
+        same = all(np.isclose(float(rerun[c]), float(before[c]), rtol=1e-4, equal_nan=True) for c in REPRODUCED)
+        rows.append({"method": rerun["method"], "rank": rerun["rank"], "lr": rerun["lr"], "rho": rerun["rho"],
+                     "apn_cap": rerun["apn_cap"], "seed": rerun["seed"],
+                     "outcome (first / re-run)": f"{before['outcome']} / {rerun['outcome']}",
+                     "final loss": f"{before['final_loss']:.3g} / {rerun['final_loss']:.3g}",
+                     "rise % of start": f"{100 * before['rise_of_start']:.0f} / {100 * rerun['rise_of_start']:.0f}",
+                     metric[0]: f"{before[metric[1]]:.3f} / {rerun[metric[1]]:.3f}",
+                     "reproduced": "yes" if same else "no"})
+    return pd.DataFrame(rows)
 
 
 def at_defaults(table: pd.DataFrame, study: str = "bbc") -> pd.DataFrame:
@@ -210,8 +287,11 @@ def _cell(value) -> str:
     return str(value)
 
 
-def tables(table: pd.DataFrame) -> str:
-    """The markdown of docs/study/tables.md."""
+def tables(ledgers: Ledgers) -> str:
+    """The markdown of docs/study/tables.md: every table from the first measurement of each run,
+    but the curvature table (each run as last measured: the curvature on four batches was
+    measured on re-runs) and the re-runs' own."""
+    table = ledgers.first
     defaults = at_defaults(table)
     lora_full = defaults[defaults["method"].isin(["lora", "full"])]
     edge = defaults[defaults["method"].isin(["lora", "lora+mgpo"]) &
@@ -235,8 +315,10 @@ def tables(table: pd.DataFrame) -> str:
          rise_steps_table(defaults)),
         ("LoRA-MGPO's APN factor per run: at its cap, and what the run did", mgpo_state_table(table)),
         ("MGPO rho x apn_cap at r = alpha = 8, lr 5e-3, seeds 0 and 2", cell_table(knobs, ["rho", "apn_cap", "seed"])),
-        ("Curvature of the final minimum per cell and method (default MGPO knobs)",
-         curvature_table(defaults, ["rank", "lr", "method"])),
+        ("Curvature of the final minimum per cell and method (default MGPO knobs; each run as last measured)",
+         curvature_table(at_defaults(ledgers.latest), ["rank", "lr", "method"])),
+        ("Re-runs: runs of an earlier session run again (same settings and seed), first / re-run",
+         replication_table(ledgers)),
     ]
     text = ["# Study tables (generated by `python grids/study/report.py runs/study`; do not edit)\n",
             "Mean ± sample standard deviation over seeds; `rise % of start`: the highest divergence peak above the "
@@ -248,12 +330,13 @@ def tables(table: pd.DataFrame) -> str:
             "number of held-out articles the curvature table gives (8: one batch, the first pass; 32: four "
             "batches).\n"]
     for title, frame in sections:
-        text += [f"## {title}\n", markdown(frame)]
+        text += [f"## {title}\n", markdown(frame, "(none)" if title.startswith("Re-runs") else "(no runs yet)")]
     return "\n".join(text)
 
 
-def gsm_tables(table: pd.DataFrame) -> str:
+def gsm_tables(ledgers: Ledgers) -> str:
     """The markdown of docs/study/tables_gsm.md (SmolLM2-135M + gsm, 200 steps of 4 x 128)."""
+    table = ledgers.first
     defaults = at_defaults(table, "gsm")
     metric = GSM_METRICS[0]
     lora_full = defaults[defaults["method"].isin(["lora", "full"])]
@@ -266,6 +349,8 @@ def gsm_tables(table: pd.DataFrame) -> str:
         ("LoRA-MGPO - LoRA, paired by seed", paired(contrast, "lora+mgpo", "lora", ["rank", "lr"], metric)),
         ("Divergences: start and peak step of every detected rise", rise_steps_table(defaults)),
         ("LoRA-MGPO's APN factor per run: at its cap, and what the run did", mgpo_state_table(table, metric)),
+        ("Re-runs: runs of an earlier session run again (same settings and seed), first / re-run",
+         replication_table(ledgers, metric)),
     ]
     text = ["# Study tables, SmolLM2-135M + gsm (generated by `python grids/study/report.py runs/study_gsm "
             "--study gsm`; do not edit)\n",
@@ -276,7 +361,8 @@ def gsm_tables(table: pd.DataFrame) -> str:
             "cross-entropy of the answer tokens (the worked solution) of 64 held-out problems at step 200 (exact "
             "match is not measured: at seq_len 128 most answers are cut before their final number).\n"]
     for title, frame in sections:
-        empty = "(no rise detected in any run)" if title.startswith("Divergences") else "(no runs yet)"
+        empty = ("(no rise detected in any run)" if title.startswith("Divergences") else
+                 "(none)" if title.startswith("Re-runs") else "(no runs yet)")
         text += [f"## {title}\n", markdown(frame, empty)]
     return "\n".join(text)
 
@@ -345,10 +431,13 @@ def cost_table(cell: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def draw(table: pd.DataFrame) -> None:
-    """Each bbc study figure from the runs it needs (``draw_sets``)."""
-    defaults = at_defaults(table)
+def draw(ledgers: Ledgers) -> None:
+    """Each bbc study figure from the runs it needs (``draw_sets``): the first measurement of each
+    run, but the curvature figure (its runs as last measured)."""
+    defaults = at_defaults(ledgers.first)
+    latest = at_defaults(ledgers.latest)
     r8 = defaults[(defaults["rank"] == 8) & (defaults["method"] != "full")]
+    latest_r8 = latest[(latest["rank"] == 8) & (latest["method"] != "full")]
     subsets = {
         "phase_map": (defaults[defaults["method"].isin(["lora", "full", "lora+mgpo"])], "phase_map"),
         "edge_r8": (defaults[defaults["method"].isin(["lora", "lora+mgpo"]) & (defaults["rank"] == 8) &
@@ -361,14 +450,15 @@ def draw(table: pd.DataFrame) -> None:
                         "loss_vs_rank"),
         "perturbations": (r8[np.isclose(r8["lr"], 5e-3)], "loss_by_method,ablation,noise,cost,mgpo_state"),
         # grids/study/sharpness_bbc.toml: curvature on 4 eval batches, the trace with it
-        "sharpness": (r8[r8["lr"].isin([2e-3, 5e-3]) & (r8["curvature_examples"] == 32)], "sharpness_by_method"),
+        "sharpness": (latest_r8[latest_r8["lr"].isin([2e-3, 5e-3]) & (latest_r8["curvature_examples"] == 32)],
+                      "sharpness_by_method"),
     }
     draw_sets(subsets, FIGURES_OUT, "python grids/study/report.py runs/study")
 
 
-def draw_gsm(table: pd.DataFrame) -> None:
+def draw_gsm(ledgers: Ledgers) -> None:
     """The gsm half's figures: its phase map, loss against lr and rank, and LoRA vs LoRA-MGPO."""
-    defaults = at_defaults(table, "gsm")
+    defaults = at_defaults(ledgers.first, "gsm")
     mgpo_cells = defaults[defaults["method"] == "lora+mgpo"][["rank", "lr"]].drop_duplicates()
     contrast = defaults[defaults["method"].isin(["lora", "lora+mgpo"])].merge(mgpo_cells, on=["rank", "lr"])
     subsets = {
@@ -453,22 +543,27 @@ def main() -> None:
     parser.add_argument("runs_dir", nargs="?", default="runs/study", type=Path)
     parser.add_argument("--study", choices=sorted(STUDIES), default="bbc",
                         help="which half: bbc (MiniLM-L6, default) or gsm (SmolLM2-135M)")
+    parser.add_argument("--replace", action="store_true",
+                        help="runs on disk replace the ledger's rows of their ids (a study re-run whole elsewhere)")
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args()
     study = STUDIES[args.study]
-    runs_csv, tables_md = STUDY / study["runs_csv"], STUDY / study["tables_md"]
-    table = with_ledger(study_runs(args.runs_dir, args.study), runs_csv, study["settings"])
+    runs_csv, reruns_csv, tables_md = (STUDY / study[key] for key in ("runs_csv", "reruns_csv", "tables_md"))
+    measured = ledgers(study_runs(args.runs_dir, args.study), runs_csv, reruns_csv, study["settings"],
+                       replace=args.replace)
     STUDY.mkdir(parents=True, exist_ok=True)
-    table[RUN_COLUMNS].to_csv(runs_csv, index=False, float_format="%.6g")
-    tables_md.write_text(tables(table) if args.study == "bbc" else gsm_tables(table))
-    print(f"report: {len(table)} runs -> {runs_csv}, {tables_md}")
+    measured.first[RUN_COLUMNS].to_csv(runs_csv, index=False, float_format="%.6g")
+    if len(measured.reruns) or reruns_csv.exists():
+        measured.reruns[RUN_COLUMNS].to_csv(reruns_csv, index=False, float_format="%.6g")
+    tables_md.write_text(tables(measured) if args.study == "bbc" else gsm_tables(measured))
+    print(f"report: {runs_csv}, {reruns_csv.name}, {tables_md}")
     if args.no_figures:
         return
     if args.study == "bbc":
-        draw(table)
-        draw_mgpo_states(table)
+        draw(measured)
+        draw_mgpo_states(measured.first)
     else:
-        draw_gsm(table)
+        draw_gsm(measured)
 
 
 if __name__ == "__main__":
