@@ -177,7 +177,8 @@ def ledgers(on_disk: pd.DataFrame, first_csv: Path, reruns_csv: Path, settings: 
 def _read_ledger(path: Path, settings: dict, log) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame(columns=[*RUN_COLUMNS, "path", "on_disk"])
-    rows = pd.read_csv(path, dtype={"rises": str, "started_at": str, "versions": str})  # rises "": none, NaN: unknown
+    # rises: "start-peak" pairs; empty (NaN once read) where the detector found none
+    rows = pd.read_csv(path, dtype={"rises": str, "started_at": str, "versions": str})
     rows = rows.reindex(columns=list(dict.fromkeys([*rows.columns, *RUN_COLUMNS])))  # older ledgers lack some
     rows = rows.assign(on_disk=False, path=None, **settings)
     for run_id, stored, now in zip(rows["run_id"], rows["outcome"], rows.apply(figures.run_outcome, axis=1),
