@@ -196,7 +196,9 @@ def _shown(path: Path) -> str:
 
 
 def _sorted(table: pd.DataFrame) -> pd.DataFrame:
-    return table.sort_values(["method", "rank", "lr", "rho", "apn_cap", "seed"]).reset_index(drop=True)
+    # infer_objects: a concat with an empty (object) frame must not turn numbers into objects,
+    # which the CSV would write as 2333.0 instead of 2333
+    return table.sort_values(["method", "rank", "lr", "rho", "apn_cap", "seed"]).reset_index(drop=True).infer_objects()
 
 
 def replication_table(ledgers: Ledgers, metric: tuple[str, str] = BBC_METRICS[0]) -> pd.DataFrame:
