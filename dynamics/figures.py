@@ -226,14 +226,21 @@ def method_cells(curves: pd.DataFrame, max_cells: int = 6) -> pd.DataFrame:
     fine-tuning at a cell's lr (its rank setting means nothing); a ``cell`` column names the cell."""
     curves = _require(curves, ("run_id", "method", "rank", "lr", "step", "smoothed"),
                       "loss curves (load_metrics(..., table='smoothed_loss'))")
-    adapters = curves[curves["method"] != "full"]
+    return _shared_cells(curves, max_cells, "runs of two or more methods at one (rank, lr) setting")
+
+
+def _shared_cells(frame: pd.DataFrame, max_cells: int, needs: str) -> pd.DataFrame:
+    """The rows of ``frame`` (with ``run_id``, ``method``, ``rank``, ``lr``) at the (rank, lr)
+    cells where two or more methods ran, at most ``max_cells`` (most methods, then most runs), each
+    named by a ``cell`` column; full fine-tuning joins the cells of its lr. Raises NotEnoughRuns
+    saying it ``needs`` such runs when there is no such cell."""
+    adapters, full = frame[frame["method"] != "full"], frame[frame["method"] == "full"]
     cells = (adapters.groupby(["rank", "lr"]).agg(methods=("method", "nunique"), runs=("run_id", "nunique"))
              .reset_index())
-    full = curves[curves["method"] == "full"]
     cells["methods"] += [int(np.isclose(full["lr"], lr).any()) for lr in cells["lr"]]
     cells = cells[cells["methods"] >= 2]
     if cells.empty:
-        raise NotEnoughRuns("needs runs of two or more methods at one (rank, lr) setting")
+        raise NotEnoughRuns(f"needs {needs}")
     cells = cells.sort_values(["methods", "runs"], ascending=False).head(max_cells).sort_values(["rank", "lr"])
     chosen = []
     for rank, lr in zip(cells["rank"], cells["lr"], strict=True):
@@ -517,24 +524,10 @@ def final_trace(trace_rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def curvature_cells(final: pd.DataFrame, max_cells: int = 3) -> pd.DataFrame:
-    """The rows of ``final`` (one per run, with ``method``, ``rank``, ``lr``) at the (rank, lr) cells
-    where two or more methods were measured, at most ``max_cells`` (most methods, then most
-    runs), each row named by a ``cell`` column; full fine-tuning joins a cell of its lr."""
-    adapters, full = final[final["method"] != "full"], final[final["method"] == "full"]
-    cells = adapters.groupby(["rank", "lr"]).agg(methods=("method", "nunique"), runs=("run_id", "nunique"))
-    cells = cells.reset_index()
-    cells["methods"] += [int(np.isclose(full["lr"], lr).any()) for lr in cells["lr"]]
-    cells = cells[cells["methods"] >= 2]
-    if cells.empty:
-        raise NotEnoughRuns("needs final-checkpoint curvature of two or more methods at one (rank, lr) setting "
-                            "(dynamics analyze)")
-    cells = cells.sort_values(["methods", "runs"], ascending=False).head(max_cells).sort_values(["rank", "lr"])
-    chosen = []
-    for rank, lr in zip(cells["rank"], cells["lr"], strict=True):
-        name = f"rank {int(rank)}, lr {_format_lr(lr)}"
-        chosen += [adapters[(adapters["rank"] == rank) & np.isclose(adapters["lr"], lr)].assign(cell=name),
-                   full[np.isclose(full["lr"], lr)].assign(cell=name)]
-    return pd.concat(chosen, ignore_index=True)
+    """The rows of ``final`` (one per run: :func:`final_sharpness` or :func:`final_trace`) at the
+    (rank, lr) cells where two or more methods were measured, as :func:`method_cells` picks them."""
+    return _shared_cells(final, max_cells, "final-checkpoint curvature of two or more methods at one (rank, lr) "
+                                           "setting (dynamics analyze)")
 
 
 def sharpness_by_method(sharpness_rows: pd.DataFrame, trace_rows: pd.DataFrame | None = None) -> Figure:
