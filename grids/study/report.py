@@ -64,13 +64,14 @@ RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_ca
                "apn_cap_pct_first50", "apn_cap_pct", "apn_scale_median", "apn_layer_cap_pct", "perturb_norm_median",
                # where and with what the run was made (unknown for runs of the first sessions)
                "started_at", "versions"]
-# what a re-run must reproduce of its ledger row (same seed, same data order, same machine type)
+# what a re-run is checked against its first run on (bit-for-bit on one machine; across machines
+# float-level differences can grow into another trajectory, docs/results.md section 8)
 REPRODUCED = ("final_loss", "eval_loss", "eval_metric")
 
 
 def study_runs(runs_dir: Path, study: str = "bbc") -> pd.DataFrame:
-    """The completed runs of one half of the study (``STUDIES``) with their outcome and cost
-    (median step time, peak memory)."""
+    """The completed runs of one half of the study (``STUDIES``) under ``runs_dir``: their
+    load_runs row, outcome and the numbers read from their files (``_from_files``)."""
     table = dynamics.load_runs(runs_dir)
     table = table[table["status"].isin(["completed", "diverged"])]
     for field, value in STUDIES[study]["settings"].items():
@@ -83,8 +84,7 @@ def study_runs(runs_dir: Path, study: str = "bbc") -> pd.DataFrame:
                          outcome=lambda t: t.apply(figures.run_outcome, axis=1))
     measured = pd.DataFrame([_from_files(dynamics.load_run(path), cap)
                              for path, cap in zip(table["path"], table["apn_cap"], strict=True)], index=table.index)
-    table = pd.concat([table, measured], axis=1).assign(on_disk=True)
-    return table.sort_values(["method", "rank", "lr", "rho", "apn_cap", "seed"]).reset_index(drop=True)
+    return _sorted(pd.concat([table, measured], axis=1).assign(on_disk=True))
 
 
 def _from_files(run, apn_cap: float) -> dict:
