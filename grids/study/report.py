@@ -341,9 +341,7 @@ def tables(ledgers: Ledgers) -> str:
             "at the final checkpoint, where `dynamics analyze` measured it, and tr(H) its Hutchinson trace, on the "
             "number of held-out articles the curvature table gives (8: one batch, the first pass; 32: four "
             "batches).\n"]
-    for title, frame in sections:
-        text += [f"## {title}\n", markdown(frame, "(none)" if title.startswith("Re-runs") else "(no runs yet)")]
-    return "\n".join(text)
+    return _sections_markdown(text, sections)
 
 
 def gsm_tables(ledgers: Ledgers) -> str:
@@ -372,6 +370,11 @@ def gsm_tables(ledgers: Ledgers) -> str:
             "minimum; both over the runs that learned (outcome smooth or double descent); eval loss: mean "
             "cross-entropy of the answer tokens (the worked solution) of 64 held-out problems at step 200 (exact "
             "match is not measured: at seq_len 128 most answers are cut before their final number).\n"]
+    return _sections_markdown(text, sections)
+
+
+def _sections_markdown(text: list[str], sections: list[tuple[str, pd.DataFrame]]) -> str:
+    """``text`` (title, preamble) and each ``## title`` with its table, an empty one said in words."""
     for title, frame in sections:
         empty = ("(no rise detected in any run)" if title.startswith("Divergences") else
                  "(none)" if title.startswith("Re-runs") else "(no runs yet)")
