@@ -8,9 +8,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install lint clean-runs
 
-# The demo (grids/demo.toml): LoRA and LoRA-MGPO on bbc at r = alpha = 8, lr 5e-3, seeds 0 and 2,
-# 300 steps each, two runs at a time; their phases and top Hessian eigenvalue; the runs table; the
-# figures those runs support (their paths printed last).
+# The demo (grids/demo.toml): LoRA, LoRA-MGPO at apn_cap 10 (default) and 1, and MGPO without APN
+# on bbc at r = alpha = 8, lr 5e-3, seed 2, 300 steps each, two runs at a time; their phases and top
+# Hessian eigenvalue; the runs table; the figures those runs support (their paths printed last).
 # DEMO_ENV: glibc hands each freed buffer above its mmap threshold (128 KiB, adapting up to
 # 32 MiB) back to the kernel, and the next step faults it in again, zeroed. Keeping them in the heap
 # measured 8.3-11.9 -> 6.7-7.2 s per LoRA r = 128 step on 2 cores (system time ~0). Other

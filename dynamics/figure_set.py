@@ -117,10 +117,13 @@ def draw_spectrum(data: RunsData) -> Drawn:
 
 
 def draw_mgpo_state(data: RunsData) -> Drawn:
-    candidates = data.table[data.table["method"].str.endswith("+mgpo")]
+    candidates = data.table[data.table["method"].map(figures.base_method).str.endswith("+mgpo")]
     if candidates.empty:
         raise figures.NotEnoughRuns("needs a lora+mgpo run")
-    chosen = candidates.sort_values(["steps_done", "rank", "lr"], ascending=False).iloc[0]
+    # the method at its default knobs before its variants (figures.method_variants), then the longest
+    candidates = candidates.assign(variant=candidates["method"].str.contains("[", regex=False))
+    chosen = candidates.sort_values(["variant", "steps_done", "rank", "lr"],
+                                    ascending=[True, False, False, False]).iloc[0]
     run = runs.load_run(chosen["path"])
     title = (f"{figures.method_label(chosen['method'])} state over training: {chosen['run_id']} "
              f"(rank {int(chosen['rank'])}, lr {chosen['lr']:g})")
@@ -284,7 +287,7 @@ def make_figures(paths: Sequence[str | Path], out: str | Path = "figures", only:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    data = RunsData(table)
+    data = RunsData(figures.method_variants(table))  # runs differing in a method's knobs: separate methods
     command = command or "dynamics figures " + " ".join(map(str, paths)) + f" --out {out}"
     written: dict[str, list[Path]] = {}
     entries: dict[str, dict[str, Any]] = {}

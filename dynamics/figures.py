@@ -37,6 +37,7 @@ from matplotlib.patches import Patch
 
 from dynamics.analysis.density import gaussian_density
 from dynamics.analysis.phases import PhaseThresholds
+from dynamics.config import PAPER_DEFAULTS, TASK_KIND, RunConfig
 
 
 class NotEnoughRuns(ValueError):
@@ -62,6 +63,11 @@ ADAPTER_LABELS = {"full": "Full FT", "lora": "LoRA", "rslora": "rsLoRA", "dora":
                   "loraplus": "LoRA+", "adalora": "AdaLoRA", "loraga": "LoRA-GA"}
 PERTURBATION_LABELS = {"mgpo": "MGPO", "mgpo-noapn": "MGPO w/o APN", "msam": "MSAM", "sam": "SAM",
                        "noise": "random noise"}
+# The knobs of a perturbation method whose setting makes a run a variant of its method in a figure
+# (method_variants), and how far a variant's colour moves towards white (+) or black (-).
+VARIANT_KNOBS = ("rho", "mu", "beta", "apn_cap")
+VARIANT_SHADES = (0.45, -0.4, 0.7)
+DEFAULT_APN_CAP = RunConfig.__dataclass_fields__["apn_cap"].default
 METHOD_ORDER = ("lora", "lora+mgpo", "lora+mgpo-noapn", "lora+msam", "lora+sam", "lora+noise", "full")
 
 LOSS_LABEL = "training loss (nats/token)"
@@ -78,7 +84,14 @@ STYLE = {"font.size": 10, "axes.titlesize": 10.5, "axes.labelsize": 10, "legend.
 
 
 def method_color(method: str) -> str:
-    """The colour of ``method`` in every figure (a hex string)."""
+    """The colour of ``method`` in every figure (a hex string); a variant (``lora+mgpo[apn_cap=1]``,
+    :func:`method_variants`) gets a lighter or darker shade of its method's colour."""
+    base, bracket, _ = method.partition("[")
+    if bracket:
+        amount = VARIANT_SHADES[sum(map(ord, method)) % len(VARIANT_SHADES)]  # stable across figures
+        towards = np.ones(3) if amount > 0 else np.zeros(3)
+        rgb = np.asarray(mpl.colors.to_rgb(method_color(base)))
+        return mpl.colors.to_hex(rgb + abs(amount) * (towards - rgb))
     if method in METHOD_COLORS:
         return METHOD_COLORS[method]
     adapter = method.split("+")[0]
@@ -89,7 +102,10 @@ def method_color(method: str) -> str:
 
 def method_label(method: str) -> str:
     """The name legends show: ``lora+mgpo`` -> ``LoRA-MGPO`` (the paper's name), ``lora+noise`` ->
-    ``LoRA + random noise``."""
+    ``LoRA + random noise``, a variant ``lora+mgpo[apn_cap=1]`` -> ``LoRA-MGPO (apn_cap 1)``."""
+    method, bracket, knobs = method.partition("[")
+    if bracket:
+        return f"{method_label(method)} ({knobs.rstrip(']').replace('=', ' ').replace(',', ', ')})"
     adapter, _, perturbation = method.partition("+")
     name = ADAPTER_LABELS.get(adapter, adapter)
     if not perturbation:
@@ -100,7 +116,43 @@ def method_label(method: str) -> str:
 
 
 def method_sort_key(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    base = method.partition("[")[0]  # a variant right after its method
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def base_method(method: str) -> str:
+    """The method a variant (:func:`method_variants`) is of: ``lora+mgpo[apn_cap=1]`` -> ``lora+mgpo``."""
+    return method.partition("[")[0]
+
+
+def method_variants(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` (a load_runs frame) with the runs of one perturbation method that differ in a
+    ``VARIANT_KNOBS`` setting told apart: two LoRA-MGPO runs at apn_cap 10 and 1 are two methods in
+    a figure, not two seeds of one. The runs at the method's default knobs (the paper's rho / mu /
+    beta for the task, the reference code's apn_cap; else the most common setting) keep the plain
+    name; each other run's ``method`` becomes ``method[knob=value,...]`` naming the knobs where it
+    differs from them (:func:`method_label` shows ``LoRA-MGPO (apn_cap 1)``)."""
+    knobs = [knob for knob in VARIANT_KNOBS if knob in runs]
+    if runs.empty or not knobs:
+        return runs
+    runs = runs.copy()
+    for method, group in runs.groupby("method"):
+        settings = group[knobs].astype(float).round(12).drop_duplicates()
+        if "+" not in method or "[" in method or len(settings) < 2:
+            continue
+        default = group[[_default_knobs(run, knobs) for _, run in group.iterrows()]]
+        reference = (default if len(default) else group)[knobs].astype(float).round(12).value_counts().index[0]
+        for index, run in group.iterrows():
+            differ = [knob for knob, value in zip(knobs, reference, strict=True)
+                      if not np.isclose(float(run[knob]), value)]
+            if differ:
+                runs.at[index, "method"] = f"{method}[{','.join(f'{k}={float(run[k]):g}' for k in differ)}]"
+    return runs
+
+
+def _default_knobs(run: pd.Series, knobs: Sequence[str]) -> bool:
+    defaults = {**PAPER_DEFAULTS.get(TASK_KIND.get(run.get("task"), ""), {}), "apn_cap": DEFAULT_APN_CAP}
+    return all(knob not in defaults or np.isclose(float(run[knob]), defaults[knob]) for knob in knobs)
 
 
 @contextlib.contextmanager
@@ -738,7 +790,7 @@ def comparable_runs(runs: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
     """The runs of ``methods`` at one shared setting per task: per task, the (model, lr, steps,
     rank, alpha) with the most of ``methods`` (ties: the most runs); full fine-tuning matches on
     model, lr and steps only (its rank setting means nothing)."""
-    runs = runs[runs["method"].isin(methods)]
+    runs = runs[runs["method"].map(base_method).isin(methods)]  # variants (method_variants) included
     keys = [k for k in ("model", "lr", "steps") if k in runs]
     chosen = []
     for _, of_task in runs.groupby("task"):
@@ -771,7 +823,7 @@ def _method_bars(runs: pd.DataFrame, methods: Sequence[str], title: str, needs: 
     method the figure is about)."""
     runs = _require(runs, ("method", "task", "rank", "alpha", "lr", "eval_metric", "eval_loss"), "runs (load_runs)")
     chosen = comparable_runs(runs[runs["status"].isin(["completed", "diverged"])], methods)
-    if chosen["method"].nunique() < 2 or not set(needs) & set(chosen["method"]):
+    if chosen["method"].nunique() < 2 or not set(needs) & set(chosen["method"].map(base_method)):
         raise NotEnoughRuns(f"needs finished runs of {' or '.join(needs)} and another of {', '.join(methods)} "
                             "at one setting")
     tasks = sorted(chosen["task"].unique())
@@ -788,7 +840,7 @@ def _method_bars(runs: pd.DataFrame, methods: Sequence[str], title: str, needs: 
     with figure_style():
         figure, axes = _new_figure(len(panels), panel_width=3.3, height=3.0)
         for ax, (frame, column, label, scale, task) in zip(axes, panels, strict=True):
-            present = [m for m in methods if m in set(frame["method"])]
+            present = sorted(frame["method"].unique(), key=lambda m: (list(methods).index(base_method(m)), m))
             for position, method in enumerate(present):
                 values = frame.loc[frame["method"] == method, column].astype(float) * scale
                 color = method_color(method)

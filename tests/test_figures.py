@@ -10,6 +10,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 from fake_runs import write_fake_grid, write_fake_run
 from matplotlib.colors import to_hex
@@ -264,6 +265,35 @@ def test_method_colours_are_fixed_and_distinct():
     assert figures.method_color("dora+mgpo") == figures.method_color("dora+mgpo")
     assert figures.method_label("lora+mgpo") == "LoRA-MGPO"
     assert figures.method_label("dora+noise") == "DoRA + random noise"
+
+
+def test_runs_of_one_method_at_other_knobs_are_variants_not_seeds():
+    runs = pd.DataFrame({"run_id": list("abcde"), "task": "bbc",
+                         "method": ["lora+mgpo", "lora+mgpo", "lora+mgpo", "lora", "lora+noise"],
+                         "rho": [0.05, 0.05, 0.2, 0.05, 0.05], "mu": 0.9, "beta": 0.9,
+                         "apn_cap": [10.0, 1.0, 10.0, 10.0, 10.0]})
+    named = figures.method_variants(runs).set_index("run_id")["method"]
+    # the paper's bbc knobs (rho 0.05) and the reference cap 10 keep the plain name
+    assert named.to_dict() == {"a": "lora+mgpo", "b": "lora+mgpo[apn_cap=1]", "c": "lora+mgpo[rho=0.2]",
+                               "d": "lora", "e": "lora+noise"}
+    assert figures.method_label("lora+mgpo[apn_cap=1]") == "LoRA-MGPO (apn_cap 1)"
+    assert figures.method_label("lora+mgpo[rho=0.2,apn_cap=1]") == "LoRA-MGPO (rho 0.2, apn_cap 1)"
+    colours = [figures.method_color(m) for m in named]
+    assert len(set(colours)) == len(colours)  # each variant its own shade of its method's colour
+    # no run at the defaults: the most common setting keeps the plain name
+    off_default = runs.assign(rho=[0.01, 0.01, 0.2, 0.05, 0.05], apn_cap=10.0)
+    named = figures.method_variants(off_default).set_index("run_id")["method"]
+    assert named[["a", "b", "c"]].tolist() == ["lora+mgpo", "lora+mgpo", "lora+mgpo[rho=0.2]"]
+    assert figures.method_variants(runs.iloc[[0, 3]]).equals(runs.iloc[[0, 3]])  # one setting: unchanged
+
+
+def test_ablation_shows_a_variant_beside_its_method(runs_table):
+    mgpo = runs_table[runs_table["method"] == "lora+mgpo"]
+    capped = mgpo.assign(run_id=mgpo["run_id"] + "-cap1", apn_cap=1.0, eval_metric=0.5)
+    figure = figures.ablation(figures.method_variants(pd.concat([runs_table, capped], ignore_index=True)))
+    labels = [t.get_text() for t in figure.axes[0].get_xticklabels()]
+    assert labels == ["LoRA", "LoRA + MGPO w/o APN", "LoRA-MGPO", "LoRA-MGPO (apn_cap 1)"]
+    assert figure.axes[0].patches[-1].get_height() == pytest.approx(50)
 
 
 # --- the command --------------------------------------------------------------------------------------------

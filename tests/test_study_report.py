@@ -120,3 +120,24 @@ def test_rise_table_reads_the_ledger_rises(report, tmp_path):
     rises = report.rise_steps_table(measured.first)
     assert rises[["seed", "start", "peak", "method"]].values.tolist() == [
         [0, 120, 131, "lora"], [0, 170, 180, "lora"], [1, 118, 130, "lora"]]
+
+
+def test_blowup_finds_the_minimum_the_return_above_start_and_the_peak(report):
+    # a collapse: 2.0 -> 1.0 by step 40, flat to step 60, back above 2.0 at step 69, 8.0 from step 120
+    steps = pd.Series(range(1, 201))
+    loss = steps.map(lambda t: 2.0 - t / 40 if t <= 40 else 1.0 if t <= 60 else min(1.0 + (t - 60) * 7 / 60, 8.0))
+    numbers = report.blowup(pd.DataFrame({"step": steps, "loss": loss}))
+    assert numbers["min_loss"] == pytest.approx(1.0, abs=0.01) and 40 <= numbers["min_step"] <= 60
+    assert abs(numbers["above_start_step"] - 69) <= 3  # the smoothed start is ~2 (the median filter keeps the ends)
+    assert numbers["peak_loss"] == pytest.approx(8.0, abs=0.01) and numbers["peak_step"] >= 120
+    # a run that only descends: its peak is the start, and it never goes back above it
+    smooth = report.blowup(pd.DataFrame({"step": steps, "loss": 2.0 / steps ** 0.2}))
+    assert smooth["peak_step"] == 1 and pd.isna(smooth["above_start_step"])
+
+
+def test_collapsed_runs_get_a_blowup_row_and_others_none(report):
+    runs = table().assign(eval_loss=1.0, min_loss=0.5, min_step=10, above_start_step=40.0, peak_loss=8.0,
+                          peak_step=60)
+    rows = report.blowup_table(runs)
+    assert len(rows) == 1 and rows.iloc[0]["seed"] == 2
+    assert rows.iloc[0]["peak loss (step)"] == "8.00 (60)" and rows.iloc[0]["back above start at step"] == "40"

@@ -36,6 +36,7 @@ import pandas as pd
 
 import dynamics
 from dynamics import figures, runs
+from dynamics.analysis import smooth_loss
 from dynamics.figure_set import make_figures
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,6 +63,8 @@ RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_ca
                # added with the ledger (rows of earlier runs carry what their committed tables showed)
                "descended", "rises", "hessian_trace", "hessian_trace_se", "curvature_examples",
                "apn_cap_pct_first50", "apn_cap_pct", "apn_scale_median", "apn_layer_cap_pct", "perturb_norm_median",
+               # how a run blew up (smoothed training loss; added for the gsm collapses, empty for earlier runs)
+               "min_loss", "min_step", "above_start_step", "peak_loss", "peak_step",
                # where and with what the run was made (unknown for runs of the first sessions)
                "started_at", "versions"]
 # what a re-run is checked against its first run on (bit-for-bit on one machine; across machines
@@ -105,7 +108,8 @@ def _from_files(run, apn_cap: float) -> dict:
            "rises": " ".join(f"{int(a)}-{int(b)}" for a, b in zip(diverge["start_step"], diverge["end_step"],
                                                                   strict=True)),
            "hessian_trace_se": float(trace["standard_error"].iloc[0]) if len(trace) else np.nan,
-           "curvature_examples": int(top["n_examples"].iloc[0]) if len(top) else np.nan}
+           "curvature_examples": int(top["n_examples"].iloc[0]) if len(top) else np.nan,
+           **blowup(metrics)}
     scale = metrics["apn_scale"].dropna() if "apn_scale" in metrics else pd.Series(dtype=float)
     if len(scale):
         first = scale[metrics.loc[scale.index, "step"] <= 50]
@@ -118,6 +122,21 @@ def _from_files(run, apn_cap: float) -> dict:
                    else np.nan,
                    perturb_norm_median=float(metrics["perturb_norm"].median()))
     return row
+
+
+def blowup(metrics: pd.DataFrame) -> dict:
+    """How the smoothed training loss ``s(t)`` (``smooth_loss``, the phase detector's curve) went
+    up: its highest value and step (``peak_loss``, ``peak_step``), its lowest value before that
+    peak and step (``min_loss``, ``min_step``), and the first step after that minimum where it is
+    back above its start ``s(0)`` (``above_start_step``; NaN if never). Steps as logged (1-based)."""
+    steps = metrics["step"].to_numpy()
+    smoothed = smooth_loss(metrics["loss"], metrics["step"])
+    peak = int(np.argmax(smoothed))
+    lowest = int(np.argmin(smoothed[: peak + 1]))
+    above = np.flatnonzero(smoothed[lowest:] > smoothed[0])
+    return {"peak_loss": float(smoothed[peak]), "peak_step": int(steps[peak]),
+            "min_loss": float(smoothed[lowest]), "min_step": int(steps[lowest]),
+            "above_start_step": int(steps[lowest + above[0]]) if len(above) else np.nan}
 
 
 @dataclasses.dataclass
@@ -311,12 +330,7 @@ def tables(ledgers: Ledgers) -> str:
          cell_table(lora_full, ["method", "rank", "lr"])),
         ("Learning edge: LoRA vs LoRA-MGPO", cell_table(edge, ["rank", "lr", "method"])),
         ("Learning edge: LoRA-MGPO - LoRA, paired by seed", paired(edge, "lora+mgpo", "lora", ["rank", "lr"])),
-        ("Perturbations at r = alpha = 8, lr 5e-3", cell_table(cell, ["method"])),
-        ("Perturbations at r = alpha = 8, lr 5e-3: each - LoRA, paired by seed",
-         pd.concat([paired(cell, m, "lora", ["rank", "lr"]).assign(method=m)
-                    for m in sorted(cell["method"].unique()) if m != "lora"] or [pd.DataFrame()])),
-        ("Cost at r = alpha = 8, lr 5e-3 (median step time, peak memory; two runs shared the 2 cores)",
-         cost_table(cell)),
+        *perturbation_sections(cell),
         ("Divergences by seed: start and peak step of every detected rise (default MGPO knobs)",
          rise_steps_table(defaults)),
         ("LoRA-MGPO's APN factor per run: at its cap, and what the run did", mgpo_state_table(table)),
@@ -357,6 +371,10 @@ def gsm_tables(ledgers: Ledgers) -> str:
          cell_table(lora_full, ["method", "rank", "lr"], GSM_METRICS)),
         ("LoRA vs LoRA-MGPO where both ran", cell_table(contrast, ["rank", "lr", "method"], GSM_METRICS)),
         ("LoRA-MGPO - LoRA, paired by seed", paired(contrast, "lora+mgpo", "lora", ["rank", "lr"], metric)),
+        ("Past the edge: how each run that collapsed went up (smoothed training loss; each run as last "
+         "measured, '-' where its run folder was not read for it)", blowup_table(at_defaults(ledgers.latest, "gsm"))),
+        *perturbation_sections(defaults[(defaults["rank"] == 8) & np.isclose(defaults["lr"], 5e-3) &
+                                        (defaults["method"] != "full")], metric, GSM_METRICS),
         ("Divergences: start and peak step of every detected rise", rise_steps_table(defaults)),
         ("LoRA-MGPO's APN factor per run: at its cap, and what the run did", mgpo_state_table(table, metric)),
         ("Re-runs: runs of an earlier session run again (same settings and seed), first / re-run",
@@ -371,6 +389,36 @@ def gsm_tables(ledgers: Ledgers) -> str:
             "cross-entropy of the answer tokens (the worked solution) of 64 held-out problems at step 200 (exact "
             "match is not measured: at seq_len 128 most answers are cut before their final number).\n"]
     return _sections_markdown(text, sections)
+
+
+def perturbation_sections(cell: pd.DataFrame, metric: tuple[str, str] = BBC_METRICS[0],
+                          metrics=BBC_METRICS) -> list[tuple[str, pd.DataFrame]]:
+    """The perturbation comparison at r = alpha = 8, lr 5e-3 (the paper's Fig. 4 and Table 4
+    analogues): per method over seeds, each method - LoRA paired by seed on ``metric``, and cost."""
+    return [
+        ("Perturbations at r = alpha = 8, lr 5e-3", cell_table(cell, ["method"], metrics)),
+        ("Perturbations at r = alpha = 8, lr 5e-3: each - LoRA, paired by seed",
+         pd.concat([paired(cell, m, "lora", ["rank", "lr"], metric).assign(method=m)
+                    for m in sorted(cell["method"].unique()) if m != "lora"] or [pd.DataFrame()])),
+        ("Cost at r = alpha = 8, lr 5e-3 (median step time, peak memory; two runs shared the 2 cores)",
+         cost_table(cell)),
+    ]
+
+
+def blowup_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per run that collapsed: how its smoothed training loss went up (``blowup``)."""
+    rows = []
+    for _, run in table[table["outcome"] == "collapse"].iterrows():
+        rows.append({"method": run["method"], "rank": run["rank"], "lr": run["lr"], "seed": run["seed"],
+                     "lowest loss (step)": _at(run["min_loss"], run["min_step"]),
+                     "back above start at step": _cell(run["above_start_step"]),
+                     "peak loss (step)": _at(run["peak_loss"], run["peak_step"]),
+                     "final loss": f"{run['final_loss']:.2f}", "eval loss": f"{run['eval_loss']:.2f}"})
+    return pd.DataFrame(rows)
+
+
+def _at(value, step) -> str:
+    return "-" if pd.isna(value) else f"{value:.2f} ({int(step)})"
 
 
 def _sections_markdown(text: list[str], sections: list[tuple[str, pd.DataFrame]]) -> str:
@@ -472,18 +520,27 @@ def draw(ledgers: Ledgers) -> None:
 
 
 def draw_gsm(ledgers: Ledgers) -> None:
-    """The gsm half's figures: its phase map, loss against lr and rank, and LoRA vs LoRA-MGPO."""
+    """The gsm half's figures: its phase map, loss against lr and rank, LoRA vs LoRA-MGPO at r 8
+    and past the edge (r 128), and the perturbations at r 8."""
     defaults = at_defaults(ledgers.first, "gsm")
     mgpo_cells = defaults[defaults["method"] == "lora+mgpo"][["rank", "lr"]].drop_duplicates()
     contrast = defaults[defaults["method"].isin(["lora", "lora+mgpo"])].merge(mgpo_cells, on=["rank", "lr"])
+    latest = at_defaults(ledgers.latest, "gsm")
+    edge = latest[np.isclose(latest["lr"], 5e-3)]
     subsets = {
         "phase_map": (defaults, "phase_map"),
         # one folder per rank: loss_vs_lr draws one rank (the lower on a tie)
         "lora_lr_r8": (defaults[(defaults["method"] == "lora") & (defaults["rank"] == 8)], "loss_vs_lr"),
         "lora_lr_r128": (defaults[(defaults["method"] == "lora") & (defaults["rank"] == 128)], "loss_vs_lr"),
         "lora_rank": (defaults[defaults["method"] == "lora"], "loss_vs_rank"),
-        "lora_vs_mgpo": (contrast if contrast["method"].nunique() >= 2 else contrast.iloc[:0],
+        "lora_vs_mgpo": (contrast[contrast["rank"] == 8] if contrast["method"].nunique() >= 2 else contrast.iloc[:0],
                          "loss_by_method,mgpo_state"),
+        # grids/study/collapse_gsm.toml (its LoRA seed 0 re-runs the phase map's: as last measured)
+        "collapse_r128": (edge[edge["method"].isin(["lora", "lora+mgpo"]) & (edge["rank"] == 128)],
+                          "loss_by_method,mgpo_state"),
+        # grids/study/perturbations_gsm.toml with grids/study/lora_mgpo_gsm.toml's LoRA and LoRA-MGPO
+        "perturbations": (edge[(edge["rank"] == 8) & (edge["method"] != "full")],
+                          "loss_by_method,ablation,noise,cost"),
     }
     draw_sets(subsets, STUDIES["gsm"]["figures"], "python grids/study/report.py runs/study_gsm --study gsm")
 
