@@ -21,7 +21,7 @@ from typing import Sequence
 from dynamics import grid as grids
 from dynamics import runs
 from dynamics.config import ConfigError, ConfigWarning, RunConfig, config_fields, flag
-from dynamics.files import UnreadableFile, read_toml
+from dynamics.files import UnreadableFile, read_toml, write_atomic
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 130}  # train's, by run status
 
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     table = commands.add_parser("runs", help="table of runs under a folder")
     table.add_argument("runs_dir", nargs="?", default="runs", help="folder of run folders (default: runs)")
+    table.add_argument("--csv", metavar="FILE", help="also write every column of the run table, at full "
+                       "precision, to FILE (written whole or not at all)")
     return parser
 
 
@@ -251,6 +253,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if frame.empty:
         print(f"no runs under {args.runs_dir}")
         return 0
+    if args.csv:
+        if Path(args.csv).is_dir() or not Path(args.csv).resolve().parent.is_dir():
+            raise ConfigError(f"--csv {args.csv}: must be a file in an existing folder")
+        write_atomic(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
     columns = ["run_id", "method", "rank", "lr", "seed", "status", "steps", "final_loss", "eval_loss", "eval_metric",
                "double_descent", "top_eigenvalue"]
     frame = frame.reindex(columns=list(dict.fromkeys([*columns, "steps_done", "damage", "alive"])))

@@ -80,6 +80,19 @@ def test_diverged_run_exits_3(capsys, tmp_path):
     assert code == 3 and "status   diverged" in out
 
 
+def test_runs_table_goes_to_csv_at_full_precision(capsys, tmp_path):
+    import pandas as pd
+    from fake_runs import write_fake_run
+
+    write_fake_run(tmp_path / "runs", method="lora+mgpo", eval_metric=0.123456789)
+    code, out, _ = run_cli(capsys, "runs", str(tmp_path / "runs"), "--csv", str(tmp_path / "runs.csv"))
+    assert code == 0 and "lora+mgpo" in out
+    table = pd.read_csv(tmp_path / "runs.csv")
+    assert table["eval_metric"].iloc[0] == 0.123456789 and {"apn_cap", "rho", "path"} <= set(table.columns)
+    code, _, err = run_cli(capsys, "runs", str(tmp_path / "runs"), "--csv", str(tmp_path / "absent" / "x.csv"))
+    assert code == 2 and "--csv" in err and len(err.strip().splitlines()) == 1
+
+
 def test_runs_on_a_missing_folder_is_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "runs", str(tmp_path / "absent"))
     assert code == 2 and "no such folder" in err

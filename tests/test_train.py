@@ -45,7 +45,8 @@ def test_run_folder_holds_every_file_and_column(tiny):
     stored = json.loads((run.path / "config.json").read_text())
     assert stored["config"]["mu"] == 0.8 and stored["config"]["rank"] == 8  # resolved settings
     assert {"python", "torch", "transformers", "peft", "dynamics"} <= set(stored["versions"])
-    assert {"git_commit", "host", "started_at", "runtime"} <= set(stored)
+    assert {"git_commit", "host", "started_at", "runtime", "cpu"} <= set(stored)
+    assert stored["cpu"]["torch_capability"] and stored["cpu"]["cores"] >= 1
     assert stored["runtime"]["device"] == "cpu"
     # LoRA r = 8 on tiny-llama's 7 linear layers x 2 blocks: r (in + out) each, 4096 per block
     assert stored["runtime"]["trainable_params"] == 8192

@@ -5,7 +5,8 @@ Layout (DESIGN.md)::
 
     runs/<run_id>/
       config.json          {"config": every resolved setting, "runtime": device, dtype, threads,
-                            parameter counts, "versions", "git_commit", "host", "command", "started_at"}
+                            parameter counts, "versions", "cpu", "git_commit", "host", "command",
+                            "started_at"}
       summary.json         status (STATUSES), steps done, wall time, final and best eval; entries
                            ``phases``, ``sharpness``, ``trace`` added by ``dynamics analyze``
       metrics.parquet      one row per optimizer step            (logs.METRICS_SCHEMA)
@@ -80,6 +81,15 @@ def package_version() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The processor's name (Linux: /proc/cpuinfo's "model name"; else what ``platform`` says)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment_info() -> dict[str, Any]:
     # lazy: only a new run records these; reading runs back must not import torch
     import peft
@@ -94,6 +104,10 @@ def environment_info() -> dict[str, Any]:
             "peft": peft.__version__,
             "dynamics": package_version(),
         },
+        # float results on CPU depend on the kernels the math libraries pick for this processor
+        # (docs/results.md, section 8): which one ran is part of what a run was made with
+        "cpu": {"model": cpu_model(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
+                "cores": os.cpu_count()},
         "git_commit": git_commit(),
         "host": socket.gethostname(),
         "command": " ".join(sys.argv),

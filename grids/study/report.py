@@ -66,7 +66,7 @@ RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_ca
                # how a run blew up (smoothed training loss; added for the gsm collapses, empty for earlier runs)
                "min_loss", "min_step", "above_start_step", "peak_loss", "peak_step",
                # where and with what the run was made (unknown for runs of the first sessions)
-               "started_at", "versions"]
+               "started_at", "versions", "cpu"]
 # what a re-run is checked against its first run on (bit-for-bit on one machine; across machines
 # float-level differences can grow into another trajectory, docs/results.md section 8)
 REPRODUCED = ("final_loss", "eval_loss", "eval_metric")
@@ -101,9 +101,11 @@ def _from_files(run, apn_cap: float) -> dict:
     top = run.sharpness[run.sharpness["rank"] == 1].sort_values("step").tail(1)
     trace = run.trace.sort_values("step").tail(1)
     versions = run.info.get("versions") or {}
+    cpu = run.info.get("cpu") or {}  # recorded from the study's third session on
     row = {"started_at": run.info.get("started_at"),
            "versions": " ".join(f"{name} {versions[name]}" for name in ("torch", "transformers", "peft")
                                 if name in versions),
+           "cpu": f"{cpu.get('model')} ({cpu.get('torch_capability')})" if cpu else None,
            "step_time_s": float(metrics["step_time_s"].median()), "peak_mem_mb": float(metrics["peak_mem_mb"].max()),
            "rises": " ".join(f"{int(a)}-{int(b)}" for a, b in zip(diverge["start_step"], diverge["end_step"],
                                                                   strict=True)),
