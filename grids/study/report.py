@@ -64,7 +64,7 @@ RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_ca
                "descended", "rises", "hessian_trace", "hessian_trace_se", "curvature_examples",
                "apn_cap_pct_first50", "apn_cap_pct", "apn_scale_median", "apn_layer_cap_pct", "perturb_norm_median",
                # how a run blew up (smoothed training loss; added for the gsm collapses, empty for earlier runs)
-               "min_loss", "min_step", "above_start_step", "peak_loss", "peak_step",
+               "min_loss", "min_step", "above_start_step", "peak_loss", "peak_step", "below_start_step",
                # where and with what the run was made (unknown for runs of the first sessions)
                "started_at", "versions", "cpu"]
 # what a re-run is checked against its first run on (bit-for-bit on one machine; across machines
@@ -130,13 +130,17 @@ def blowup(metrics: pd.DataFrame) -> dict:
     """How the smoothed training loss ``s(t)`` (``smooth_loss``, the phase detector's curve) went
     up: its highest value and step (``peak_loss``, ``peak_step``), its lowest value before that
     peak and step (``min_loss``, ``min_step``), and the first step after that minimum where it is
-    back above its start ``s(0)`` (``above_start_step``; NaN if never). Steps as logged (1-based)."""
+    back above its start ``s(0)`` (``above_start_step``; NaN if never), and the first step after
+    the peak where it is below that start again (``below_start_step``: a recovery; NaN if never).
+    Steps as logged (1-based)."""
     steps = metrics["step"].to_numpy()
     smoothed = smooth_loss(metrics["loss"], metrics["step"])
     peak = int(np.argmax(smoothed))
     lowest = int(np.argmin(smoothed[: peak + 1]))
     above = np.flatnonzero(smoothed[lowest:] > smoothed[0])
+    below = np.flatnonzero(smoothed[peak:] < smoothed[0]) if peak > 0 else np.array([], dtype=int)
     return {"peak_loss": float(smoothed[peak]), "peak_step": int(steps[peak]),
+            "below_start_step": int(steps[peak + below[0]]) if len(below) else np.nan,
             "min_loss": float(smoothed[lowest]), "min_step": int(steps[lowest]),
             "above_start_step": int(steps[lowest + above[0]]) if len(above) else np.nan}
 
@@ -373,8 +377,9 @@ def gsm_tables(ledgers: Ledgers) -> str:
          cell_table(lora_full, ["method", "rank", "lr"], GSM_METRICS)),
         ("LoRA vs LoRA-MGPO where both ran", cell_table(contrast, ["rank", "lr", "method"], GSM_METRICS)),
         ("LoRA-MGPO - LoRA, paired by seed", paired(contrast, "lora+mgpo", "lora", ["rank", "lr"], metric)),
-        ("Past the edge: how each run that collapsed went up (smoothed training loss; each run as last "
-         "measured, '-' where its run folder was not read for it)", blowup_table(at_defaults(ledgers.latest, "gsm"))),
+        ("Past the edge: how each run at a (rank, lr) where a run collapsed went up and whether it came back "
+         "(smoothed training loss; each run as last measured, '-' where its run folder was not read for it)",
+         blowup_table(at_defaults(ledgers.latest, "gsm"))),
         *perturbation_sections(defaults[(defaults["rank"] == 8) & np.isclose(defaults["lr"], 5e-3) &
                                         (defaults["method"] != "full")], metric, GSM_METRICS),
         ("Divergences: start and peak step of every detected rise", rise_steps_table(defaults)),
@@ -408,13 +413,18 @@ def perturbation_sections(cell: pd.DataFrame, metric: tuple[str, str] = BBC_METR
 
 
 def blowup_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Per run that collapsed: how its smoothed training loss went up (``blowup``)."""
+    """Per run at a (method, rank, lr) cell where some run collapsed, and per run of another
+    method at such a (rank, lr): how its smoothed training loss went up and whether it came back
+    below its start (``blowup``)."""
+    collapsed = table.loc[table["outcome"] == "collapse", ["rank", "lr"]].drop_duplicates()
     rows = []
-    for _, run in table[table["outcome"] == "collapse"].iterrows():
+    for _, run in _sorted(table.merge(collapsed, on=["rank", "lr"])).iterrows():
         rows.append({"method": run["method"], "rank": run["rank"], "lr": run["lr"], "seed": run["seed"],
+                     "outcome": run["outcome"],
                      "lowest loss (step)": _at(run["min_loss"], run["min_step"]),
                      "back above start at step": _cell(run["above_start_step"]),
                      "peak loss (step)": _at(run["peak_loss"], run["peak_step"]),
+                     "below start again at step": _cell(run["below_start_step"]),
                      "final loss": f"{run['final_loss']:.2f}", "eval loss": f"{run['eval_loss']:.2f}"})
     return pd.DataFrame(rows)
 
