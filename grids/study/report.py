@@ -599,23 +599,26 @@ def draw_phase_map(frame: pd.DataFrame, out: Path, command: str) -> None:
     print(f"report: {out.relative_to(ROOT)}/phase_map.png ({len(run_ids)} runs)")
 
 
-def draw_mgpo_states(table: pd.DataFrame) -> None:
-    """LoRA-MGPO's instrument panel for seeds 0 (learned) and 2 (stuck at chance) at r 8, lr 5e-3."""
+def draw_mgpo_states(table: pd.DataFrame, out: Path = FIGURES_OUT / "mgpo_state", study: str = "bbc",
+                     rank: int = 8, lr: float = 5e-3, seeds: tuple[int, ...] = (0, 2)) -> None:
+    """LoRA-MGPO's instrument panel, one figure per seed (``out/seed<N>.png``), at one (rank, lr)
+    and the task's default knobs: bbc r 8, lr 5e-3, seeds 0 (learned) and 2 (stuck at chance) by
+    default."""
     import matplotlib.pyplot as plt
 
     from dynamics.figure_set import Drawn, write_figure
 
-    out = FIGURES_OUT / "mgpo_state"
-    out.mkdir(parents=True, exist_ok=True)
-    chosen = at_defaults(table)
-    chosen = chosen[(chosen["method"] == "lora+mgpo") & (chosen["rank"] == 8) & np.isclose(chosen["lr"], 5e-3)]
-    chosen = chosen[chosen["seed"].isin([0, 2])]
-    if not chosen["on_disk"].astype(bool).all():
+    chosen = at_defaults(table, study)
+    chosen = chosen[(chosen["method"] == "lora+mgpo") & (chosen["rank"] == rank) & np.isclose(chosen["lr"], lr)]
+    chosen = chosen[chosen["seed"].isin(seeds)]
+    if chosen.empty or not chosen["on_disk"].astype(bool).all():
         print(f"report: {out.relative_to(ROOT)}: its runs are not on disk here; figures left as committed")
         return
+    out.mkdir(parents=True, exist_ok=True)
     for _, row in chosen.iterrows():
         run = dynamics.load_run(row["path"])
-        title = f"LoRA-MGPO state, r 8, lr 5e-3, seed {row['seed']} ({row['outcome']}): {row['run_id']}"
+        title = (f"LoRA-MGPO state, r {rank}, lr {lr:g}, seed {row['seed']} ({row['outcome']}): "
+                 f"{row['run_id']}")
         figure = figures.mgpo_state(run.metrics, run.layers, apn_cap=run.config.get("apn_cap"), title=title)
         write_figure(Drawn(figure, [row["run_id"]]), out, f"seed{row['seed']}")
         plt.close(figure)
@@ -648,6 +651,8 @@ def main() -> None:
         draw_mgpo_states(measured.first)
     else:
         draw_gsm(measured)
+        draw_mgpo_states(measured.latest, STUDIES["gsm"]["figures"] / "collapse_r128" / "mgpo_state", "gsm",
+                         rank=128, lr=5e-3, seeds=(0, 1, 2))
 
 
 if __name__ == "__main__":
