@@ -131,6 +131,7 @@ def test_blowup_finds_the_minimum_the_return_above_start_and_the_peak(report):
     assert abs(numbers["above_start_step"] - 69) <= 3  # the smoothed start is ~2 (the median filter keeps the ends)
     assert numbers["peak_loss"] == pytest.approx(8.0, abs=0.01) and numbers["peak_step"] >= 120
     assert pd.isna(numbers["below_start_step"])  # a collapse never comes back
+    assert abs(numbers["doubled_step"] - 86) <= 3  # 1 + (t - 60) * 7 / 60 >= 2 * 2
     back_down = loss.where(steps <= 120, (8.0 - (steps - 120) * 0.1).clip(lower=0.5))
     recovers = report.blowup(pd.DataFrame({"step": steps, "loss": back_down}))
     assert abs(recovers["below_start_step"] - 181) <= 3  # 8 - (t - 120) / 10 < 2
@@ -141,12 +142,12 @@ def test_blowup_finds_the_minimum_the_return_above_start_and_the_peak(report):
 
 def test_runs_where_one_collapsed_get_a_blowup_row_and_others_none(report):
     runs = table().assign(rho=0.01, apn_cap=10.0, eval_loss=1.0, min_loss=0.5, min_step=10, above_start_step=40.0,
-                          peak_loss=8.0, peak_step=60, below_start_step=float("nan"))
+                          peak_loss=8.0, peak_step=60, below_start_step=float("nan"), doubled_step=45.0)
     elsewhere = runs.iloc[[0]].assign(lr=1e-3, outcome="collapse", seed=5)
     rows = report.blowup_table(pd.concat([runs, elsewhere], ignore_index=True))
     at_cell = rows[rows["lr"] == 5e-3]
     assert len(at_cell) == 5  # the collapsed LoRA seed and every other run at its (rank, lr)
     collapsed = at_cell[at_cell["outcome"] == "collapse"].iloc[0]
-    assert collapsed["peak loss (step)"] == "8.00 (60)" and collapsed["back above start at step"] == "40"
+    assert collapsed["peak loss (step)"] == "8.00 (60)" and collapsed["at 2x start at step"] == "45"
     assert collapsed["below start again at step"] == "-"
     assert rows[rows["lr"] == 1e-3]["seed"].tolist() == [5]

@@ -65,6 +65,7 @@ RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_ca
                "apn_cap_pct_first50", "apn_cap_pct", "apn_scale_median", "apn_layer_cap_pct", "perturb_norm_median",
                # how a run blew up (smoothed training loss; added for the gsm collapses, empty for earlier runs)
                "min_loss", "min_step", "above_start_step", "peak_loss", "peak_step", "below_start_step",
+               "doubled_step",
                # where and with what the run was made (unknown for runs of the first sessions)
                "started_at", "versions", "cpu"]
 # what a re-run is checked against its first run on (bit-for-bit on one machine; across machines
@@ -131,7 +132,8 @@ def blowup(metrics: pd.DataFrame) -> dict:
     up: its highest value and step (``peak_loss``, ``peak_step``), its lowest value before that
     peak and step (``min_loss``, ``min_step``), and the first step after that minimum where it is
     back above its start ``s(0)`` (``above_start_step``; NaN if never), and the first step after
-    the peak where it is below that start again (``below_start_step``: a recovery; NaN if never).
+    the peak where it is below that start again (``below_start_step``: a recovery; NaN if never);
+    and the first step where it is at twice its start (``doubled_step``: a blow-up; NaN if never).
     Steps as logged (1-based)."""
     steps = metrics["step"].to_numpy()
     smoothed = smooth_loss(metrics["loss"], metrics["step"])
@@ -139,7 +141,9 @@ def blowup(metrics: pd.DataFrame) -> dict:
     lowest = int(np.argmin(smoothed[: peak + 1]))
     above = np.flatnonzero(smoothed[lowest:] > smoothed[0])
     below = np.flatnonzero(smoothed[peak:] < smoothed[0]) if peak > 0 else np.array([], dtype=int)
+    doubled = np.flatnonzero(smoothed >= 2 * smoothed[0])
     return {"peak_loss": float(smoothed[peak]), "peak_step": int(steps[peak]),
+            "doubled_step": int(steps[doubled[0]]) if len(doubled) else np.nan,
             "below_start_step": int(steps[peak + below[0]]) if len(below) else np.nan,
             "min_loss": float(smoothed[lowest]), "min_step": int(steps[lowest]),
             "above_start_step": int(steps[lowest + above[0]]) if len(above) else np.nan}
@@ -421,8 +425,8 @@ def blowup_table(table: pd.DataFrame) -> pd.DataFrame:
     for _, run in _sorted(table.merge(collapsed, on=["rank", "lr"])).iterrows():
         rows.append({"method": run["method"], "rank": run["rank"], "lr": run["lr"], "seed": run["seed"],
                      "outcome": run["outcome"],
-                     "lowest loss (step)": _at(run["min_loss"], run["min_step"]),
-                     "back above start at step": _cell(run["above_start_step"]),
+                     "lowest before the peak (step)": _at(run["min_loss"], run["min_step"]),
+                     "at 2x start at step": _cell(run["doubled_step"]),
                      "peak loss (step)": _at(run["peak_loss"], run["peak_step"]),
                      "below start again at step": _cell(run["below_start_step"]),
                      "final loss": f"{run['final_loss']:.2f}", "eval loss": f"{run['eval_loss']:.2f}"})
