@@ -4,6 +4,7 @@ differences and the learned-only rise, on a hand-made run table."""
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -151,3 +152,11 @@ def test_runs_where_one_collapsed_get_a_blowup_row_and_others_none(report):
     assert collapsed["peak loss (step)"] == "8.00 (60)" and collapsed["at 2x start at step"] == "45"
     assert collapsed["below start again at step"] == "-"
     assert rows[rows["lr"] == 1e-3]["seed"].tolist() == [5]
+
+
+def test_a_metric_the_task_does_not_measure_does_not_stop_the_replication_check(report):
+    first = pd.Series({"final_loss": 5.21725, "eval_loss": 5.46772, "eval_metric": np.nan})
+    again = pd.Series({"final_loss": 5.217251, "eval_loss": 5.46772, "eval_metric": None})
+    assert report._differences(first, again) == []
+    moved = pd.concat([again.drop("eval_loss"), pd.Series({"eval_loss": 5.4})])
+    assert report._differences(first, moved) == ["eval_loss"]
