@@ -76,16 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_grid_arguments(grid)
 
     analyze = commands.add_parser("analyze", help="double-descent phases and Hessian sharpness of runs",
-                                  description="Write phases.parquet and sharpness.parquet (with --trace "
-                                              "and --density also trace.parquet and density.parquet) in each "
-                                              "run folder and print a table.")
+                                  description="Write phases.parquet and sharpness.parquet (with --trace, "
+                                              "--density and --exact-match also trace.parquet, density.parquet "
+                                              "and generations.parquet) in each run folder and print a table.")
     analyze.add_argument("paths", nargs="+", metavar="RUN_OR_RUNS_DIR", help="run folders or folders of runs")
     analyze.add_argument("--curve", default="loss", help="metrics column to segment: loss or loss_clean "
                                                          "(default: loss)")
     analyze.add_argument("--checkpoints", default="last", help="where to measure sharpness: last, all, or "
                                                                "comma-separated steps (default: last)")
     analyze.add_argument("--no-sharpness", dest="sharpness", action="store_false",
-                         help="no top eigenvalues (phases only, unless --trace or --density)")
+                         help="no top eigenvalues (phases only, unless --trace, --density or --exact-match)")
     analyze.add_argument("--k", default="1", help="top eigenvalues to compute (default: 1)")
     analyze.add_argument("--batches", default="1", help="eval batches in the loss (default: 1)")
     analyze.add_argument("--tol", default="1e-3", help="Lanczos residual tolerance, relative (default: 1e-3)")
@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--density-runs", default="10", help="random start vectors for --density (default: 10)")
     analyze.add_argument("--density-steps", default="50", help="Lanczos steps per start vector for --density "
                                                                "(default: 50)")
+    analyze.add_argument("--exact-match", default="0", metavar="N",
+                         help="also greedy-decode the first N held-out problems at each checkpoint measured and "
+                              "score them (gsm, tiny): generations.parquet and the run's exact match (default: 0)")
+    analyze.add_argument("--max-new-tokens", metavar="M",
+                         help="generation budget per problem for --exact-match (default: the run's max_new_tokens)")
     analyze.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                          help="a phase-detection threshold (see dynamics.analysis.PhaseThresholds); repeatable")
 
@@ -233,7 +238,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                    tol=_number("tol", args.tol, float, 0), max_iter=int(_number("max-iter", args.max_iter, int, 1)),
                    trace=args.trace, trace_samples=int(_number("trace-samples", args.trace_samples, int, 1)),
                    density=args.density, density_runs=int(_number("density-runs", args.density_runs, int, 1)),
-                   density_steps=int(_number("density-steps", args.density_steps, int, 1)))
+                   density_steps=int(_number("density-steps", args.density_steps, int, 1)),
+                   exact_match=int(_number("exact-match", args.exact_match, int, 0)),
+                   max_new_tokens=None if args.max_new_tokens is None else
+                   int(_number("max-new-tokens", args.max_new_tokens, int, 1)))
     problems: list[str] = []
     table = analyze_paths(args.paths, curve=args.curve, sharpness=args.sharpness, checkpoints=args.checkpoints,
                           on_problem=lambda line: (problems.append(line), print(line, file=sys.stderr)),

@@ -1,9 +1,11 @@
 """``dynamics analyze``: run folders in; ``phases.parquet``, ``sharpness.parquet`` and, on request,
-``trace.parquet`` and ``density.parquet`` out, plus ``phases`` / ``sharpness`` / ``trace`` entries
-in ``summary.json`` so ``dynamics runs`` shows them without recomputing.
+``trace.parquet``, ``density.parquet`` and ``generations.parquet`` out, plus ``phases`` /
+``sharpness`` / ``trace`` / ``exact_match`` entries in ``summary.json`` so ``dynamics runs`` shows
+them without recomputing.
 
 Phases come from the pure ``dynamics.analysis.detect_phases`` on the loss curve; curvature from
-``dynamics.curvature`` on the run's model rebuilt at a checkpoint (``curvature_at_checkpoint``).
+``dynamics.curvature`` and exact match from greedy decoding (``dynamics.training.evaluate``) on
+the run's model rebuilt at a checkpoint (``measure_at_checkpoint``).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import torch
 
 from dynamics import runs
 from dynamics.analysis import detect_phases, phase_summary
-from dynamics.config import ConfigError
+from dynamics.config import TASK_KIND, ConfigError
 from dynamics.curvature import measure_density, measure_sharpness, measure_trace
 from dynamics.data import load_task
 from dynamics.files import UnreadableFile, write_parquet
 from dynamics.models import build_model, load_tokenizer
-from dynamics.runs.logs import DENSITY_SCHEMA, PHASES_SCHEMA, SHARPNESS_SCHEMA, TRACE_SCHEMA
+from dynamics.runs.logs import DENSITY_SCHEMA, GENERATIONS_SCHEMA, PHASES_SCHEMA, SHARPNESS_SCHEMA, TRACE_SCHEMA
+from dynamics.training.evaluate import generations
 
 
 # --- a run folder ------------------------------------------------------------------------------------
@@ -48,11 +51,13 @@ def select_checkpoints(run: runs.Run, which: str) -> list[int]:
 def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True, checkpoints: str = "last",
                 k: int = 1, n_batches: int = 1, tol: float = 1e-3, max_iter: int = 100, trace: bool = False,
                 trace_samples: int = 100, density: bool = False, density_runs: int = 10, density_steps: int = 50,
-                **thresholds: float) -> dict[str, Any]:
+                exact_match: int = 0, max_new_tokens: int | None = None, **thresholds: float) -> dict[str, Any]:
     """Phases of the run's loss curve and Hessian curvature at its checkpoints; writes
     ``phases.parquet``, ``sharpness.parquet`` (top-k eigenvalues), with ``trace`` ``trace.parquet``
-    (Hutchinson, ``trace_samples`` HVPs at most) and with ``density`` ``density.parquet`` (SLQ,
-    ``density_runs`` x ``density_steps`` HVPs), and returns the summary written to summary.json.
+    (Hutchinson, ``trace_samples`` HVPs at most), with ``density`` ``density.parquet`` (SLQ,
+    ``density_runs`` x ``density_steps`` HVPs) and with ``exact_match`` N ``generations.parquet``
+    (greedy continuations of the first N held-out problems, at most ``max_new_tokens`` each,
+    default the run's own setting), and returns the summary written to summary.json.
     Rows measured again at a checkpoint replace the old ones of that step.
 
     The run's lock is held throughout (``RunLock``), so no trainer resumes it meanwhile and its
@@ -69,18 +74,22 @@ def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True
         return _analyze_locked(run, curve=curve, sharpness=sharpness, checkpoints=checkpoints, k=k,
                                n_batches=n_batches, tol=tol, max_iter=max_iter, trace=trace,
                                trace_samples=trace_samples, density=density, density_runs=density_runs,
-                               density_steps=density_steps, **thresholds)
+                               density_steps=density_steps, exact_match=exact_match, max_new_tokens=max_new_tokens,
+                               **thresholds)
     finally:
         lock.__exit__(None, None, None)
 
 
 def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: str, k: int, n_batches: int,
                     tol: float, max_iter: int, trace: bool, trace_samples: int, density: bool, density_runs: int,
-                    density_steps: int, **thresholds: float) -> dict[str, Any]:
+                    density_steps: int, exact_match: int, max_new_tokens: int | None,
+                    **thresholds: float) -> dict[str, Any]:
     try:
-        runs.stored_config(run.path)
+        cfg = runs.stored_config(run.path)
     except ConfigError as error:
         raise runs.DamagedRun(run.path, f"config.json: {error}") from None
+    if exact_match:
+        check_exact_match(cfg, exact_match)
     metrics = run.metrics
     if metrics.empty:
         raise ConfigError(f"{run.run_id}: no metrics yet (metrics.parquet is missing or empty)")
@@ -94,7 +103,9 @@ def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: 
     measures = {name: options for name, wanted, options in (
         ("sharpness", sharpness, dict(k=k, tol=tol, max_iter=max_iter)),
         ("trace", trace, dict(n_samples=trace_samples)),
-        ("density", density, dict(n_runs=density_runs, n_steps=density_steps))) if wanted}
+        ("density", density, dict(n_runs=density_runs, n_steps=density_steps)),
+        ("generations", exact_match > 0, dict(n_problems=exact_match,
+                                              max_new_tokens=max_new_tokens or cfg.max_new_tokens))) if wanted}
     steps = select_checkpoints(run, checkpoints) if measures else []
     try:  # before anything is written: a damaged run's files are never rewritten
         for step in steps:
@@ -110,7 +121,7 @@ def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: 
     if measures:
         measured: dict[str, list[dict[str, Any]]] = {name: [] for name in measures}
         for step in steps:
-            for name, rows in curvature_at_checkpoint(run, step, measures, n_batches=n_batches).items():
+            for name, rows in measure_at_checkpoint(run, step, measures, n_batches=n_batches).items():
                 measured[name] += rows
         for name, rows in measured.items():
             _replace_checkpoint_rows(run, name, steps, rows)
@@ -121,19 +132,37 @@ def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: 
         last_trace = [r for r in measured.get("trace", []) if r["step"] == max(steps, default=None)]
         if last_trace:
             result["trace"] = _plain({key: last_trace[0][key] for key in ("step", "trace", "standard_error")})
+        last_generations = [r for r in measured.get("generations", []) if r["step"] == max(steps, default=None)]
+        if last_generations:
+            result["exact_match"] = {"step": max(steps), "n_problems": len(last_generations),
+                                     "max_new_tokens": measures["generations"]["max_new_tokens"],
+                                     "exact_match": sum(r["correct"] for r in last_generations) / len(last_generations)}
     runs.update_summary(run.path, **result)
     return result
 
 
-CURVATURE_TABLES = {"sharpness": (SHARPNESS_SCHEMA, ["step", "source", "rank"]),
-                    "trace": (TRACE_SCHEMA, ["step", "source"]),
-                    "density": (DENSITY_SCHEMA, ["step", "source", "probe", "node"])}
+CHECKPOINT_TABLES = {"sharpness": (SHARPNESS_SCHEMA, ["step", "source", "rank"]),
+                     "trace": (TRACE_SCHEMA, ["step", "source"]),
+                     "density": (DENSITY_SCHEMA, ["step", "source", "probe", "node"]),
+                     "generations": (GENERATIONS_SCHEMA, ["step", "source", "problem"])}
 
 
-def curvature_at_checkpoint(run: runs.Run, step: int, measures: dict[str, dict[str, Any]],
-                            n_batches: int = 1) -> dict[str, list[dict[str, Any]]]:
+def check_exact_match(cfg, n_problems: int) -> None:
+    """``--exact-match N`` needs a generation task and N held-out problems: a one-line ConfigError."""
+    generation_tasks = [task for task, kind in TASK_KIND.items() if kind == "causal_lm"]
+    if cfg.task not in generation_tasks:
+        raise ConfigError(f"--exact-match: task {cfg.task} is not a generation task; exact match needs one of "
+                          f"{', '.join(generation_tasks)}")
+    if n_problems > cfg.n_eval:
+        raise ConfigError(f"--exact-match {n_problems}: the run holds out {cfg.n_eval} problems (n_eval); "
+                          f"ask for at most that many")
+
+
+def measure_at_checkpoint(run: runs.Run, step: int, measures: dict[str, dict[str, Any]],
+                          n_batches: int = 1) -> dict[str, list[dict[str, Any]]]:
     """Rebuild the run's model at ``checkpoints/step_N`` once and take each of ``measures``
-    (``sharpness``, ``trace``, ``density`` -> options of ``measure_<name>``): rows per table."""
+    (``sharpness``, ``trace``, ``density`` -> options of ``measure_<name>``; ``generations`` ->
+    ``n_problems``, ``max_new_tokens``): rows per table."""
     cfg = runs.stored_config(run.path)
     previous_threads = torch.get_num_threads()
     if cfg.threads:  # as in training: the run's --threads, restored afterwards
@@ -145,16 +174,21 @@ def curvature_at_checkpoint(run: runs.Run, step: int, measures: dict[str, dict[s
         runs.load_weights(model, runs.checkpoint_dir(run.path, step))
         device = next(model.parameters()).device
         measure = {"sharpness": measure_sharpness, "trace": measure_trace, "density": measure_density}
-        return {name: measure[name](model, task, cfg, device, n_batches=n_batches, step=step, source="checkpoint",
-                                    seed=cfg.seed, **options)
-                for name, options in measures.items()}
+        measured = {name: measure[name](model, task, cfg, device, n_batches=n_batches, step=step, source="checkpoint",
+                                        seed=cfg.seed, **options)
+                    for name, options in measures.items() if name != "generations"}
+        if "generations" in measures:
+            options = measures["generations"]
+            rows = generations(model, task, task.eval[: options["n_problems"]], cfg, device, options["max_new_tokens"])
+            measured["generations"] = [{"step": step, **row, "source": "checkpoint"} for row in rows]
+        return measured
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _replace_checkpoint_rows(run: runs.Run, table: str, steps: list[int], rows: list[dict[str, Any]]) -> None:
     """Write ``<table>.parquet`` with ``rows`` in place of the checkpoint rows of ``steps``."""
-    schema, order = CURVATURE_TABLES[table]
+    schema, order = CHECKPOINT_TABLES[table]
     existing = getattr(run, table)
     keep = existing[~((existing["source"] == "checkpoint") & existing["step"].isin(steps))]
     new = pd.DataFrame(rows, columns=schema.names)
@@ -215,5 +249,6 @@ def analyze_paths(paths: Sequence[str | Path], on_problem: Callable[[str], None]
                      "episodes": phases["n_episodes"], "amplitude": phases["divergence_amplitude"],
                      "steps_lost": phases["steps_lost"], "spikes": phases["n_spikes"],
                      "sharpness_step": sharp.get("step"), "top_eigenvalue": (sharp.get("eigenvalues") or [None])[0],
-                     **({"trace": result["trace"]["trace"]} if "trace" in result else {})})
+                     **({"trace": result["trace"]["trace"]} if "trace" in result else {}),
+                     **({"exact_match": result["exact_match"]["exact_match"]} if "exact_match" in result else {})})
     return pd.DataFrame(rows)

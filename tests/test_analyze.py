@@ -166,3 +166,42 @@ def test_load_metrics_stacks_runs_with_their_settings(tiny):
         dynamics.runs.load_metrics(root, table="weights")
     assert dynamics.runs.load_metrics(root, table="sharpness").columns[:6].tolist() == [
         "run_id", "method", "rank", "alpha", "lr", "seed"]
+
+
+def test_exact_match_after_training_reads_what_training_measured(tiny, capsys):
+    """``--exact-match N`` decodes the first N held-out problems at a checkpoint: at the last one it
+    gives the number training's own eval gave at that step, and keeps every continuation."""
+    measured_in_training = dynamics.train(tiny(method="lora", lr=3e-2, steps=30, n_train=128, eval_every=30,
+                                               checkpoint_every=30, n_eval_generate=8, max_new_tokens=6))
+    in_training = measured_in_training.evals.query("step == 30")["exact_match"].iloc[0]
+    result = analyze_run(measured_in_training.path, sharpness=False, exact_match=8, max_new_tokens=6)
+    assert result["exact_match"] == {"step": 30, "n_problems": 8, "max_new_tokens": 6, "exact_match": in_training}
+    generations = measured_in_training.generations
+    assert generations["problem"].tolist() == list(range(8)) and (generations["step"] == 30).all()
+    assert generations["correct"].mean() == in_training
+    assert (generations["n_new_tokens"] <= 6).all()
+    assert (generations["stopped"] | (generations["n_new_tokens"] == 6)).all()  # EOS, or the budget ran out
+    assert generations["reference"].str.len().gt(0).all() and generations["text"].notna().all()
+    # a run trained without generation gets its task metric from analyze
+    silent = dynamics.train(tiny(method="lora", lr=3e-2, steps=30, n_train=128, eval_every=30, checkpoint_every=30,
+                                 n_eval_generate=0, max_new_tokens=6, run_id="silent"))
+    table = dynamics.load_runs(silent.path.parent).set_index("run_id")
+    assert table.loc["silent", "eval_metric"] is None or pd.isna(table.loc["silent", "eval_metric"])
+    assert main(["analyze", str(silent.path), "--no-sharpness", "--exact-match", "8"]) == 0
+    assert "exact_match" in capsys.readouterr().out
+    table = dynamics.load_runs(silent.path.parent).set_index("run_id")
+    assert table.loc["silent", "eval_metric"] == silent.generations["correct"].mean()
+    assert silent.generations["n_new_tokens"].max() <= 6  # the run's own max_new_tokens by default
+
+
+def test_exact_match_refuses_bad_requests_in_one_line(trained, capsys):
+    before = sorted(p.name for p in trained.path.iterdir())
+    assert main(["analyze", str(trained.path), "--exact-match", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "dynamics analyze: --exact-match -1: must be an integer >= 0"
+    assert main(["analyze", str(trained.path), "--no-sharpness", "--exact-match", "100000"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{trained.run_id}: not analysed: --exact-match 100000: the run holds out")
+    assert sorted(p.name for p in trained.path.iterdir()) == before  # nothing written
+    from dynamics.run_analysis import check_exact_match
+    with pytest.raises(ConfigError, match="task bbc is not a generation task; exact match needs one of gsm, tiny"):
+        check_exact_match(dynamics.RunConfig(task="bbc", model="minilm-l6"), 4)

@@ -156,7 +156,7 @@ def test_loraga_mgpo_trains_and_records_its_set_up_cost(tiny):
 
 
 def test_analyze_measures_the_trained_model_not_one_without_the_offset(tiny):
-    from dynamics.run_analysis import curvature_at_checkpoint
+    from dynamics.run_analysis import measure_at_checkpoint
 
     run = dynamics.train(settings(tiny, "loraga", eval_every=12))
     cfg = runs.stored_config(run.path)
@@ -165,7 +165,7 @@ def test_analyze_measures_the_trained_model_not_one_without_the_offset(tiny):
     from dynamics.training.evaluate import evaluate
 
     assert evaluate(model, load_task(cfg), cfg, torch.device("cpu"))["loss"] == run.evals["loss"].iloc[-1]
-    rows = curvature_at_checkpoint(run, 12, {"sharpness": dict(k=1, tol=1e-3, max_iter=5)})["sharpness"]
+    rows = measure_at_checkpoint(run, 12, {"sharpness": dict(k=1, tol=1e-3, max_iter=5)})["sharpness"]
     assert rows and np.isfinite(rows[0]["eigenvalue"])
 
 

@@ -53,11 +53,15 @@ def test_paired_differences_match_seeds(report):
 
 
 def test_gsm_half_reads_eval_loss_not_accuracy(report):
-    runs = table().assign(eval_loss=lambda t: 1.0 + t["seed"] / 10 + (t["method"] == "lora+mgpo") * 0.5)
+    runs = table().assign(eval_loss=lambda t: 1.0 + t["seed"] / 10 + (t["method"] == "lora+mgpo") * 0.5,
+                          eval_metric=lambda t: np.where(t["method"] == "lora", np.nan, 1 / 61),
+                          em_last_number=lambda t: np.where(t["method"] == "lora", np.nan, 3 / 61))
     cells = report.cell_table(runs, ["method"], report.GSM_METRICS).set_index("method")
     assert "eval acc" not in cells.columns
+    assert cells.loc["lora", "exact match"] == "-"  # not measured
+    assert cells.loc["lora+mgpo", "EM, last number"] == f"{3 / 61:.3f} ± 0.000"
     assert cells.loc["lora+mgpo", "eval loss"] == f"{1.55:.3f} ± {pd.Series([1.5, 1.6]).std():.3f}"
-    pairs = report.paired(runs, "lora+mgpo", "lora", ["rank", "lr"], report.GSM_METRICS[0]).iloc[0]
+    pairs = report.paired(runs, "lora+mgpo", "lora", ["rank", "lr"], report.GSM_METRICS[:1]).iloc[0]
     assert pairs["Δ eval loss"] == "0.500 ± 0.000"
     assert report.STUDIES["gsm"]["settings"]["model"] == "smollm2-135m"
 
@@ -160,3 +164,15 @@ def test_a_metric_the_task_does_not_measure_does_not_stop_the_replication_check(
     assert report._differences(first, again) == []
     moved = pd.concat([again.drop("eval_loss"), pd.Series({"eval_loss": 5.4})])
     assert report._differences(first, moved) == ["eval_loss"]
+
+
+def test_generation_numbers_read_the_last_checkpoint(report):
+    """Exact match's companions: how many wrote "#### N" at all, and the lenient last-number reading."""
+    generations = pd.DataFrame({"step": [100, 200, 200, 200], "problem": [0, 0, 1, 2],
+                                "reference": ["7", "7", "12", "5"],
+                                "text": ["#### 9", "3 + 4 = 7\n#### 7", "so 12 apples", "#### 6, or 5"]})
+    numbers = report.generation_numbers(generations)
+    assert numbers["em_problems"] == 3  # step 200 only
+    assert numbers["em_answered"] == pytest.approx(2 / 3)
+    assert numbers["em_last_number"] == pytest.approx(1.0)  # 7, 12 and 5 are each the last number written
+    assert np.isnan(report.generation_numbers(generations.iloc[:0])["em_problems"])

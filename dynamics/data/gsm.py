@@ -16,6 +16,7 @@ from dynamics.data.task import IGNORE_INDEX, Example, TaskData
 
 PROMPT = "Question: {question}\nAnswer:\n"
 _FINAL_NUMBER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+_ANY_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def final_number(text: str) -> str | None:
@@ -24,6 +25,13 @@ def final_number(text: str) -> str | None:
     if match is None:
         return None
     return _normalise_number(match.group(1))
+
+
+def last_number(text: str) -> str | None:
+    """The last number anywhere in ``text``, normalised as :func:`final_number`: the lenient
+    reading of a worked answer that never wrote ``#### N`` (e.g. cut by the generation budget)."""
+    numbers = _ANY_NUMBER.findall(text)
+    return _normalise_number(numbers[-1]) if numbers else None
 
 
 def _normalise_number(raw: str) -> str:
@@ -66,9 +74,11 @@ def build(cfg: RunConfig, tokenizer) -> TaskData:
         examples = (encode(q, a, tokenizer, cfg.seq_len) for q, a in selected)
         return [ex for ex in examples if ex is not None]
 
+    def decode(generated_ids: list[int]) -> str:
+        return tokenizer.decode(generated_ids, skip_special_tokens=True)
+
     def score(example: Example, generated_ids: list[int]) -> bool:
-        text = tokenizer.decode(generated_ids, skip_special_tokens=True)
-        return example["answer"] is not None and final_number(text) == example["answer"]
+        return example["answer"] is not None and final_number(decode(generated_ids)) == example["answer"]
 
     return TaskData(
         name="gsm",
@@ -78,4 +88,5 @@ def build(cfg: RunConfig, tokenizer) -> TaskData:
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         score_generation=score,
+        decode=decode,
     )

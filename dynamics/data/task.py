@@ -25,6 +25,8 @@ class TaskData:
     # Scores one greedy generation: (example, generated token ids after the prompt) -> correct?
     score_generation: Callable[[Example, list[int]], bool] | None = None
     eos_token_id: int | None = None
+    # Text of generated token ids (special tokens dropped), for reading generations; None: ids as text
+    decode: Callable[[list[int]], str] | None = None
 
     def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """Right-padded batch: ``input_ids`` and ``attention_mask`` (B, T) with T the longest

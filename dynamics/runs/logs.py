@@ -115,6 +115,19 @@ DENSITY_SCHEMA = pa.schema([
 ])
 
 
+# Written by ``dynamics analyze --exact-match N``: one row per held-out problem greedily decoded at a
+# checkpoint, so a reader can see what the model wrote, not only how often it was right.
+GENERATIONS_SCHEMA = pa.schema([
+    ("step", pa.int64()),  # optimizer steps done at the checkpoint
+    ("problem", pa.int64()),  # position in the task's eval set (the first N are decoded)
+    ("reference", pa.string()),  # the answer it is scored against (gsm: the number after "####")
+    ("text", pa.string()),  # the decoded continuation of the prompt, special tokens dropped
+    ("correct", pa.bool_()),  # the task's own scoring (gsm: the number after the first "####" matches)
+    ("n_new_tokens", pa.int64()),  # tokens generated, EOS included
+    ("stopped", pa.bool_()),  # ended with EOS (False: cut at max_new_tokens)
+    ("source", pa.string()),  # "checkpoint"
+])
+
 class ParquetLog:
     """Rows of one schema, flushed atomically to ``path``.
 

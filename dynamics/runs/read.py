@@ -26,7 +26,7 @@ REQUIRED_SETTINGS = ("model", "task", "method", "steps", "lr", "seed")
 TABLES = {"metrics.parquet": logs.METRICS_SCHEMA, "layers.parquet": logs.LAYERS_SCHEMA,
           "eval.parquet": logs.EVAL_SCHEMA, "sharpness.parquet": logs.SHARPNESS_SCHEMA,
           "phases.parquet": logs.PHASES_SCHEMA, "trace.parquet": logs.TRACE_SCHEMA,
-          "density.parquet": logs.DENSITY_SCHEMA}
+          "density.parquet": logs.DENSITY_SCHEMA, "generations.parquet": logs.GENERATIONS_SCHEMA}
 
 
 class DamagedRun(ValueError):
@@ -157,6 +157,12 @@ class Run:
         smooth them with :func:`dynamics.analysis.gaussian_density`."""
         return _read_parquet(self.path / "density.parquet", logs.DENSITY_SCHEMA)
 
+    @property
+    def generations(self) -> pd.DataFrame:
+        """Greedy continuations of held-out problems (``logs.GENERATIONS_SCHEMA``) from
+        ``dynamics analyze --exact-match N``, one row per (step, problem)."""
+        return _read_parquet(self.path / "generations.parquet", logs.GENERATIONS_SCHEMA)
+
     def _phases_current(self) -> bool:
         """Whether ``dynamics analyze``'s phases cover the run as it is now: measured up to the
         step it has reached (a run analysed part-way and trained on since has stale ones, which
@@ -261,7 +267,7 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         "steps_done": summary.get("steps_done"),
         "final_loss": summary.get("final_loss"),
         "eval_loss": final_eval.get("loss"),
-        "eval_metric": final_eval.get("exact_match", final_eval.get("accuracy")),
+        "eval_metric": _final_metric(summary),
         "eval_macro_f1": final_eval.get("macro_f1"),
         "wall_time_s": summary.get("wall_time_s"),
         "adapter_init_s": runtime.get("adapter_init_s"),  # one-off set-up (LoRA-GA's estimate); None: none
@@ -279,6 +285,17 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         "damage": None,
         "path": str(run_dir),
     }
+
+
+def _final_metric(summary: dict[str, Any]) -> float | None:
+    """The task metric at the run's last step: accuracy (classification) or exact match, measured
+    in training (``--n-eval-generate``) or afterwards by ``dynamics analyze --exact-match`` at the
+    final checkpoint; None where neither measured it."""
+    final_eval = summary.get("final_eval") or {}
+    if "exact_match" in final_eval or "accuracy" in final_eval:
+        return final_eval.get("exact_match", final_eval.get("accuracy"))
+    generated = summary.get("exact_match") or {}
+    return generated.get("exact_match") if generated.get("step") == summary.get("steps_done") else None
 
 
 DEFAULT_SETTINGS = ("method", "rank", "alpha", "lr", "seed")

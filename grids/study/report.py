@@ -37,6 +37,7 @@ import pandas as pd
 import dynamics
 from dynamics import figures, runs
 from dynamics.analysis import smooth_loss
+from dynamics.data import gsm
 from dynamics.figure_set import make_figures
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +54,10 @@ STUDIES = {
             "rho": 0.01},
 }
 BBC_METRICS = (("eval acc", "eval_metric"), ("eval macro-F1", "eval_macro_f1"))
-GSM_METRICS = (("eval loss", "eval_loss"),)  # exact match reads 0 at seq_len 128 (answers cut): not run
+# gsm: the held-out answer loss, exact match (the number after "####", greedy decoding by
+# `dynamics analyze --exact-match`; the run table's eval_metric) and the lenient reading (the last number
+# written) where it was measured
+GSM_METRICS = (("eval loss", "eval_loss"), ("exact match", "eval_metric"), ("EM, last number", "em_last_number"))
 DEFAULT_CAP = 10.0  # MGPO's apn_cap for both tasks; its rho default is per task (STUDIES)
 LEARNED = ("smooth", "double descent")  # outcomes of runs that learned and kept it
 RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_cap", "status", "outcome", "final_loss",
@@ -66,6 +70,9 @@ RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_ca
                # how a run blew up (smoothed training loss; added for the gsm collapses, empty for earlier runs)
                "min_loss", "min_step", "above_start_step", "peak_loss", "peak_step", "below_start_step",
                "doubled_step",
+               # gsm exact match by `dynamics analyze --exact-match` (generations.parquet; empty where not measured):
+               # problems decoded, the share that wrote "#### N", the share whose last number is the answer
+               "em_problems", "em_answered", "em_last_number",
                # where and with what the run was made (unknown for runs of the first sessions)
                "started_at", "versions", "cpu"]
 # what a re-run is checked against its first run on (bit-for-bit on one machine; across machines
@@ -112,7 +119,7 @@ def _from_files(run, apn_cap: float) -> dict:
                                                                   strict=True)),
            "hessian_trace_se": float(trace["standard_error"].iloc[0]) if len(trace) else np.nan,
            "curvature_examples": int(top["n_examples"].iloc[0]) if len(top) else np.nan,
-           **blowup(metrics)}
+           **blowup(metrics), **generation_numbers(run.generations)}
     scale = metrics["apn_scale"].dropna() if "apn_scale" in metrics else pd.Series(dtype=float)
     if len(scale):
         first = scale[metrics.loc[scale.index, "step"] <= 50]
@@ -125,6 +132,20 @@ def _from_files(run, apn_cap: float) -> dict:
                    else np.nan,
                    perturb_norm_median=float(metrics["perturb_norm"].median()))
     return row
+
+
+def generation_numbers(generations: pd.DataFrame) -> dict:
+    """From ``generations.parquet`` at its last step: problems decoded (``em_problems``), the share
+    whose continuation wrote ``#### N`` (``em_answered``) and the share whose last number written
+    is the answer (``em_last_number``, the lenient reading); NaN where none were decoded."""
+    if generations.empty:
+        return {"em_problems": np.nan, "em_answered": np.nan, "em_last_number": np.nan}
+    last = generations[generations["step"] == generations["step"].max()]
+    return {"em_problems": len(last),
+            "em_answered": float(np.mean([gsm.final_number(text) is not None for text in last["text"]])),
+            "em_last_number": float(np.mean([gsm.last_number(text) == reference
+                                             for text, reference in zip(last["text"], last["reference"],
+                                                                        strict=True)]))}
 
 
 def blowup(metrics: pd.DataFrame) -> dict:
@@ -215,12 +236,13 @@ def _read_ledger(path: Path, settings: dict, log) -> pd.DataFrame:
 
 
 def _differences(first: pd.Series, rerun: pd.Series) -> list[str]:
-    """The ``REPRODUCED`` numbers a re-run does not reproduce (to 1e-4 relative)."""
-    def number(value) -> float:  # a metric the task does not measure (gsm's exact match at 128 tokens): NaN
+    """The ``REPRODUCED`` numbers a re-run does not reproduce (to 1e-4 relative); a number its
+    first run did not measure (gsm's exact match before `--exact-match` existed) is not compared."""
+    def number(value) -> float:  # not measured: NaN
         return float(pd.to_numeric(value, errors="coerce")) if value is not None else np.nan
 
-    return [column for column in REPRODUCED
-            if not np.isclose(number(rerun[column]), number(first[column]), rtol=1e-4, equal_nan=True)]
+    return [column for column in REPRODUCED if not np.isnan(number(first[column])) and
+            not np.isclose(number(rerun[column]), number(first[column]), rtol=1e-4, equal_nan=True)]
 
 
 def _shown(path: Path) -> str:
@@ -287,11 +309,10 @@ def cell_table(table: pd.DataFrame, keys: list[str], metrics=BBC_METRICS) -> pd.
 
 
 def paired(table: pd.DataFrame, method: str, baseline: str, keys: list[str],
-           metric: tuple[str, str] = BBC_METRICS[0]) -> pd.DataFrame:
+           metrics=BBC_METRICS[:1]) -> pd.DataFrame:
     """``method`` - ``baseline`` per seed at each cell (same seed: same data order and head init);
-    ``metric``: the (label, run-table column) of the eval metric compared."""
-    label, column = metric
-    columns = [column, "final_loss", "rise_of_start", "outcome"]
+    ``metrics``: the (label, run-table column) pairs of the eval metrics compared."""
+    columns = [*dict.fromkeys(column for _, column in metrics), "final_loss", "rise_of_start", "outcome"]
     a = table[table["method"] == method].set_index([*keys, "seed"])[columns]
     b = table[table["method"] == baseline].set_index([*keys, "seed"])[columns]
     both = a.merge(b, left_index=True, right_index=True, suffixes=("_a", "_b"))
@@ -299,7 +320,7 @@ def paired(table: pd.DataFrame, method: str, baseline: str, keys: list[str],
     for key, group in both.groupby(level=keys):
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(keys, key, strict=True)), "pairs": len(group),
-                     f"Δ {label}": mean_sd(group[f"{column}_a"] - group[f"{column}_b"]),
+                     **{f"Δ {label}": mean_sd(group[f"{column}_a"] - group[f"{column}_b"]) for label, column in metrics},
                      "Δ final loss": mean_sd(group["final_loss_a"] - group["final_loss_b"]),
                      "Δ rise % of start (both learned)": mean_sd(
                          100 * (group["rise_of_start_a"] - group["rise_of_start_b"])
@@ -375,6 +396,7 @@ def gsm_tables(ledgers: Ledgers) -> str:
     """The markdown of docs/study/tables_gsm.md (SmolLM2-135M + gsm, 200 steps of 4 x 128)."""
     table = ledgers.first
     defaults = at_defaults(table, "gsm")
+    latest = at_defaults(ledgers.latest, "gsm")
     metric = GSM_METRICS[0]
     lora_full = defaults[defaults["method"].isin(["lora", "full"])]
     mgpo_cells = defaults[defaults["method"] == "lora+mgpo"][["rank", "lr"]].drop_duplicates()
@@ -383,15 +405,14 @@ def gsm_tables(ledgers: Ledgers) -> str:
         ("Phase map: LoRA and full fine-tuning per (rank, lr), all seeds run",
          cell_table(lora_full, ["method", "rank", "lr"], GSM_METRICS)),
         ("LoRA vs LoRA-MGPO where both ran", cell_table(contrast, ["rank", "lr", "method"], GSM_METRICS)),
-        ("LoRA-MGPO - LoRA, paired by seed", paired(contrast, "lora+mgpo", "lora", ["rank", "lr"], metric)),
+        ("LoRA-MGPO - LoRA, paired by seed", paired(contrast, "lora+mgpo", "lora", ["rank", "lr"], GSM_METRICS)),
         ("Past the edge: how each run at a (rank, lr) where a run collapsed went up and whether it came back "
          "(smoothed training loss; each run as last measured, '-' where its run folder was not read for it)",
-         blowup_table(at_defaults(ledgers.latest, "gsm"))),
-        *perturbation_sections(defaults[(defaults["rank"] == 8) & np.isclose(defaults["lr"], 5e-3) &
-                                        (defaults["method"] != "full")], metric, GSM_METRICS,
-                              COST_TITLE + " — NOT a cost measurement here: LoRA and LoRA-MGPO ran in the first "
-                              "session, up to four runs at a time (5-12 s a step), the others in the third, two at "
-                              "a time (about 4 s a step); compare step times only within a session"),
+         blowup_table(latest)),
+        # each run as last measured: exact match was measured on the re-runs of LoRA and LoRA-MGPO here
+        *[(f"{title} (each run as last measured)", frame) for title, frame in perturbation_sections(
+            latest[(latest["rank"] == 8) & np.isclose(latest["lr"], 5e-3) & (latest["method"] != "full")],
+            GSM_METRICS, GSM_METRICS, COST_TITLE)],
         ("Divergences: start and peak step of every detected rise", rise_steps_table(defaults)),
         ("LoRA-MGPO's APN factor per run: at its cap, and what the run did", mgpo_state_table(table, metric)),
         ("Re-runs: runs of an earlier session run again (same settings and seed), first / re-run",
@@ -403,23 +424,26 @@ def gsm_tables(ledgers: Ledgers) -> str:
             "divergence peak above the first minimum of the smoothed training loss, in % of the start loss (0 when "
             "no divergence); `steps lost`: steps from the divergence start until the loss is back at its first "
             "minimum; both over the runs that learned (outcome smooth or double descent); eval loss: mean "
-            "cross-entropy of the answer tokens (the worked solution) of 64 held-out problems at step 200 (exact "
-            "match is not measured: at seq_len 128 most answers are cut before their final number).\n"]
+            "cross-entropy of the answer tokens (the worked solution) of the 61 held-out problems at step 200; "
+            "exact match: the share of those 61 whose greedy continuation of the question (at most 256 new tokens) "
+            "writes `#### N` with N the answer, and `EM, last number` the share whose last number written is the "
+            "answer (`dynamics analyze RUN --exact-match 64` at the final checkpoint; '-' where not measured: "
+            "runs whose folders were gone before the option existed).\n"]
     return _sections_markdown(text, sections)
 
 
 COST_TITLE = "Cost at r = alpha = 8, lr 5e-3 (median step time, peak memory; two runs shared the 2 cores)"
 
 
-def perturbation_sections(cell: pd.DataFrame, metric: tuple[str, str] = BBC_METRICS[0],
-                          metrics=BBC_METRICS, cost_title: str = COST_TITLE) -> list[tuple[str, pd.DataFrame]]:
+def perturbation_sections(cell: pd.DataFrame, metrics=BBC_METRICS, paired_on=BBC_METRICS[:1],
+                          cost_title: str = COST_TITLE) -> list[tuple[str, pd.DataFrame]]:
     """The perturbation comparison at r = alpha = 8, lr 5e-3 (the paper's Fig. 4 and Table 4
-    analogues): per method over seeds, each method - LoRA paired by seed on ``metric``, and cost
-    under ``cost_title``."""
+    analogues): per method over seeds on ``metrics``, each method - LoRA paired by seed on
+    ``paired_on`` ((label, run-table column) pairs), and cost under ``cost_title``."""
     return [
         ("Perturbations at r = alpha = 8, lr 5e-3", cell_table(cell, ["method"], metrics)),
         ("Perturbations at r = alpha = 8, lr 5e-3: each - LoRA, paired by seed",
-         pd.concat([paired(cell, m, "lora", ["rank", "lr"], metric).assign(method=m)
+         pd.concat([paired(cell, m, "lora", ["rank", "lr"], paired_on).assign(method=m)
                     for m in sorted(cell["method"].unique()) if m != "lora"] or [pd.DataFrame()])),
         (cost_title, cost_table(cell)),
     ]
