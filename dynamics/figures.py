@@ -73,10 +73,11 @@ METHOD_ORDER = ("lora", "lora+mgpo", "lora+mgpo-noapn", "lora+msam", "lora+sam",
 LOSS_LABEL = "training loss (nats/token)"
 STEP_LABEL = "step (optimizer steps)"
 
-# What each run did, for the phase map (colour-blind-safe: light blue, orange, vermillion, pale
-# yellow, grey).
+# What each run did, for the phase map (colour-blind-safe: light blue, orange, reddish purple,
+# vermillion, pale yellow, grey), from the best outcome to the worst.
 OUTCOME_COLORS = {"smooth": "#D6EAF8", "double descent": OKABE_ITO["orange"],
-                  "collapse": OKABE_ITO["vermillion"], "no descent": "#F3E6A6", "diverged": "#4D4D4D"}
+                  "rise from start": OKABE_ITO["purple"], "collapse": OKABE_ITO["vermillion"],
+                  "no descent": "#F3E6A6", "diverged": "#4D4D4D"}
 
 STYLE = {"font.size": 10, "axes.titlesize": 10.5, "axes.labelsize": 10, "legend.fontsize": 8.5,
          "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False,
@@ -401,7 +402,9 @@ def run_outcome(row: pd.Series) -> str:
     ended less than ``min_descent`` below its start, having given its progress back, however
     slowly; or it never descended and ended more than ``min_descent`` above its start, rising from
     the first steps and staying up; or a divergence that never came back to its first minimum),
-    ``double descent`` or ``smooth``."""
+    ``double descent``, ``rise from start`` (no divergence after a descent, but a sustained climb
+    from its first steps before it came down: ``rose_from_start``; the detector's divergences
+    need a descent first) or ``smooth``."""
     if row.get("status") == "diverged" or not np.isfinite(float(row.get("final_loss") or np.nan)):
         return "diverged"
     descended = _known(row.get("descended"))  # None: not known (a summary an older `dynamics analyze` stored)
@@ -415,6 +418,8 @@ def run_outcome(row: pd.Series) -> str:
         return "double descent"
     if (row.get("n_episodes") or 0) > 0:
         return "collapse"
+    if _known(row.get("rose_from_start")):  # None: stored before it was measured
+        return "rise from start"
     return "smooth"
 
 
@@ -466,11 +471,13 @@ def phase_map(runs: pd.DataFrame) -> Figure:
                 cells[i, j] = outcomes.index(outcome)
                 typical = group[group["outcome"] == outcome]  # the numbers of the seeds that did what the colour says
                 # NaN for summaries stored before rise_of_start existed: the final loss is shown instead
-                rise = (pd.to_numeric(typical["rise_of_start"], errors="coerce").mean() if "rise_of_start" in typical
+                rise_column = "early_rise" if outcome == "rise from start" else "rise_of_start"
+                rise = (pd.to_numeric(typical[rise_column], errors="coerce").mean() if rise_column in typical
                         else np.nan)
                 final_loss = typical["final_loss"].astype(float).mean()
                 text = ("NaN" if outcome == "diverged" else
-                        f"rise {100 * rise:.0f}%" if outcome in ("double descent", "collapse") and rise > 0 else
+                        f"rise {100 * rise:.0f}%" if outcome in ("double descent", "rise from start", "collapse")
+                        and rise > 0 else
                         f"loss {final_loss:.2g}")
                 metric = pd.to_numeric(group["eval_metric"], errors="coerce").mean() if "eval_metric" in group else None
                 if metric is not None and np.isfinite(metric):
@@ -494,9 +501,9 @@ def phase_map(runs: pd.DataFrame) -> Figure:
                 spine.set_visible(False)
         figure.legend([Patch(color=OUTCOME_COLORS[o]) for o in outcomes], outcomes, loc="outside lower center",
                       ncols=len(outcomes))
-        figure.suptitle("What each run did (cell text: highest rise above the first minimum, in % of the start "
-                        "loss,\nor the final training loss; final eval metric: acc = accuracy, EM = exact match)",
-                        fontsize=10.5)
+        figure.suptitle("What each run did (cell text: highest rise above the first minimum, or above the start for "
+                        "a rise from start,\nin % of the start loss, or the final training loss; final eval metric: "
+                        "acc = accuracy, EM = exact match)", fontsize=10.5)
     return figure
 
 

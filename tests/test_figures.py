@@ -150,6 +150,12 @@ def test_run_outcome_covers_diverged_runs():
                                 "descended": True, "final_drop": 0.02}) == "collapse"
     assert figures.run_outcome({"status": "completed", "final_loss": 0.1, "double_descent": False, "n_episodes": 0,
                                 "descended": True, "final_drop": 0.9}) == "smooth"
+    # climbed from its first steps, came back and learned (SmolLM2 past its edge, two seeds of five)
+    climbed = {"status": "completed", "final_loss": 0.46, "double_descent": False, "n_episodes": 0,
+               "descended": True, "final_drop": 0.7, "rose_from_start": True}
+    assert figures.run_outcome(climbed) == "rise from start"
+    assert figures.run_outcome({**climbed, "rose_from_start": None}) == "smooth"  # not measured: as before
+    assert figures.run_outcome({**climbed, "final_drop": 0.02}) == "collapse"  # came back, but not below its start
 
 
 def test_sharpness_against_rank_lr_and_steps_in_method_colours(runs_table):

@@ -118,6 +118,23 @@ def test_rise_during_warmup_before_any_descent_is_not_a_divergence():
     # Warm-up: up 10 % over 20 steps, level for 20, then the usual decay.
     knots = [(0, 2.0), (20, 2.2), (40, 2.2), (140, 1.0), (400, 0.9)]
     assert detect_phases(piecewise_curve(knots)).empty
+    # ... but the summary says it rose from its start (10 %, above 5 % for about 30 steps) before descending
+    summary = phase_summary(piecewise_curve(knots))
+    assert summary["rose_from_start"] is True and summary["n_episodes"] == 0
+    np.testing.assert_allclose(summary["early_rise"], 2.2 / summary["start_loss"] - 1, atol=0.01)  # start: 2.03
+
+
+def test_a_climb_from_the_first_step_that_comes_back_is_a_rise_from_start():
+    """SmolLM2 past its learning edge: from 1.5 up to 3.2 by step 40, back below the start by step
+    120, down to 0.5 (gsm, r 128, lr 5e-3, seeds 3 and 4). A brief bump or a plain descent is not."""
+    climb = phase_summary(piecewise_curve([(0, 1.5), (40, 3.2), (60, 3.2), (120, 1.4), (200, 0.5)]))
+    assert climb["rose_from_start"] is True and climb["has_double_descent"] is False and climb["descended"]
+    np.testing.assert_allclose(climb["early_rise"], 3.2 / climb["start_loss"] - 1, atol=0.02)  # start: 1.63
+    brief = phase_summary(piecewise_curve([(0, 1.5), (5, 1.7), (10, 1.5), (200, 0.5)]))  # above 5 % for < 20 steps
+    assert brief["rose_from_start"] is False
+    assert phase_summary(piecewise_curve([(0, 1.5), (200, 0.5)]))["rose_from_start"] is False
+    collapse = phase_summary(piecewise_curve([(0, 1.5), (40, 8.0), (200, 5.0)]))  # lowest at the start: no climb first
+    assert collapse["rose_from_start"] is False and collapse["early_rise"] < 0.01
 
 
 def test_noise_free_curve_reproduces_the_true_phases():
@@ -176,6 +193,7 @@ def test_phase_summary_without_divergence_and_without_recovery():
     start_loss = no_divergence.pop("start_loss")
     loss_drop = no_divergence.pop("loss_drop")
     final_drop = no_divergence.pop("final_drop")
+    assert no_divergence.pop("early_rise") < 0.01  # the smoothed start sits at the start loss
     assert no_divergence == {
         "has_double_descent": False,
         "divergence_amplitude": 0.0,
@@ -184,6 +202,7 @@ def test_phase_summary_without_divergence_and_without_recovery():
         "n_spikes": 0,
         "n_episodes": 0,
         "descended": True,
+        "rose_from_start": False,
     }
     # the median of the first 7 steps of a line from 2.0 down by 0.01 a step; down to about 0.9
     np.testing.assert_allclose(start_loss, 1.97, atol=0.01)

@@ -251,6 +251,16 @@ def phase_summary(
         ``final_drop`` (float)
             ``1 - s(last) / start_loss``: how far below the start the curve ended. A curve that
             descended and ends with ``final_drop < min_descent`` gave everything back.
+        ``early_rise`` (float)
+            How far the smoothed loss climbed above its start before reaching its lowest point:
+            ``max(0, max_{t <= t_min} s(t) / start_loss - 1)``, ``t_min = argmin_t s(t)``
+            (1.0 = it doubled first). Near 0 for a curve that falls from its first step.
+        ``rose_from_start`` (bool)
+            That climb was a sustained rise, measured from the start as a divergence is measured
+            from the running minimum: ``s >= (1 + min_rise) * start_loss`` from a first to a last
+            step before ``t_min`` at least ``min_duration`` steps apart. Step 4 of
+            :func:`detect_phases` counts no rise before a descent, so such a curve, which climbs
+            from its first steps and comes back down, has no divergence rows.
     """
     phase_thresholds, spike_thresholds = _thresholds_from_kwargs(thresholds, (PhaseThresholds, SpikeThresholds))
     loss_values, steps = _checked_curve(loss, step)
@@ -260,7 +270,8 @@ def phase_summary(
     loss_drop = float(1.0 - smoothed.min() / start_loss)
     descent = {"start_loss": start_loss, "loss_drop": loss_drop,
                "descended": bool(loss_drop >= phase_thresholds.min_descent),
-               "final_drop": float(1.0 - smoothed[-1] / start_loss)}
+               "final_drop": float(1.0 - smoothed[-1] / start_loss),
+               **_rise_from_start(smoothed, steps, start_loss, phase_thresholds)}
     if not episodes:
         return {
             "has_double_descent": False,
@@ -427,6 +438,15 @@ def _smoothed(loss: np.ndarray, step: np.ndarray, thresholds: PhaseThresholds) -
     window_weights = signal.windows.hann(smooth_points + 2)[1:-1]  # drop the two zero ends
     window_weights /= window_weights.sum()
     return ndimage.convolve1d(despiked, window_weights, mode="nearest"), window_weights
+
+
+def _rise_from_start(smoothed: np.ndarray, step: np.ndarray, start_loss: float,
+                     thresholds: PhaseThresholds) -> dict[str, Any]:
+    """``early_rise`` and ``rose_from_start`` of :func:`phase_summary`."""
+    before_lowest = smoothed[: int(np.argmin(smoothed)) + 1]
+    risen = np.flatnonzero(before_lowest >= (1.0 + thresholds.min_rise) * start_loss)
+    return {"early_rise": float(max(0.0, before_lowest.max() / start_loss - 1.0)),
+            "rose_from_start": bool(risen.size and step[risen[-1]] - step[risen[0]] >= thresholds.min_duration)}
 
 
 def _count_spikes(loss: np.ndarray, step: np.ndarray, thresholds: SpikeThresholds) -> int:

@@ -117,9 +117,10 @@ class Run:
     def phase_summary(self) -> dict[str, Any]:
         """``has_double_descent``, ``divergence_amplitude``, ``steps_lost``, ``n_spikes``,
         ``n_episodes``, ``start_loss``, ``loss_drop``, ``descended``, ``final_drop``,
-        ``rise_of_start`` and ``curve`` (see :func:`dynamics.analysis.phase_summary`): the entry
-        ``dynamics analyze`` stored in summary.json (with the ``step`` it was measured at) while it
-        covers the run, else computed now from ``loss``; ``{}`` when the curve cannot be segmented."""
+        ``rise_of_start``, ``early_rise``, ``rose_from_start`` and ``curve`` (see
+        :func:`dynamics.analysis.phase_summary`): the entry ``dynamics analyze`` stored in
+        summary.json (with the ``step`` it was measured at) while it covers the run, else computed
+        now from ``loss``; ``{}`` when the curve cannot be segmented."""
         stored = self.summary.get("phases")
         if stored and self._phases_current():
             return dict(stored)
@@ -212,7 +213,7 @@ def load_run(path: str | os.PathLike) -> Run:
 RUN_TABLE_COLUMNS = ["run_id", "method", "adapter", "perturbation", "model", "task", "rank", "alpha", "lr", "seed",
                      "steps", "status", "alive", "steps_done", "final_loss", "eval_loss", "eval_metric",
                      "eval_macro_f1", "double_descent", "divergence_amplitude", "steps_lost", "n_episodes",
-                     "descended", "loss_drop", "final_drop", "rise_of_start",
+                     "descended", "loss_drop", "final_drop", "rise_of_start", "early_rise", "rose_from_start",
                      "top_eigenvalue", "hessian_trace", "wall_time_s", "adapter_init_s", "trainable_params", "damage",
                      "path"]
 
@@ -222,7 +223,8 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
     summary's final numbers. Columns: ``RUN_TABLE_COLUMNS`` then every other config field.
 
     The phase columns (``double_descent``, ``divergence_amplitude``, ``steps_lost``,
-    ``n_episodes``, ``descended``, ``loss_drop``, ``final_drop``, ``rise_of_start``)
+    ``n_episodes``, ``descended``, ``loss_drop``, ``final_drop``, ``rise_of_start``, ``early_rise``,
+    ``rose_from_start``)
     come from ``dynamics analyze`` where it ran, else from the loss curve now
     (:attr:`Run.phase_summary`); None where there is no curve to segment yet.
 
@@ -280,6 +282,8 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         "loss_drop": phases.get("loss_drop"),
         "final_drop": phases.get("final_drop"),
         "rise_of_start": phases.get("rise_of_start"),
+        "early_rise": phases.get("early_rise"),  # None in summaries stored before it existed
+        "rose_from_start": phases.get("rose_from_start"),
         "top_eigenvalue": ((summary.get("sharpness") or {}).get("eigenvalues") or [None])[0],
         "hessian_trace": (summary.get("trace") or {}).get("trace"),  # dynamics analyze --trace (Hutchinson)
         "damage": None,

@@ -62,7 +62,8 @@ DEFAULT_CAP = 10.0  # MGPO's apn_cap for both tasks; its rho default is per task
 LEARNED = ("smooth", "double descent")  # outcomes of runs that learned and kept it
 RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_cap", "status", "outcome", "final_loss",
                "eval_loss", "eval_metric", "eval_macro_f1", "double_descent", "rise_of_start", "divergence_amplitude",
-               "steps_lost", "n_episodes", "loss_drop", "final_drop", "top_eigenvalue", "step_time_s", "peak_mem_mb",
+               "steps_lost", "n_episodes", "loss_drop", "final_drop", "early_rise", "rose_from_start",
+               "top_eigenvalue", "step_time_s", "peak_mem_mb",
                "wall_time_s",
                # added with the ledger (rows of earlier runs carry what their committed tables showed)
                "descended", "rises", "hessian_trace", "hessian_trace_se", "curvature_examples",
