@@ -377,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(error, "follows_process_0", False):  # data parallel: process 0 already said why
             print(f"dynamics {args.command}: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`dynamics grid FILE --dry-run | head`): stop quietly, as cat does; stdout
+        # points at devnull so that Python's flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -96,3 +96,20 @@ def test_runs_table_goes_to_csv_at_full_precision(capsys, tmp_path):
 def test_runs_on_a_missing_folder_is_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "runs", str(tmp_path / "absent"))
     assert code == 2 and "no such folder" in err
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """`dynamics grid FILE --dry-run | head`: the plan is longer than the pipe holds, the reader leaves."""
+    import subprocess
+    import sys
+
+    grid = tmp_path / "long.toml"
+    grid.write_text('[base]\nmodel = "tiny-llama"\ntask = "tiny"\nsteps = 2\n\n[axes]\nseed = '
+                    + str(list(range(3000))) + "\n")
+    process = subprocess.Popen([sys.executable, "-m", "dynamics", "grid", str(grid), "--runs-dir",
+                                str(tmp_path / "runs"), "--dry-run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.readline()
+    process.stdout.close()
+    error = process.stderr.read().decode()
+    assert process.wait() == 1
+    assert "Traceback" not in error and "BrokenPipe" not in error
