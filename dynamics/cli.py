@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "score them (gsm, tiny): generations.parquet and the run's exact match (default: 0)")
     analyze.add_argument("--max-new-tokens", metavar="M",
                          help="generation budget per problem for --exact-match (default: the run's max_new_tokens)")
+    analyze.add_argument("--decode-batch", metavar="B",
+                         help="prompts decoded at once for --exact-match (default: the run's batch_size); on a "
+                              "CPU 16 is about twice as fast as 4, with the same greedy answers up to float ties")
     analyze.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                          help="a phase-detection threshold (see dynamics.analysis.PhaseThresholds); repeatable")
 
@@ -241,7 +244,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                    density_steps=int(_number("density-steps", args.density_steps, int, 1)),
                    exact_match=int(_number("exact-match", args.exact_match, int, 0)),
                    max_new_tokens=None if args.max_new_tokens is None else
-                   int(_number("max-new-tokens", args.max_new_tokens, int, 1)))
+                   int(_number("max-new-tokens", args.max_new_tokens, int, 1)),
+                   decode_batch=None if args.decode_batch is None else
+                   int(_number("decode-batch", args.decode_batch, int, 1)))
     problems: list[str] = []
     table = analyze_paths(args.paths, curve=args.curve, sharpness=args.sharpness, checkpoints=args.checkpoints,
                           on_problem=lambda line: (problems.append(line), print(line, file=sys.stderr)),

@@ -51,13 +51,15 @@ def select_checkpoints(run: runs.Run, which: str) -> list[int]:
 def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True, checkpoints: str = "last",
                 k: int = 1, n_batches: int = 1, tol: float = 1e-3, max_iter: int = 100, trace: bool = False,
                 trace_samples: int = 100, density: bool = False, density_runs: int = 10, density_steps: int = 50,
-                exact_match: int = 0, max_new_tokens: int | None = None, **thresholds: float) -> dict[str, Any]:
+                exact_match: int = 0, max_new_tokens: int | None = None, decode_batch: int | None = None,
+                **thresholds: float) -> dict[str, Any]:
     """Phases of the run's loss curve and Hessian curvature at its checkpoints; writes
     ``phases.parquet``, ``sharpness.parquet`` (top-k eigenvalues), with ``trace`` ``trace.parquet``
     (Hutchinson, ``trace_samples`` HVPs at most), with ``density`` ``density.parquet`` (SLQ,
     ``density_runs`` x ``density_steps`` HVPs) and with ``exact_match`` N ``generations.parquet``
     (greedy continuations of the first N held-out problems, at most ``max_new_tokens`` each,
-    default the run's own setting), and returns the summary written to summary.json.
+    ``decode_batch`` prompts at a time; defaults: the run's own ``max_new_tokens`` and
+    ``batch_size``), and returns the summary written to summary.json.
     Rows measured again at a checkpoint replace the old ones of that step.
 
     The run's lock is held throughout (``RunLock``), so no trainer resumes it meanwhile and its
@@ -75,14 +77,14 @@ def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True
                                n_batches=n_batches, tol=tol, max_iter=max_iter, trace=trace,
                                trace_samples=trace_samples, density=density, density_runs=density_runs,
                                density_steps=density_steps, exact_match=exact_match, max_new_tokens=max_new_tokens,
-                               **thresholds)
+                               decode_batch=decode_batch, **thresholds)
     finally:
         lock.__exit__(None, None, None)
 
 
 def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: str, k: int, n_batches: int,
                     tol: float, max_iter: int, trace: bool, trace_samples: int, density: bool, density_runs: int,
-                    density_steps: int, exact_match: int, max_new_tokens: int | None,
+                    density_steps: int, exact_match: int, max_new_tokens: int | None, decode_batch: int | None,
                     **thresholds: float) -> dict[str, Any]:
     try:
         cfg = runs.stored_config(run.path)
@@ -105,7 +107,8 @@ def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: 
         ("trace", trace, dict(n_samples=trace_samples)),
         ("density", density, dict(n_runs=density_runs, n_steps=density_steps)),
         ("generations", exact_match > 0, dict(n_problems=exact_match,
-                                              max_new_tokens=max_new_tokens or cfg.max_new_tokens))) if wanted}
+                                              max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+                                              batch_size=decode_batch or cfg.batch_size))) if wanted}
     steps = select_checkpoints(run, checkpoints) if measures else []
     try:  # before anything is written: a damaged run's files are never rewritten
         for step in steps:
@@ -162,7 +165,7 @@ def measure_at_checkpoint(run: runs.Run, step: int, measures: dict[str, dict[str
                           n_batches: int = 1) -> dict[str, list[dict[str, Any]]]:
     """Rebuild the run's model at ``checkpoints/step_N`` once and take each of ``measures``
     (``sharpness``, ``trace``, ``density`` -> options of ``measure_<name>``; ``generations`` ->
-    ``n_problems``, ``max_new_tokens``): rows per table."""
+    ``n_problems``, ``max_new_tokens``, ``batch_size``): rows per table."""
     cfg = runs.stored_config(run.path)
     previous_threads = torch.get_num_threads()
     if cfg.threads:  # as in training: the run's --threads, restored afterwards
@@ -179,7 +182,8 @@ def measure_at_checkpoint(run: runs.Run, step: int, measures: dict[str, dict[str
                     for name, options in measures.items() if name != "generations"}
         if "generations" in measures:
             options = measures["generations"]
-            rows = generations(model, task, task.eval[: options["n_problems"]], cfg, device, options["max_new_tokens"])
+            rows = generations(model, task, task.eval[: options["n_problems"]], device, options["max_new_tokens"],
+                               options["batch_size"])
             measured["generations"] = [{"step": step, **row, "source": "checkpoint"} for row in rows]
         return measured
     finally:

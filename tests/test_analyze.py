@@ -182,6 +182,9 @@ def test_exact_match_after_training_reads_what_training_measured(tiny, capsys):
     assert (generations["n_new_tokens"] <= 6).all()
     assert (generations["stopped"] | (generations["n_new_tokens"] == 6)).all()  # EOS, or the budget ran out
     assert generations["reference"].str.len().gt(0).all() and generations["text"].notna().all()
+    # more prompts at once (left-padded, positions from the mask): the same answers, step 30's rows replaced
+    analyze_run(measured_in_training.path, sharpness=False, exact_match=8, max_new_tokens=6, decode_batch=8)
+    pd.testing.assert_frame_equal(measured_in_training.generations, generations)
     # a run trained without generation gets its task metric from analyze
     silent = dynamics.train(tiny(method="lora", lr=3e-2, steps=30, n_train=128, eval_every=30, checkpoint_every=30,
                                  n_eval_generate=0, max_new_tokens=6, run_id="silent"))

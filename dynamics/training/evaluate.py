@@ -69,20 +69,20 @@ def macro_f1(labels: Sequence[int], predictions: Sequence[int], n_classes: int) 
 def exact_match(model, task: TaskData, examples: Sequence[Example], cfg: RunConfig, device) -> float:
     """Fraction of ``examples`` whose greedy continuation (at most ``max_new_tokens``, through the
     first EOS) ``task.score_generation`` accepts; prompts are decoded ``batch_size`` at a time."""
-    rows = generations(model, task, examples, cfg, device, cfg.max_new_tokens)
+    rows = generations(model, task, examples, device, cfg.max_new_tokens, cfg.batch_size)
     return sum(row["correct"] for row in rows) / len(examples)
 
 
-def generations(model, task: TaskData, examples: Sequence[Example], cfg: RunConfig, device,
-                max_new_tokens: int) -> list[dict[str, Any]]:
+def generations(model, task: TaskData, examples: Sequence[Example], device, max_new_tokens: int,
+                batch_size: int) -> list[dict[str, Any]]:
     """Greedy continuations of ``examples`` (``batch_size`` prompts at a time), one dict each in
     order: ``problem`` (position in ``examples``), ``reference`` (the scored answer as text),
     ``text`` (``task.decode``; the token ids where the task has no decoder), ``correct``
     (``task.score_generation``), ``n_new_tokens`` (EOS included) and ``stopped`` (ended with EOS)."""
     rows = []
     with eval_mode(model):
-        for start in range(0, len(examples), cfg.batch_size):
-            chunk = examples[start : start + cfg.batch_size]
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
             prompts = to_device(task.collate_prompts(chunk), device)
             continuations = greedy_decode(model, prompts, max_new_tokens, task.eos_token_id)
             for offset, (example, ids) in enumerate(zip(chunk, continuations, strict=True)):
