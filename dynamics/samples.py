@@ -6,7 +6,8 @@ rates 3e-3 and 3e-1, plus ``full`` fine-tuning at 3e-3 as a reference: 9 runs of
 steps, each checkpointed at its last step, with per-layer rows every 5 steps and, for the two rank-8
 runs at 3e-3, the Hessian's top 2 eigenvalues every 20 steps during training. Then
 :func:`dynamics.run_analysis.analyze_run` writes phases, top-2 eigenvalues, a Hutchinson trace (20
-HVPs) and an SLQ spectral density (3 x 10 HVPs) at the last checkpoint of every run.
+HVPs), an SLQ spectral density (3 x 10 HVPs) and the greedy continuations of the 16 held-out
+sequences (exact match) at the last checkpoint of every run.
 
 At 3e-1 the loss of the LoRA runs stalls and jumps by a few tenths of a nat per token, too briefly
 for the phase detector to call it a divergence: on this task no cheap setting we tried (no
@@ -41,7 +42,9 @@ from dynamics.run_analysis import analyze_run
 from dynamics.training import train
 from dynamics.training.loop import torch_threads
 
-ANALYSIS_OPTIONS = dict(trace=True, density=True, trace_samples=20, density_runs=3, density_steps=10, k=2)
+# exact match: the 16 held-out sequences decoded (answers are at most 12 tokens and a separator)
+ANALYSIS_OPTIONS = dict(trace=True, density=True, trace_samples=20, density_runs=3, density_steps=10, k=2,
+                        exact_match=16, max_new_tokens=13)
 
 
 def sample_configs(root: str | Path, *, quick: bool = True) -> list[dict[str, Any]]:
@@ -96,7 +99,8 @@ def _analysed(run: runs.Run) -> bool:
     steps = runs.checkpoint_steps(run.path)
     if not steps or not (run.path / "phases.parquet").exists():
         return False
-    return all(steps[-1] in set(table["step"]) for table in (run.sharpness, run.trace, run.density))
+    return all(steps[-1] in set(table["step"]) for table in (run.sharpness, run.trace, run.density,
+                                                               run.generations))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,7 +56,7 @@ def test_sample_runs_have_every_table_and_rerun_is_a_no_op(sample_runs):
     methods = set()
     for path in paths:
         assert path.parent == root and (path / "config.json").exists()
-        for name in ("metrics", "layers", "eval", "phases", "sharpness", "trace", "density"):
+        for name in ("metrics", "layers", "eval", "phases", "sharpness", "trace", "density", "generations"):
             assert (path / f"{name}.parquet").exists(), f"{path.name}: no {name}.parquet"
         config = json.loads((path / "config.json").read_text())["config"]
         assert json.loads((path / "summary.json").read_text())["status"] == "completed"
