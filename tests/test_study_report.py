@@ -60,6 +60,10 @@ def test_gsm_half_reads_eval_loss_not_accuracy(report):
     assert "eval acc" not in cells.columns
     assert cells.loc["lora", "exact match"] == "-"  # not measured
     assert cells.loc["lora+mgpo", "EM, last number"] == f"{3 / 61:.3f} ± 0.000"
+    # a metric measured on some of a cell's runs says so
+    runs.loc[(runs["method"] == "lora+mgpo") & (runs["seed"] == 1), "eval_metric"] = np.nan
+    cells = report.cell_table(runs, ["method"], report.GSM_METRICS).set_index("method")
+    assert cells.loc["lora+mgpo", "exact match"] == f"{1 / 61:.3f} (1 of 2 runs)"
     assert cells.loc["lora+mgpo", "eval loss"] == f"{1.55:.3f} ± {pd.Series([1.5, 1.6]).std():.3f}"
     pairs = report.paired(runs, "lora+mgpo", "lora", ["rank", "lr"], report.GSM_METRICS[:1]).iloc[0]
     assert pairs["Δ eval loss"] == "0.500 ± 0.000"
