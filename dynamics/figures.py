@@ -445,11 +445,11 @@ def phase_map_runs(runs: pd.DataFrame) -> pd.DataFrame:
 def phase_map(runs: pd.DataFrame) -> Figure:
     """A rank x learning-rate grid per method, each cell coloured by what its run did
     (:func:`run_outcome`) and annotated with the rise (highest divergence peak above the first
-    minimum, in % of the start loss: ``rise_of_start``) of a double descent or collapse, else the
-    final training loss, and,
-    where runs were evaluated, the final task metric; with several seeds, the most common
-    outcome, the means over the seeds that had it (the metric: over all), and how many did
-    ("2/3 seeds")."""
+    minimum, in % of the start loss: ``rise_of_start``; for a rise from start, ``early_rise``) of
+    a double descent, rise from start or collapse, else the final training loss, and, where runs
+    were evaluated, the final task metric; with several seeds, the most common outcome, the means
+    over the seeds that had it (the metric: over all that measured it, ``(2/5)`` where not every
+    seed did), and how many did ("2/3 seeds")."""
     runs = phase_map_runs(runs).assign(outcome=lambda frame: frame.apply(run_outcome, axis=1))
     lrs = sorted(runs["lr"].unique())
     ranks = sorted(runs.loc[runs["method"] != "full", "rank"].unique()) or [0]
@@ -479,10 +479,12 @@ def phase_map(runs: pd.DataFrame) -> Figure:
                         f"rise {100 * rise:.0f}%" if outcome in ("double descent", "rise from start", "collapse")
                         and rise > 0 else
                         f"loss {final_loss:.2g}")
-                metric = pd.to_numeric(group["eval_metric"], errors="coerce").mean() if "eval_metric" in group else None
-                if metric is not None and np.isfinite(metric):
+                metrics = pd.to_numeric(group["eval_metric"], errors="coerce").dropna() if "eval_metric" in group \
+                    else pd.Series(dtype=float)
+                if len(metrics):  # gsm's exact match is measured after training, on some runs only: say on how many
                     task = group["task"].iloc[0] if "task" in group else None
-                    text += f"\n{TASK_METRIC_SHORT.get(task, 'metric')} {metric:.2f}"
+                    text += f"\n{TASK_METRIC_SHORT.get(task, 'metric')} {metrics.mean():.2f}"
+                    text += f" ({len(metrics)}/{len(group)})" if len(metrics) < len(group) else ""
                 if len(group) > 1:
                     text += f"\n{len(group)} seeds" if agreeing == len(group) else f"\n{agreeing}/{len(group)} seeds"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8,

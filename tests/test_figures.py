@@ -128,6 +128,18 @@ def test_phase_map_cells_say_what_each_run_did(runs_table):
     assert lora.get_xlabel() == "learning rate" and lora.get_ylabel() == "rank r"
 
 
+def test_phase_map_says_when_a_metric_was_measured_on_some_seeds_only(runs_table):
+    """gsm's exact match is measured after training on the runs still on disk: a cell's mean is over
+    those, and says how many."""
+    two_seeds = runs_table.groupby(["method", "rank", "lr"])["run_id"].transform("size") == 2
+    first_of_each = two_seeds & ~runs_table.duplicated(["method", "rank", "lr"])
+    partly = runs_table.assign(eval_metric=runs_table["eval_metric"].where(~first_of_each))
+    texts = [text.get_text() for ax in figures.phase_map(partly).axes for text in ax.texts]
+    assert any("(1/2)" in text for text in texts)
+    assert not any("(1/2)" in text for ax in figures.phase_map(runs_table).axes for text in
+                   [t.get_text() for t in ax.texts])
+
+
 def test_run_outcome_covers_diverged_runs():
     assert figures.run_outcome({"status": "diverged", "final_loss": float("nan")}) == "diverged"
     assert figures.run_outcome({"status": "completed", "final_loss": 1.0, "double_descent": True}) == "double descent"
