@@ -284,7 +284,9 @@ def mean_sd(values: pd.Series, digits: int = 3) -> str:
         return "-"
     if len(values) == 1:
         return f"{values.iloc[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+    mean = values.mean() + 0.0  # + 0.0: a mean that rounds to zero prints 0.000, not -0.000
+    mean = 0.0 if round(mean, digits) == 0 else mean
+    return f"{mean:.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
 def outcome_counts(outcomes: pd.Series) -> str:
@@ -590,7 +592,8 @@ def draw_gsm(ledgers: Ledgers) -> None:
     latest = at_defaults(ledgers.latest, "gsm")
     edge = latest[np.isclose(latest["lr"], 5e-3)]
     subsets = {
-        "phase_map": (defaults, "phase_map"),
+        # each run as last measured: exact match was measured on re-runs (they reproduced their first runs)
+        "phase_map": (latest, "phase_map"),
         # one folder per rank: loss_vs_lr draws one rank (the lower on a tie)
         "lora_lr_r8": (defaults[(defaults["method"] == "lora") & (defaults["rank"] == 8)], "loss_vs_lr"),
         "lora_lr_r128": (defaults[(defaults["method"] == "lora") & (defaults["rank"] == 128)], "loss_vs_lr"),
