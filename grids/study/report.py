@@ -331,7 +331,7 @@ def paired(table: pd.DataFrame, method: str, baseline: str, keys: list[str],
     for key, group in both.groupby(level=keys):
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(keys, key, strict=True)), "pairs": len(group),
-                     **{f"Δ {label}": mean_sd(group[f"{column}_a"] - group[f"{column}_b"])
+                     **{f"Δ {label}": measured_mean_sd(group[f"{column}_a"] - group[f"{column}_b"])
                         for label, column in metrics},
                      "Δ final loss": mean_sd(group["final_loss_a"] - group["final_loss_b"]),
                      "Δ rise % of start (both learned)": mean_sd(
