@@ -284,8 +284,8 @@ def mean_sd(values: pd.Series, digits: int = 3) -> str:
         return "-"
     if len(values) == 1:
         return f"{values.iloc[0]:.{digits}f}"
-    mean = values.mean() + 0.0  # + 0.0: a mean that rounds to zero prints 0.000, not -0.000
-    mean = 0.0 if round(mean, digits) == 0 else mean
+    mean = values.mean()
+    mean = 0.0 if round(mean, digits) == 0 else mean  # a mean that rounds to zero prints 0.000, not -0.000
     return f"{mean:.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
