@@ -86,10 +86,11 @@ def generations(model, task: TaskData, examples: Sequence[Example], device, max_
             prompts = to_device(task.collate_prompts(chunk), device)
             continuations = greedy_decode(model, prompts, max_new_tokens, task.eos_token_id)
             for offset, (example, ids) in enumerate(zip(chunk, continuations, strict=True)):
-                answer = example.get("answer")
+                answer = example.get("answer")  # gsm: the number as text; tiny: the token ids
+                if isinstance(answer, list):
+                    answer = " ".join(map(str, answer))
                 rows.append({"problem": start + offset,
-                             "reference": None if answer is None else " ".join(map(str, answer))
-                             if isinstance(answer, list) else str(answer),
+                             "reference": None if answer is None else str(answer),
                              "text": task.decode(ids) if task.decode else " ".join(map(str, ids)),
                              "correct": bool(task.score_generation(example, ids)),
                              "n_new_tokens": len(ids),

@@ -243,7 +243,7 @@ def _differences(first: pd.Series, rerun: pd.Series) -> list[str]:
         return float(pd.to_numeric(value, errors="coerce")) if value is not None else np.nan
 
     return [column for column in REPRODUCED if not np.isnan(number(first[column])) and
-            not np.isclose(number(rerun[column]), number(first[column]), rtol=1e-4, equal_nan=True)]
+            not np.isclose(number(rerun[column]), number(first[column]), rtol=1e-4)]
 
 
 def _shown(path: Path) -> str:
