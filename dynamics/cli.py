@@ -87,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--no-sharpness", dest="sharpness", action="store_false",
                          help="no top eigenvalues (phases only, unless --trace, --density or --exact-match)")
     analyze.add_argument("--k", default="1", help="top eigenvalues to compute (default: 1)")
-    analyze.add_argument("--batches", default="1", help="eval batches in the loss (default: 1)")
+    analyze.add_argument("--batches", default="1", help="batches (of the run's batch_size) in the loss whose "
+                                                        "Hessian is measured (default: 1)")
+    analyze.add_argument("--split", default="eval", help="whose loss the curvature (--k, --trace, --density) is "
+                                                         "of: eval (the first held-out examples) or train (the first "
+                                                         "training examples, the loss the optimizer minimised) "
+                                                         "(default: eval)")
     analyze.add_argument("--tol", default="1e-3", help="Lanczos residual tolerance, relative (default: 1e-3)")
     analyze.add_argument("--max-iter", default="100", help="at most this many Hessian-vector products (default: 100)")
     analyze.add_argument("--trace", action="store_true", help="also the Hutchinson trace of the Hessian "
@@ -246,7 +251,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                    max_new_tokens=None if args.max_new_tokens is None else
                    int(_number("max-new-tokens", args.max_new_tokens, int, 1)),
                    decode_batch=None if args.decode_batch is None else
-                   int(_number("decode-batch", args.decode_batch, int, 1)))
+                   int(_number("decode-batch", args.decode_batch, int, 1)), split=args.split)
     problems: list[str] = []
     table = analyze_paths(args.paths, curve=args.curve, sharpness=args.sharpness, checkpoints=args.checkpoints,
                           on_problem=lambda line: (problems.append(line), print(line, file=sys.stderr)),

@@ -1,12 +1,14 @@
-"""Hessian curvature of a live model at its current weights, on its task's eval loss: the top
-eigenvalues (Lanczos), the trace (Hutchinson) and the eigenvalue density (stochastic Lanczos
-quadrature), as rows of ``sharpness.parquet``, ``trace.parquet`` and ``density.parquet``.
+"""Hessian curvature of a live model at its current weights, on its task's eval or training loss:
+the top eigenvalues (Lanczos), the trace (Hutchinson) and the eigenvalue density (stochastic
+Lanczos quadrature), as rows of ``sharpness.parquet``, ``trace.parquet`` and ``density.parquet``.
 
-The training loop calls it (``--sharpness-every``) and so does ``dynamics analyze`` on checkpoints.
-The loss is the mean eval loss (training's units: nats per target token) over the first
-``n_batches`` eval batches of ``batch_size`` examples, a fixed set, so values at different steps and
-in different runs of the same task are comparable; the parameters are the trainable ones (LoRA
-A/B, or every weight for ``full``). The algorithms are the pure ones of
+The training loop calls it (``--sharpness-every``, eval loss) and so does ``dynamics analyze`` on
+checkpoints (``--split eval`` or ``train``). The loss is the mean loss (training's units: nats per
+target token) over the first ``n_batches`` batches of ``batch_size`` examples of the split, a fixed
+set, so values at different steps and in different runs of the same task are comparable; the
+parameters are the trainable ones (LoRA A/B, or every weight for ``full``). The training split's
+first examples are the ones flat-minima claims are about (the loss the optimizer minimised); the
+eval split's say how the minimum looks from held-out data. The algorithms are the pure ones of
 ``dynamics.analysis.sharpness``.
 """
 
@@ -41,21 +43,30 @@ def eager_attention(model: nn.Module, device: torch.device) -> Iterator[None]:
         base.set_attn_implementation(current)
 
 
-def sharpness_batches(task: TaskData, cfg: RunConfig, n_batches: int, device: torch.device) -> list[dict]:
-    examples = task.eval[: n_batches * cfg.batch_size]
+SPLITS = ("eval", "train")  # whose loss the curvature is of: held-out or training examples
+
+
+def sharpness_batches(task: TaskData, cfg: RunConfig, n_batches: int, device: torch.device,
+                      split: str = "eval") -> list[dict]:
+    """The first ``n_batches`` batches of ``cfg.batch_size`` examples of ``split`` (in the split's
+    stored order, not the training loop's shuffled one: the same examples for every run of a task)."""
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split}: must be one of {', '.join(SPLITS)}")
+    examples = getattr(task, split)[: n_batches * cfg.batch_size]
     if not examples:
-        raise ConfigError("--n-eval 0: sharpness needs eval examples")
+        raise ConfigError("--n-eval 0: sharpness needs eval examples" if split == "eval" else
+                          "--split train: the task has no training examples")
     return [to_device(task.collate(examples[i : i + cfg.batch_size]), device)
             for i in range(0, len(examples), cfg.batch_size)]
 
 
 def hessian_loss(model: nn.Module, task: TaskData, cfg: RunConfig, device: torch.device,
-                 n_batches: int) -> tuple[Any, list[torch.Tensor], int]:
-    """The eval-loss closure the curvature measures differentiate: ``(loss_fn, params, n_examples)``.
+                 n_batches: int, split: str = "eval") -> tuple[Any, list[torch.Tensor], int]:
+    """The loss closure the curvature measures differentiate: ``(loss_fn, params, n_examples)``.
 
-    ``loss_fn()`` is the mean eval loss over the first ``n_batches`` eval batches (nats per target
-    token), ``params`` the trainable tensors."""
-    batches = sharpness_batches(task, cfg, n_batches, device)
+    ``loss_fn()`` is the mean loss over the first ``n_batches`` batches of ``split`` (nats per
+    target token), ``params`` the trainable tensors."""
+    batches = sharpness_batches(task, cfg, n_batches, device, split)
     total_terms = sum(n_loss_terms(b, task.kind) for b in batches)
 
     def batch_share(model: nn.Module, batch) -> torch.Tensor:  # sums to the eval mean over all batches
@@ -67,9 +78,10 @@ def hessian_loss(model: nn.Module, task: TaskData, cfg: RunConfig, device: torch
 
 def measure_sharpness(model: nn.Module, task: TaskData, cfg: RunConfig, device: torch.device, *, k: int = 1,
                       n_batches: int = 1, tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
-                      step: int, source: str) -> list[dict[str, Any]]:
-    """Top-k Hessian eigenvalues at the model's current weights, as ``sharpness.parquet`` rows."""
-    loss_fn, params, n_examples = hessian_loss(model, task, cfg, device, n_batches)
+                      step: int, source: str, split: str = "eval") -> list[dict[str, Any]]:
+    """Top-k Hessian eigenvalues of ``split``'s loss at the model's current weights, as
+    ``sharpness.parquet`` rows."""
+    loss_fn, params, n_examples = hessian_loss(model, task, cfg, device, n_batches, split)
     if k > sum(p.numel() for p in params):
         raise ConfigError(f"--k {k}: larger than the {sum(p.numel() for p in params)} trainable parameters")
     started = time.perf_counter()
@@ -78,31 +90,31 @@ def measure_sharpness(model: nn.Module, task: TaskData, cfg: RunConfig, device: 
     seconds = time.perf_counter() - started
     return [{"step": step, "rank": i + 1, "eigenvalue": float(value), "residual": float(result.residuals[i]),
              "converged": bool(result.converged), "n_hvp": int(result.n_hvp), "n_examples": n_examples,
-             "seconds": seconds, "source": source}
+             "seconds": seconds, "source": source, "split": split}
             for i, value in enumerate(result.eigenvalues)]
 
 
 def measure_trace(model: nn.Module, task: TaskData, cfg: RunConfig, device: torch.device, *, n_batches: int = 1,
                   n_samples: int = 100, tol: float = 1e-2, seed: int = 0, step: int,
-                  source: str) -> list[dict[str, Any]]:
-    """Hutchinson's tr(H) at the model's current weights, as one ``trace.parquet`` row."""
-    loss_fn, params, n_examples = hessian_loss(model, task, cfg, device, n_batches)
+                  source: str, split: str = "eval") -> list[dict[str, Any]]:
+    """Hutchinson's tr(H) of ``split``'s loss at the model's current weights, as one ``trace.parquet`` row."""
+    loss_fn, params, n_examples = hessian_loss(model, task, cfg, device, n_batches, split)
     started = time.perf_counter()
     with eager_attention(model, device):
         result = hessian_trace(loss_fn, params, n_samples=n_samples, seed=seed, tol=tol)
     return [{"step": step, "trace": float(result.estimate), "standard_error": float(result.standard_error),
              "n_hvp": int(result.n_hvp), "converged": bool(result.converged), "n_examples": n_examples,
-             "seconds": time.perf_counter() - started, "source": source}]
+             "seconds": time.perf_counter() - started, "source": source, "split": split}]
 
 
 def measure_density(model: nn.Module, task: TaskData, cfg: RunConfig, device: torch.device, *, n_batches: int = 1,
                     n_runs: int = 10, n_steps: int = 50, seed: int = 0, step: int,
-                    source: str) -> list[dict[str, Any]]:
-    """Stochastic Lanczos quadrature of the Hessian's eigenvalue density: ``density.parquet`` rows,
-    one per quadrature node."""
-    loss_fn, params, n_examples = hessian_loss(model, task, cfg, device, n_batches)
+                    source: str, split: str = "eval") -> list[dict[str, Any]]:
+    """Stochastic Lanczos quadrature of the eigenvalue density of ``split``'s loss Hessian:
+    ``density.parquet`` rows, one per quadrature node."""
+    loss_fn, params, n_examples = hessian_loss(model, task, cfg, device, n_batches, split)
     with eager_attention(model, device):
         result = spectral_density(loss_fn, params, n_runs=n_runs, n_steps=n_steps, seed=seed)
     return [{"step": step, "probe": int(probe), "node": float(node), "weight": float(weight),
-             "n_hvp": int(result.n_hvp), "n_examples": n_examples, "source": source}
+             "n_hvp": int(result.n_hvp), "n_examples": n_examples, "source": source, "split": split}
             for probe, node, weight in zip(result.probes, result.nodes, result.weights, strict=True)]

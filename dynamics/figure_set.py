@@ -39,21 +39,35 @@ class RunsData:
     def phases(self) -> pd.DataFrame:
         return runs.load_metrics(self.table, table="phases")
 
+    # The curvature figures are of the eval loss (what training's --sharpness-every measures too), but
+    # sharpness_train, which draws the training loss's rows (dynamics analyze --split train).
     @cached_property
-    def sharpness(self) -> pd.DataFrame:
+    def all_sharpness(self) -> pd.DataFrame:
         return runs.load_metrics(self.table, table="sharpness")
 
     @cached_property
-    def trace(self) -> pd.DataFrame:
+    def all_trace(self) -> pd.DataFrame:
         return runs.load_metrics(self.table, table="trace")
 
     @cached_property
+    def sharpness(self) -> pd.DataFrame:
+        return _of_split(self.all_sharpness, "eval")
+
+    @cached_property
+    def trace(self) -> pd.DataFrame:
+        return _of_split(self.all_trace, "eval")
+
+    @cached_property
     def density(self) -> pd.DataFrame:
-        return runs.load_metrics(self.table, table="density")
+        return _of_split(runs.load_metrics(self.table, table="density"), "eval")
 
     @cached_property
     def metrics(self) -> pd.DataFrame:
         return runs.load_metrics(self.table, table="metrics")
+
+
+def _of_split(rows: pd.DataFrame, split: str) -> pd.DataFrame:
+    return rows[rows["split"] == split].reset_index(drop=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +119,14 @@ def draw_sharpness_by_method(data: RunsData) -> Drawn:
         raise _missing_curvature(data, data.sharpness, "top Hessian eigenvalues", "")
     used = figures.curvature_cells(figures.final_sharpness(data.sharpness))
     return Drawn(figures.sharpness_by_method(data.sharpness, data.trace), _ids(used))
+
+
+def draw_sharpness_train(data: RunsData) -> Drawn:
+    train = _of_split(data.all_sharpness, "train")
+    if train.empty:
+        raise _missing_curvature(data, train, "top Hessian eigenvalues of the training loss", " --split train")
+    used = figures.curvature_cells(figures.final_sharpness(train, "train"))
+    return Drawn(figures.sharpness_by_method(train, _of_split(data.all_trace, "train"), split="train"), _ids(used))
 
 
 def draw_spectrum(data: RunsData) -> Drawn:
@@ -187,6 +209,8 @@ FIGURES = (
     FigureSpec("sharpness_by_method", draw_sharpness_by_method, "top Hessian eigenvalue and trace of each "
                "method's final minimum at shared (rank, lr) settings", "grids/study/sharpness_bbc.toml, then "
                "dynamics analyze --trace"),
+    FigureSpec("sharpness_train", draw_sharpness_train, "the same of the training loss (its first "
+               "--batches batches)", "grids/study/sharpness_bbc.toml, then dynamics analyze --trace --split train"),
     FigureSpec("spectrum", draw_spectrum, "Hessian eigenvalue density (SLQ), LoRA vs LoRA-MGPO",
                "grids/methods_gsm.toml, then dynamics analyze --density"),
     FigureSpec("mgpo_state", draw_mgpo_state, "LoRA-MGPO's state over training (loss, norms, g_ema, APN)",

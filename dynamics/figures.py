@@ -510,11 +510,12 @@ def phase_map(runs: pd.DataFrame) -> Figure:
 
 
 # --- curvature ------------------------------------------------------------------------------------------------------
-def final_sharpness(sharpness_rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: the top eigenvalue at its last checkpoint measurement (``source`` checkpoint,
-    else training), with the run's settings."""
+def final_sharpness(sharpness_rows: pd.DataFrame, split: str = "eval") -> pd.DataFrame:
+    """One row per run: the top eigenvalue of ``split``'s loss at its last checkpoint measurement
+    (``source`` checkpoint, else training), with the run's settings."""
     rows = _require(sharpness_rows, ("run_id", "method", "eigen_rank", "eigenvalue", "step", "source"),
                     "Hessian eigenvalues (load_metrics(..., table='sharpness'))")
+    rows = _of_split(rows, split)
     top = rows[rows["eigen_rank"] == 1].assign(from_checkpoint=lambda frame: frame["source"] == "checkpoint")
     top = top.sort_values(["run_id", "from_checkpoint", "step"])
     return top.groupby("run_id", as_index=False).last()
@@ -577,10 +578,11 @@ def sharpness(sharpness_rows: pd.DataFrame) -> Figure:
     return figure
 
 
-def final_trace(trace_rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: the Hutchinson trace estimate at its last measured checkpoint."""
+def final_trace(trace_rows: pd.DataFrame, split: str = "eval") -> pd.DataFrame:
+    """One row per run: the Hutchinson trace estimate of ``split``'s loss at its last measured checkpoint."""
     rows = _require(trace_rows, ("run_id", "method", "step", "trace", "standard_error"),
                     "Hessian traces (load_metrics(..., table='trace'))")
+    rows = _of_split(rows, split)
     return rows.sort_values(["run_id", "step"]).groupby("run_id", as_index=False).last()
 
 
@@ -591,16 +593,23 @@ def curvature_cells(final: pd.DataFrame, max_cells: int = 3) -> pd.DataFrame:
                                            "setting (dynamics analyze)")
 
 
-def sharpness_by_method(sharpness_rows: pd.DataFrame, trace_rows: pd.DataFrame | None = None) -> Figure:
+CURVATURE_OF = {"eval": ("eval-loss", "held-out"), "train": ("training-loss", "training")}  # split -> words
+
+
+def sharpness_by_method(sharpness_rows: pd.DataFrame, trace_rows: pd.DataFrame | None = None,
+                        split: str = "eval") -> Figure:
     """Curvature of each method's final minimum at shared (rank, lr) cells (:func:`curvature_cells`):
-    the top eigenvalue of the eval-loss Hessian (``dynamics analyze``) and, where measured, its
-    Hutchinson trace (``--trace``), a point per seed (error bars: the trace's standard error) and
-    a line at the seed mean. A column per cell, a row per measure; a log axis where the values
-    span a decade or more (seeds of one setting often do)."""
-    top = final_sharpness(sharpness_rows).rename(columns={"eigenvalue": "value"}).assign(error=np.nan)
+    the top eigenvalue of the Hessian of ``split``'s loss (``dynamics analyze [--split train]``;
+    rows of other splits are left out) and, where measured, its Hutchinson trace (``--trace``), a
+    point per seed (error bars: the trace's standard error) and a line at the seed mean. A column
+    per cell, a row per measure; a log axis where the values span a decade or more (seeds of one
+    setting often do)."""
+    if split not in CURVATURE_OF:
+        raise ValueError(f"split {split}: must be one of {', '.join(CURVATURE_OF)}")
+    top = final_sharpness(sharpness_rows, split).rename(columns={"eigenvalue": "value"}).assign(error=np.nan)
     measures = [("λ_max (top eigenvalue)", curvature_cells(top))]
     if trace_rows is not None and not trace_rows.empty:
-        traces = final_trace(trace_rows).rename(columns={"trace": "value", "standard_error": "error"})
+        traces = final_trace(trace_rows, split).rename(columns={"trace": "value", "standard_error": "error"})
         with contextlib.suppress(NotEnoughRuns):  # no trace at a shared cell: eigenvalues alone
             measures.append(("tr(H) (Hutchinson)", curvature_cells(traces)))
     cells = list(dict.fromkeys(measures[0][1]["cell"]))
@@ -641,11 +650,17 @@ def sharpness_by_method(sharpness_rows: pd.DataFrame, trace_rows: pd.DataFrame |
                 ax.set_ylabel(label if column == 0 else "")
                 ax.set_title(cell if row == 0 else "")
                 ax.grid(axis="y", alpha=0.25, lw=0.5)
-        shown = f" on {examples[0]} held-out examples" if len(examples) == 1 else ""
-        figure.suptitle(f"Curvature of the final minimum by method: eval-loss Hessian{shown}, trainable "
+        loss, examples_of = CURVATURE_OF[split]
+        shown = f" on {examples[0]} {examples_of} examples" if len(examples) == 1 else ""
+        figure.suptitle(f"Curvature of the final minimum by method: {loss} Hessian{shown}, trainable "
                         "parameters\nlines: seed mean, points: seeds (error bars: the trace estimate's standard "
                         "error)", fontsize=10.5)
     return figure
+
+
+def _of_split(rows: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The curvature rows of ``split`` (frames without a split column hold eval rows)."""
+    return rows[rows["split"] == split] if "split" in rows else rows if split == "eval" else rows.iloc[:0]
 
 
 def spectrum(density: pd.DataFrame, run_ids: Sequence[str] | None = None, sigma: float | None = None,

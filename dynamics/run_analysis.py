@@ -21,7 +21,7 @@ import torch
 from dynamics import runs
 from dynamics.analysis import detect_phases, phase_summary
 from dynamics.config import TASK_KIND, ConfigError
-from dynamics.curvature import measure_density, measure_sharpness, measure_trace
+from dynamics.curvature import SPLITS, measure_density, measure_sharpness, measure_trace
 from dynamics.data import load_task
 from dynamics.files import UnreadableFile, write_parquet
 from dynamics.models import build_model, load_tokenizer
@@ -52,7 +52,7 @@ def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True
                 k: int = 1, n_batches: int = 1, tol: float = 1e-3, max_iter: int = 100, trace: bool = False,
                 trace_samples: int = 100, density: bool = False, density_runs: int = 10, density_steps: int = 50,
                 exact_match: int = 0, max_new_tokens: int | None = None, decode_batch: int | None = None,
-                **thresholds: float) -> dict[str, Any]:
+                split: str = "eval", **thresholds: float) -> dict[str, Any]:
     """Phases of the run's loss curve and Hessian curvature at its checkpoints; writes
     ``phases.parquet``, ``sharpness.parquet`` (top-k eigenvalues), with ``trace`` ``trace.parquet``
     (Hutchinson, ``trace_samples`` HVPs at most), with ``density`` ``density.parquet`` (SLQ,
@@ -60,12 +60,16 @@ def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True
     (greedy continuations of the first N held-out problems, at most ``max_new_tokens`` each,
     ``decode_batch`` prompts at a time; defaults: the run's own ``max_new_tokens`` and
     ``batch_size``), and returns the summary written to summary.json.
-    Rows measured again at a checkpoint replace the old ones of that step.
+    The curvature is of the loss on the first ``n_batches`` batches of ``split`` (``eval``: held-out
+    examples; ``train``: training examples); its rows say which, and its summary entries are
+    ``sharpness`` / ``trace`` for eval and ``sharpness_train`` / ``trace_train`` for train.
+    Rows measured again at a checkpoint replace the old ones of that step (and split).
 
     The run's lock is held throughout (``RunLock``), so no trainer resumes it meanwhile and its
     checkpoints stay put; a run in use by another process is refused in one line (ConfigError).
     The phases entry records the last step of the curve it was measured on (``step``)."""
     check_curve(curve)
+    check_split(split)
     run = runs.load_run(path)  # DamagedRun when its files do not read
     try:
         lock = runs.RunLock(run.path).__enter__()
@@ -77,7 +81,7 @@ def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True
                                n_batches=n_batches, tol=tol, max_iter=max_iter, trace=trace,
                                trace_samples=trace_samples, density=density, density_runs=density_runs,
                                density_steps=density_steps, exact_match=exact_match, max_new_tokens=max_new_tokens,
-                               decode_batch=decode_batch, **thresholds)
+                               decode_batch=decode_batch, split=split, **thresholds)
     finally:
         lock.__exit__(None, None, None)
 
@@ -85,7 +89,7 @@ def analyze_run(path: str | Path, *, curve: str = "loss", sharpness: bool = True
 def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: str, k: int, n_batches: int,
                     tol: float, max_iter: int, trace: bool, trace_samples: int, density: bool, density_runs: int,
                     density_steps: int, exact_match: int, max_new_tokens: int | None, decode_batch: int | None,
-                    **thresholds: float) -> dict[str, Any]:
+                    split: str, **thresholds: float) -> dict[str, Any]:
     try:
         cfg = runs.stored_config(run.path)
     except ConfigError as error:
@@ -103,9 +107,9 @@ def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: 
         raise ConfigError(f"{run.run_id}: {error}") from None
     phases = phases.assign(curve=curve)
     measures = {name: options for name, wanted, options in (
-        ("sharpness", sharpness, dict(k=k, tol=tol, max_iter=max_iter)),
-        ("trace", trace, dict(n_samples=trace_samples)),
-        ("density", density, dict(n_runs=density_runs, n_steps=density_steps)),
+        ("sharpness", sharpness, dict(k=k, tol=tol, max_iter=max_iter, split=split)),
+        ("trace", trace, dict(n_samples=trace_samples, split=split)),
+        ("density", density, dict(n_runs=density_runs, n_steps=density_steps, split=split)),
         ("generations", exact_match > 0, dict(n_problems=exact_match,
                                               max_new_tokens=max_new_tokens or cfg.max_new_tokens,
                                               batch_size=decode_batch or cfg.batch_size))) if wanted}
@@ -127,14 +131,17 @@ def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: 
             for name, rows in measure_at_checkpoint(run, step, measures, n_batches=n_batches).items():
                 measured[name] += rows
         for name, rows in measured.items():
-            _replace_checkpoint_rows(run, name, steps, rows)
+            _replace_checkpoint_rows(run, name, steps, rows, split)
+        suffix = SUMMARY_SUFFIX[split]
         last = [r for r in measured.get("sharpness", []) if r["step"] == max(steps, default=None)]
         if last:
-            result["sharpness"] = {"step": max(steps), "eigenvalues": [r["eigenvalue"] for r in last],
-                                   "converged": all(r["converged"] for r in last)}
+            result["sharpness" + suffix] = {"step": max(steps), "eigenvalues": [r["eigenvalue"] for r in last],
+                                            "converged": all(r["converged"] for r in last),
+                                            "n_examples": last[0]["n_examples"]}
         last_trace = [r for r in measured.get("trace", []) if r["step"] == max(steps, default=None)]
         if last_trace:
-            result["trace"] = _plain({key: last_trace[0][key] for key in ("step", "trace", "standard_error")})
+            result["trace" + suffix] = _plain({key: last_trace[0][key]
+                                               for key in ("step", "trace", "standard_error", "n_examples")})
         last_generations = [r for r in measured.get("generations", []) if r["step"] == max(steps, default=None)]
         if last_generations:
             result["exact_match"] = {"step": max(steps), "n_problems": len(last_generations),
@@ -144,9 +151,9 @@ def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: 
     return result
 
 
-CHECKPOINT_TABLES = {"sharpness": (SHARPNESS_SCHEMA, ["step", "source", "rank"]),
-                     "trace": (TRACE_SCHEMA, ["step", "source"]),
-                     "density": (DENSITY_SCHEMA, ["step", "source", "probe", "node"]),
+CHECKPOINT_TABLES = {"sharpness": (SHARPNESS_SCHEMA, ["step", "split", "source", "rank"]),
+                     "trace": (TRACE_SCHEMA, ["step", "split", "source"]),
+                     "density": (DENSITY_SCHEMA, ["step", "split", "source", "probe", "node"]),
                      "generations": (GENERATIONS_SCHEMA, ["step", "source", "problem"])}
 
 
@@ -190,11 +197,16 @@ def measure_at_checkpoint(run: runs.Run, step: int, measures: dict[str, dict[str
         torch.set_num_threads(previous_threads)
 
 
-def _replace_checkpoint_rows(run: runs.Run, table: str, steps: list[int], rows: list[dict[str, Any]]) -> None:
-    """Write ``<table>.parquet`` with ``rows`` in place of the checkpoint rows of ``steps``."""
+def _replace_checkpoint_rows(run: runs.Run, table: str, steps: list[int], rows: list[dict[str, Any]],
+                             split: str) -> None:
+    """Write ``<table>.parquet`` with ``rows`` in place of the checkpoint rows of ``steps`` (and of
+    ``split``, in the curvature tables: a train-split measurement keeps the eval-split rows)."""
     schema, order = CHECKPOINT_TABLES[table]
     existing = getattr(run, table)
-    keep = existing[~((existing["source"] == "checkpoint") & existing["step"].isin(steps))]
+    replaced = (existing["source"] == "checkpoint") & existing["step"].isin(steps)
+    if "split" in existing:
+        replaced &= existing["split"] == split
+    keep = existing[~replaced]
     new = pd.DataFrame(rows, columns=schema.names)
     frame = pd.concat([keep, new], ignore_index=True) if len(keep) else new
     frame = frame.sort_values(order, ignore_index=True)
@@ -208,6 +220,14 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
         value = value.item() if hasattr(value, "item") else value
         out[key] = None if isinstance(value, float) and math.isnan(value) else value
     return out
+
+
+SUMMARY_SUFFIX = {"eval": "", "train": "_train"}  # summary.json: sharpness / sharpness_train, trace / trace_train
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split}: must be one of {', '.join(SPLITS)}")
 
 
 def check_curve(curve: str) -> None:
@@ -224,6 +244,7 @@ def analyze_paths(paths: Sequence[str | Path], on_problem: Callable[[str], None]
     ``on_problem`` is passed to it as one line and the others go on; its files are left as they were.
     """
     check_curve(options.get("curve", "loss"))
+    check_split(options.get("split", "eval"))
     run_dirs = []
     for path in map(Path, paths):
         if (path / "config.json").exists():
@@ -248,11 +269,13 @@ def analyze_paths(paths: Sequence[str | Path], on_problem: Callable[[str], None]
             else:
                 on_problem(f"{run_dir.name}: not analysed: " + str(error).removeprefix(f"{run_dir.name}: "))
             continue
-        phases, sharp = result["phases"], result.get("sharpness", {})
+        suffix = SUMMARY_SUFFIX[options.get("split", "eval")]  # the table shows the split just measured
+        phases, sharp = result["phases"], result.get("sharpness" + suffix, {})
         rows.append({"run_id": run_dir.name, "double_descent": phases["has_double_descent"],
                      "episodes": phases["n_episodes"], "amplitude": phases["divergence_amplitude"],
                      "steps_lost": phases["steps_lost"], "spikes": phases["n_spikes"],
                      "sharpness_step": sharp.get("step"), "top_eigenvalue": (sharp.get("eigenvalues") or [None])[0],
-                     **({"trace": result["trace"]["trace"]} if "trace" in result else {}),
+                     **({"split": options["split"]} if suffix else {}),
+                     **({"trace": result["trace" + suffix]["trace"]} if "trace" + suffix in result else {}),
                      **({"exact_match": result["exact_match"]["exact_match"]} if "exact_match" in result else {})})
     return pd.DataFrame(rows)

@@ -77,12 +77,18 @@ def write_fake_run(root: Path, *, method: str = "lora", rank: int = 8, lr: float
                 "eigenvalue": [top_eigenvalue * (0.5 if s != steps else 1.0) for s in sharp_steps],
                 "residual": [1e-4] * len(sharp_steps), "converged": [True] * len(sharp_steps),
                 "n_hvp": [20] * len(sharp_steps), "n_examples": [8] * len(sharp_steps),
-                "seconds": [1.0] * len(sharp_steps), "source": sources}
+                "seconds": [1.0] * len(sharp_steps), "source": sources, "split": ["eval"] * len(sharp_steps)}
+        # and the training loss's at the final checkpoint (analyze --split train): 3x the eval value
+        rows = {name: [*values, TRAIN_ROW.get(name, values[-1])] for name, values in rows.items()}
+        rows["eigenvalue"][-1] *= 3
         pq.write_table(pa.Table.from_pydict(rows, schema=SHARPNESS_SCHEMA), run_dir / "sharpness.parquet")
         summary["sharpness"] = {"step": steps, "eigenvalues": [top_eigenvalue], "converged": True}
     if hessian_trace is not None:
         rows = {"step": [steps], "trace": [hessian_trace], "standard_error": [0.05 * hessian_trace], "n_hvp": [30],
-                "converged": [False], "n_examples": [8], "seconds": [1.0], "source": ["checkpoint"]}
+                "converged": [False], "n_examples": [8], "seconds": [1.0], "source": ["checkpoint"],
+                "split": ["eval"]}
+        rows = {name: [*values, TRAIN_ROW.get(name, values[-1])] for name, values in rows.items()}
+        rows["trace"][-1] *= 3
         pq.write_table(pa.Table.from_pydict(rows, schema=TRACE_SCHEMA), run_dir / "trace.parquet")
         summary["trace"] = {"step": steps, "trace": hessian_trace, "standard_error": 0.05 * hessian_trace}
     if density_center is not None:
@@ -91,10 +97,14 @@ def write_fake_run(root: Path, *, method: str = "lora", rank: int = 8, lr: float
                                 [density_center * 0.9]])
         weights = np.concatenate([np.full(8, 0.9 / 8), [0.1], np.full(8, 0.9 / 8), [0.1]]) / 2
         rows = {"step": [steps] * 18, "probe": [0] * 9 + [1] * 9, "node": nodes, "weight": weights,
-                "n_hvp": [18] * 18, "n_examples": [8] * 18, "source": ["checkpoint"] * 18}
+                "n_hvp": [18] * 18, "n_examples": [8] * 18, "source": ["checkpoint"] * 18,
+                "split": ["eval"] * 18}
         pq.write_table(pa.Table.from_pydict(rows, schema=DENSITY_SCHEMA), run_dir / "density.parquet")
     write_json(run_dir / "summary.json", summary)
     return run_dir
+
+
+TRAIN_ROW = {"split": "train", "source": "checkpoint"}  # how a train-split curvature row differs
 
 
 def write_fake_grid(root: Path) -> Path:

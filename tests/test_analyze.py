@@ -7,12 +7,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import dynamics
+from dynamics import figures
 from dynamics.analysis.synthetic import make_curve
 from dynamics.cli import main
-from dynamics.config import ConfigError
+from dynamics.config import ConfigError, RunConfig
+from dynamics.curvature import sharpness_batches
+from dynamics.data import load_task
+from dynamics.models import load_tokenizer
 from dynamics.run_analysis import analyze_paths, analyze_run
+from dynamics.runs import load_metrics
 from dynamics.runs.logs import METRICS_SCHEMA
 
 
@@ -76,6 +82,7 @@ def test_sharpness_during_training_is_logged_and_kept(tiny):
     (dict(checkpoints="3"), "--checkpoints 3: "),
     (dict(checkpoints="soon"), "--checkpoints soon: must be last, all, or comma-separated steps"),
     (dict(k=10**9), "--k 1000000000: larger than the"),
+    (dict(split="test"), "--split test: must be one of eval, train"),
 ])
 def test_bad_options_are_one_line_errors(trained, options, message):
     with pytest.raises(ConfigError) as info:
@@ -124,6 +131,50 @@ def test_trace_and_density_land_in_the_run_folder(trained):
     assert row["hessian_trace"] == pytest.approx(run.trace.query("step == 40")["trace"].iloc[0])
 
 
+def test_training_loss_curvature_sits_beside_the_eval_loss_curvature(trained):
+    eval_result = analyze_run(trained.path, k=1, trace=True, trace_samples=10)
+    train_result = analyze_run(trained.path, k=1, trace=True, trace_samples=10, split="train")
+    analyze_run(trained.path, k=1, split="train")  # again: replaces the train rows of step 40 only
+    run = dynamics.load_run(trained.path)
+    sharpness = run.sharpness.set_index("split")
+    assert sorted(sharpness.index) == ["eval", "train"] and (sharpness["step"] == 40).all()
+    assert sharpness.loc["eval", "eigenvalue"] == eval_result["sharpness"]["eigenvalues"][0]
+    assert sharpness.loc["train", "eigenvalue"] == train_result["sharpness_train"]["eigenvalues"][0]
+    assert sharpness.loc["eval", "eigenvalue"] != sharpness.loc["train", "eigenvalue"]  # different losses
+    assert sharpness.loc["train", "n_examples"] == 4  # one batch of the run's batch_size
+    assert sorted(run.trace["split"]) == ["eval", "train"]
+    summary = json.loads((trained.path / "summary.json").read_text())
+    assert summary["sharpness"] == eval_result["sharpness"]  # the eval entry is left as it was
+    row = dynamics.load_runs(trained.path.parent).set_index("run_id").loc[trained.run_id]
+    assert row["top_eigenvalue"] == sharpness.loc["eval", "eigenvalue"]
+    assert row["top_eigenvalue_train"] == sharpness.loc["train", "eigenvalue"]
+    assert row["hessian_trace_train"] == run.trace.set_index("split").loc["train", "trace"]
+    # the figures of `dynamics figures` stay on the eval loss; the train rows are drawn only when asked for
+    assert set(figures.final_sharpness(load_metrics(trained.path, table="sharpness"))["eigenvalue"]) \
+        == {sharpness.loc["eval", "eigenvalue"]}
+    assert set(figures.final_sharpness(load_metrics(trained.path, table="sharpness"), "train")["eigenvalue"]) \
+        == {sharpness.loc["train", "eigenvalue"]}
+
+
+def test_the_train_split_is_the_first_training_examples(tiny):
+    cfg = RunConfig(**tiny(method="lora"))
+    task = load_task(cfg, load_tokenizer(cfg))
+    batches = sharpness_batches(task, cfg, 2, torch.device("cpu"), split="train")
+    expected = [task.collate(task.train[:4]), task.collate(task.train[4:8])]
+    for batch, want in zip(batches, expected, strict=True):
+        assert torch.equal(batch["input_ids"], want["input_ids"]) and torch.equal(batch["labels"], want["labels"])
+
+
+def test_curvature_files_written_before_the_split_column_read_as_eval(trained):
+    analyze_run(trained.path, k=1)
+    table = pq.read_table(trained.path / "sharpness.parquet")
+    pq.write_table(table.drop_columns(["split"]), trained.path / "sharpness.parquet")  # an older run folder
+    run = dynamics.load_run(trained.path)  # not damaged
+    assert run.sharpness["split"].tolist() == ["eval"]
+    analyze_run(trained.path, k=1, split="train")
+    assert sorted(dynamics.load_run(trained.path).sharpness["split"]) == ["eval", "train"]
+
+
 def test_cli_analyze_trace_density_flags(trained, capsys):
     code = main(["analyze", str(trained.path), "--no-sharpness", "--trace", "--trace-samples", "5", "--density",
                  "--density-runs", "1", "--density-steps", "4"])
@@ -132,6 +183,9 @@ def test_cli_analyze_trace_density_flags(trained, capsys):
     assert (trained.path / "trace.parquet").exists() and (trained.path / "density.parquet").exists()
     assert dynamics.load_run(trained.path).sharpness.empty
     assert main(["analyze", str(trained.path), "--trace-samples", "0"]) == 2
+    capsys.readouterr()
+    assert main(["analyze", str(trained.path), "--split", "test"]) == 2
+    assert capsys.readouterr().err.strip() == "dynamics analyze: --split test: must be one of eval, train"
 
 
 def test_phases_are_detected_on_the_fly_until_analyze_stores_them(trained):

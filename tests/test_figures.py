@@ -210,6 +210,14 @@ def test_sharpness_by_method_marks_seed_means_of_eigenvalue_and_trace(runs_table
     one_method = rows[rows["method"] == "lora"]
     with pytest.raises(figures.NotEnoughRuns, match="two or more methods"):
         figures.sharpness_by_method(one_method)
+    # the training loss's rows (3x the eval values in the fake runs), which the eval figure above left out
+    train = figures.sharpness_by_method(rows, traces, split="train")
+    train_axes = [ax for ax in train.axes if ax.get_visible()]
+    train_top = train_axes[[ax.get_title() for ax in train_axes[:3]].index("rank 32, lr 5e-4")]
+    assert means(train_top) == {m: (pytest.approx(4.5 * base[m]), figures.method_color(m).lower()) for m in base}
+    assert "training-loss Hessian on 8 training examples" in train._suptitle.get_text()
+    with pytest.raises(figures.NotEnoughRuns):
+        figures.sharpness_by_method(rows[rows["split"] == "eval"], traces, split="train")
 
 
 def test_spectrum_overlays_a_lora_and_an_mgpo_run(runs_table):

@@ -180,3 +180,21 @@ def test_generation_numbers_read_the_last_checkpoint(report):
     assert numbers["em_answered"] == pytest.approx(2 / 3)
     assert numbers["em_last_number"] == pytest.approx(1.0)  # 7, 12 and 5 are each the last number written
     assert np.isnan(report.generation_numbers(generations.iloc[:0])["em_problems"])
+
+
+def test_training_loss_curvature_is_aggregated_and_paired_beside_the_eval_loss(report):
+    runs = table().assign(top_eigenvalue=lambda t: 10.0 + t["seed"], hessian_trace=-50.0, hessian_trace_se=5.0,
+                          curvature_examples=32,
+                          top_eigenvalue_train=lambda t: np.where(t["method"] == "lora", 4.0, 2.0) * (1 + t["seed"]),
+                          hessian_trace_train=lambda t: 20.0 * (1 + t["seed"]), hessian_trace_train_se=2.0,
+                          curvature_examples_train=32)
+    runs.loc[runs["seed"] == 2, "top_eigenvalue_train"] = np.nan  # not measured on the train split
+    cells = report.curvature_table(runs, ["method"], split="train").set_index("method")
+    assert cells.loc["lora", "seeds"] == 2 and cells.loc["lora", "train examples"] == "32"
+    assert cells.loc["lora", "λ_max"] == f"6.0 ± {pd.Series([4.0, 8.0]).std():.1f}"
+    assert cells.loc["lora", "tr(H)"] == "30 ± 14" and cells.loc["lora", "tr(H) standard error (mean)"] == "2"
+    assert report.curvature_table(runs, ["method"]).set_index("method").loc["lora", "seeds"] == 3  # eval: all
+    pairs = report.curvature_pairs(runs).iloc[0]
+    assert (pairs["method"], pairs["pairs"]) == ("lora+mgpo", 2)
+    assert pairs["λ_max train / lora's"] == "0.50 0.50" and pairs["lower (train)"] == "2 of 2"
+    assert pairs["λ_max eval / lora's"] == "1.00 1.00" and pairs["lower (eval)"] == "0 of 2"

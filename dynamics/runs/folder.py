@@ -8,11 +8,12 @@ Layout (DESIGN.md)::
                             parameter counts, "versions", "cpu", "git_commit", "host", "command",
                             "started_at"}
       summary.json         status (STATUSES), steps done, wall time, final and best eval; entries
-                           ``phases``, ``sharpness``, ``trace`` added by ``dynamics analyze``
+                           ``phases``, ``sharpness``, ``trace`` (``sharpness_train``, ``trace_train``
+                           with ``--split train``), ``exact_match`` added by ``dynamics analyze``
       metrics.parquet      one row per optimizer step            (logs.METRICS_SCHEMA)
       layers.parquet       per-layer rows                        (logs.LAYERS_SCHEMA)
       eval.parquet         one row per evaluation                (logs.EVAL_SCHEMA)
-      sharpness.parquet    top Hessian eigenvalues               (logs.SHARPNESS_SCHEMA)
+      sharpness.parquet    top Hessian eigenvalues, eval or train loss (logs.SHARPNESS_SCHEMA)
       phases.parquet       double-descent phases                 (logs.PHASES_SCHEMA, dynamics analyze)
       trace.parquet, density.parquet                             (dynamics analyze --trace / --density)
       checkpoints/step_N/  weights (safetensors) + trainer_state.pt   (runs.checkpoints)

@@ -82,26 +82,28 @@ PHASES_SCHEMA = pa.schema([
 SHARPNESS_SCHEMA = pa.schema([
     ("step", pa.int64()),  # optimizer steps done when measured
     ("rank", pa.int64()),  # 1 for the top eigenvalue, 2 for the next, ...
-    ("eigenvalue", pa.float64()),  # of the Hessian of the eval loss (nats per target token)
+    ("eigenvalue", pa.float64()),  # of the Hessian of the split's loss (nats per target token)
     ("residual", pa.float64()),  # Ritz residual ||H y - theta y||
     ("converged", pa.bool_()),
     ("n_hvp", pa.int64()),  # Hessian-vector products used
-    ("n_examples", pa.int64()),  # eval examples in the loss
+    ("n_examples", pa.int64()),  # examples of the split in the loss
     ("seconds", pa.float64()),
     ("source", pa.string()),  # "checkpoint" (dynamics analyze) or "training" (--sharpness-every)
+    ("split", pa.string()),  # whose loss: "eval" (held-out examples) or "train" (analyze --split train)
 ])
 
 
 # Written by ``dynamics analyze --trace`` (Hutchinson) and ``--density`` (stochastic Lanczos quadrature).
 TRACE_SCHEMA = pa.schema([
     ("step", pa.int64()),  # optimizer steps done at the checkpoint
-    ("trace", pa.float64()),  # Hutchinson estimate of tr(H), H of the eval loss (nats per target token)
+    ("trace", pa.float64()),  # Hutchinson estimate of tr(H), H of the split's loss (nats per target token)
     ("standard_error", pa.float64()),  # of the estimate; NaN with one sample
     ("n_hvp", pa.int64()),  # one per Rademacher sample
     ("converged", pa.bool_()),  # standard_error <= tol * |trace|
     ("n_examples", pa.int64()),
     ("seconds", pa.float64()),
     ("source", pa.string()),  # "checkpoint"
+    ("split", pa.string()),  # "eval" or "train", as in sharpness.parquet
 ])
 
 DENSITY_SCHEMA = pa.schema([
@@ -112,7 +114,13 @@ DENSITY_SCHEMA = pa.schema([
     ("n_hvp", pa.int64()),  # HVPs of the whole density at this step
     ("n_examples", pa.int64()),
     ("source", pa.string()),  # "checkpoint"
+    ("split", pa.string()),  # "eval" or "train", as in sharpness.parquet
 ])
+
+# Columns added to a table after run folders with the older layout were written: a file without
+# one reads as if it held the value given here (the only value the older code could write).
+ADDED_COLUMNS = {"sharpness.parquet": {"split": "eval"}, "trace.parquet": {"split": "eval"},
+                 "density.parquet": {"split": "eval"}}
 
 
 # Written by ``dynamics analyze --exact-match N``: one row per held-out problem greedily decoded at a

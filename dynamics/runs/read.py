@@ -53,7 +53,7 @@ def check_run(run_dir: str | os.PathLike) -> None:
         read_json(run_dir / "summary.json", "summary.json")
         for name, schema in TABLES.items():
             if (run_dir / name).exists():
-                check_parquet(run_dir / name, name, schema.names)
+                check_parquet(run_dir / name, name, _required_columns(name, schema))
     except UnreadableFile as error:
         raise DamagedRun(run_dir, str(error)) from None
 
@@ -144,7 +144,7 @@ class Run:
 
     @property
     def sharpness(self) -> pd.DataFrame:
-        """Top Hessian eigenvalues (``logs.SHARPNESS_SCHEMA``), one row per (step, source, rank)."""
+        """Top Hessian eigenvalues (``logs.SHARPNESS_SCHEMA``), one row per (step, split, source, rank)."""
         return _read_parquet(self.path / "sharpness.parquet", logs.SHARPNESS_SCHEMA)
 
     @property
@@ -195,10 +195,21 @@ def run_status(run_dir: str | os.PathLike) -> str | None:
     return read_summary(run_dir).get("status", "running")
 
 
+def _required_columns(name: str, schema) -> list[str]:
+    """The columns a table file must hold: its schema's, less those added later (``logs.ADDED_COLUMNS``)."""
+    return [column for column in schema.names if column not in logs.ADDED_COLUMNS.get(name, {})]
+
+
 def _read_parquet(path: Path, schema) -> pd.DataFrame:
+    """The table at ``path`` with every column of ``schema`` (empty when there is no file); a column
+    added after the file was written takes the value older files imply (``logs.ADDED_COLUMNS``)."""
     if not path.exists():
         return schema.empty_table().to_pandas()
-    return read_parquet(path, f"{path.parent.name}/{path.name}", schema.names)
+    frame = read_parquet(path, f"{path.parent.name}/{path.name}", _required_columns(path.name, schema))
+    for column, value in logs.ADDED_COLUMNS.get(path.name, {}).items():
+        if column not in frame:
+            frame[column] = value
+    return frame
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -214,8 +225,8 @@ RUN_TABLE_COLUMNS = ["run_id", "method", "adapter", "perturbation", "model", "ta
                      "steps", "status", "alive", "steps_done", "final_loss", "eval_loss", "eval_metric",
                      "eval_macro_f1", "double_descent", "divergence_amplitude", "steps_lost", "n_episodes",
                      "descended", "loss_drop", "final_drop", "rise_of_start", "early_rise", "rose_from_start",
-                     "top_eigenvalue", "hessian_trace", "wall_time_s", "adapter_init_s", "trainable_params", "damage",
-                     "path"]
+                     "top_eigenvalue", "hessian_trace", "top_eigenvalue_train", "hessian_trace_train", "wall_time_s",
+                     "adapter_init_s", "trainable_params", "damage", "path"]
 
 
 def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
@@ -286,6 +297,9 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         "rose_from_start": phases.get("rose_from_start"),
         "top_eigenvalue": ((summary.get("sharpness") or {}).get("eigenvalues") or [None])[0],
         "hessian_trace": (summary.get("trace") or {}).get("trace"),  # dynamics analyze --trace (Hutchinson)
+        # the same of the training loss (dynamics analyze --split train)
+        "top_eigenvalue_train": ((summary.get("sharpness_train") or {}).get("eigenvalues") or [None])[0],
+        "hessian_trace_train": (summary.get("trace_train") or {}).get("trace"),
         "damage": None,
         "path": str(run_dir),
     }

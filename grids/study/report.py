@@ -74,6 +74,8 @@ RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_ca
                # gsm exact match by `dynamics analyze --exact-match` (generations.parquet; empty where not measured):
                # problems decoded, the share that wrote "#### N", the share whose last number is the answer
                "em_problems", "em_answered", "em_last_number",
+               # curvature of the training loss (`dynamics analyze --split train`; empty where not measured)
+               "top_eigenvalue_train", "hessian_trace_train", "hessian_trace_train_se", "curvature_examples_train",
                # where and with what the run was made (unknown for runs of the first sessions)
                "started_at", "versions", "cpu"]
 # what a re-run is checked against its first run on (bit-for-bit on one machine; across machines
@@ -107,8 +109,8 @@ def _from_files(run, apn_cap: float) -> dict:
     ``layer_metrics_every`` steps) and the median perturbation norm (global, over layers)."""
     metrics = run.metrics
     diverge = run.phases[run.phases["phase"] == "diverge"]
-    top = run.sharpness[run.sharpness["rank"] == 1].sort_values("step").tail(1)
-    trace = run.trace.sort_values("step").tail(1)
+    top, trace = _final_curvature(run, "eval")
+    top_train, trace_train = _final_curvature(run, "train")
     versions = run.info.get("versions") or {}
     cpu = run.info.get("cpu") or {}  # recorded from the study's third session on
     row = {"started_at": run.info.get("started_at"),
@@ -120,6 +122,8 @@ def _from_files(run, apn_cap: float) -> dict:
                                                                   strict=True)),
            "hessian_trace_se": float(trace["standard_error"].iloc[0]) if len(trace) else np.nan,
            "curvature_examples": int(top["n_examples"].iloc[0]) if len(top) else np.nan,
+           "hessian_trace_train_se": float(trace_train["standard_error"].iloc[0]) if len(trace_train) else np.nan,
+           "curvature_examples_train": int(top_train["n_examples"].iloc[0]) if len(top_train) else np.nan,
            **blowup(metrics), **generation_numbers(run.generations)}
     scale = metrics["apn_scale"].dropna() if "apn_scale" in metrics else pd.Series(dtype=float)
     if len(scale):
@@ -133,6 +137,13 @@ def _from_files(run, apn_cap: float) -> dict:
                    else np.nan,
                    perturb_norm_median=float(metrics["perturb_norm"].median()))
     return row
+
+
+def _final_curvature(run, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The last measured top-eigenvalue row and trace row of ``split``'s loss (empty where none)."""
+    sharpness, trace = run.sharpness, run.trace
+    top = sharpness[(sharpness["rank"] == 1) & (sharpness["split"] == split)].sort_values("step").tail(1)
+    return top, trace[trace["split"] == split].sort_values("step").tail(1)
 
 
 def generation_numbers(generations: pd.DataFrame) -> dict:
@@ -384,6 +395,11 @@ def tables(ledgers: Ledgers) -> str:
         ("MGPO rho x apn_cap at r = alpha = 8, lr 5e-3, over seeds", cell_table(knobs, ["rho", "apn_cap"])),
         ("Curvature of the final minimum per cell and method (default MGPO knobs; each run as last measured)",
          curvature_table(at_defaults(ledgers.latest), ["rank", "lr", "method"])),
+        ("Curvature of the training loss at the final minimum per cell and method (its first 4 batches of 8 "
+         "training articles; each run as last measured)",
+         curvature_table(at_defaults(ledgers.latest), ["rank", "lr", "method"], split="train")),
+        ("Curvature against LoRA's, paired by seed: the ratio of top eigenvalues per pair, eval and training loss",
+         curvature_pairs(at_defaults(ledgers.latest))),
         ("Re-runs: runs of an earlier session run again (same settings and seed), first / re-run",
          replication_table(ledgers)),
         ("Re-runs: the r = alpha = 8 cells again, per cell and method (re-runs only)",
@@ -524,23 +540,52 @@ def mgpo_state_table(table: pd.DataFrame, metric: tuple[str, str] = BBC_METRICS[
     return pd.DataFrame(rows)
 
 
-def curvature_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+CURVATURE_COLUMNS = {"eval": ("top_eigenvalue", "hessian_trace", "hessian_trace_se", "curvature_examples"),
+                     "train": ("top_eigenvalue_train", "hessian_trace_train", "hessian_trace_train_se",
+                               "curvature_examples_train")}
+
+
+def curvature_table(table: pd.DataFrame, keys: list[str], split: str = "eval") -> pd.DataFrame:
     """Seed-aggregated curvature of the final minimum per ``keys``: the top Hessian eigenvalue and
-    the Hutchinson trace of the eval loss (``dynamics analyze``; the mean of the trace estimates'
-    standard errors beside the spread over seeds), on how many held-out examples, and what the
-    runs did (a run at chance sits on a plateau, whose low curvature says nothing of flatness)."""
+    the Hutchinson trace of ``split``'s loss (``dynamics analyze [--split train]``; the mean of the
+    trace estimates' standard errors beside the spread over seeds), on how many examples, and what
+    the runs did (a run at chance sits on a plateau, whose low curvature says nothing of flatness)."""
+    top, trace, trace_se, examples_column = CURVATURE_COLUMNS[split]
     rows = []
-    measured = table[table["top_eigenvalue"].notna()]
+    measured = table[pd.to_numeric(table[top], errors="coerce").notna()]
     for key, group in measured.groupby(keys, sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        examples = sorted(group["curvature_examples"].dropna().astype(int).unique())
+        examples = sorted(group[examples_column].dropna().astype(int).unique())
         rows.append({**dict(zip(keys, key, strict=True)), "seeds": len(group),
                      "outcomes": outcome_counts(group["outcome"]),
-                     "eval examples": ", ".join(map(str, examples)) or "-",
-                     "λ_max": mean_sd(group["top_eigenvalue"], 1),
-                     "tr(H)": mean_sd(group["hessian_trace"], 0),
-                     "tr(H) standard error (mean)": (f"{group['hessian_trace_se'].mean():.0f}"
-                                                     if group["hessian_trace_se"].notna().any() else "-")})
+                     f"{split} examples": ", ".join(map(str, examples)) or "-",
+                     "λ_max": mean_sd(group[top], 1),
+                     "tr(H)": mean_sd(group[trace], 0),
+                     "tr(H) standard error (mean)": (f"{group[trace_se].mean():.0f}"
+                                                     if group[trace_se].notna().any() else "-")})
+    return pd.DataFrame(rows)
+
+
+def curvature_pairs(table: pd.DataFrame, baseline: str = "lora") -> pd.DataFrame:
+    """Each method's final-minimum curvature against ``baseline``'s of the same seed and cell
+    (rank, lr), eval and training loss side by side: the ratio of top eigenvalues per pair, and in
+    how many pairs the method's is lower. Runs without a training-loss measurement are left out."""
+    columns = ["top_eigenvalue", "top_eigenvalue_train", "hessian_trace_train", "outcome"]
+    measured = table[pd.to_numeric(table["top_eigenvalue_train"], errors="coerce").notna()]
+    base = measured[measured["method"] == baseline].set_index(["rank", "lr", "seed"])[columns]
+    rows = []
+    for (rank, lr, method), group in measured[measured["method"] != baseline].groupby(["rank", "lr", "method"]):
+        both = group.set_index(["rank", "lr", "seed"])[columns].merge(base, left_index=True, right_index=True,
+                                                                    suffixes=("", "_base"))
+        if both.empty:
+            continue
+        row = {"rank": rank, "lr": lr, "method": method, "pairs": len(both)}
+        for label, column in (("eval", "top_eigenvalue"), ("train", "top_eigenvalue_train")):
+            ratio = both[column].astype(float) / both[f"{column}_base"].astype(float)
+            row[f"λ_max {label} / {baseline}'s"] = " ".join(f"{value:.2f}" for value in ratio)
+            row[f"lower ({label})"] = f"{int((ratio < 1).sum())} of {len(ratio)}"
+        row["outcomes"] = " / ".join(f"{x} vs {y}" for x, y in zip(both["outcome"], both["outcome_base"], strict=True))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -578,7 +623,7 @@ def draw(ledgers: Ledgers) -> None:
         "perturbations": (r8[np.isclose(r8["lr"], 5e-3)], "loss_by_method,ablation,noise,cost,mgpo_state"),
         # grids/study/sharpness_bbc.toml: curvature on 4 eval batches, the trace with it
         "sharpness": (latest_r8[latest_r8["lr"].isin([2e-3, 5e-3]) & (latest_r8["curvature_examples"] == 32)],
-                      "sharpness_by_method"),
+                      "sharpness_by_method,sharpness_train"),
     }
     draw_sets(subsets, FIGURES_OUT, "python grids/study/report.py runs/study")
 
