@@ -46,12 +46,16 @@ def eager_attention(model: nn.Module, device: torch.device) -> Iterator[None]:
 SPLITS = ("eval", "train")  # whose loss the curvature is of: held-out or training examples
 
 
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split}: must be one of {', '.join(SPLITS)}")
+
+
 def sharpness_batches(task: TaskData, cfg: RunConfig, n_batches: int, device: torch.device,
                       split: str = "eval") -> list[dict]:
     """The first ``n_batches`` batches of ``cfg.batch_size`` examples of ``split`` (in the split's
     stored order, not the training loop's shuffled one: the same examples for every run of a task)."""
-    if split not in SPLITS:
-        raise ConfigError(f"--split {split}: must be one of {', '.join(SPLITS)}")
+    check_split(split)
     examples = getattr(task, split)[: n_batches * cfg.batch_size]
     if not examples:
         raise ConfigError("--n-eval 0: sharpness needs eval examples" if split == "eval" else

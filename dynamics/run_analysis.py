@@ -21,7 +21,7 @@ import torch
 from dynamics import runs
 from dynamics.analysis import detect_phases, phase_summary
 from dynamics.config import TASK_KIND, ConfigError
-from dynamics.curvature import SPLITS, measure_density, measure_sharpness, measure_trace
+from dynamics.curvature import check_split, measure_density, measure_sharpness, measure_trace
 from dynamics.data import load_task
 from dynamics.files import UnreadableFile, write_parquet
 from dynamics.models import build_model, load_tokenizer
@@ -223,11 +223,6 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
 
 
 SUMMARY_SUFFIX = {"eval": "", "train": "_train"}  # summary.json: sharpness / sharpness_train, trace / trace_train
-
-
-def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ConfigError(f"--split {split}: must be one of {', '.join(SPLITS)}")
 
 
 def check_curve(curve: str) -> None:
