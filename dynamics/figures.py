@@ -865,6 +865,9 @@ def _method_bars(runs: pd.DataFrame, methods: Sequence[str], title: str, needs: 
         figure, axes = _new_figure(len(panels), panel_width=3.3, height=3.0)
         for ax, (frame, column, label, scale, task) in zip(axes, panels, strict=True):
             present = sorted(frame["method"].unique(), key=lambda m: (list(methods).index(base_method(m)), m))
+            # one number format per panel: 3 significant digits of its largest mean (7.10 beside 6.56, not 7.1)
+            largest = frame.groupby("method")[column].mean().abs().max() * scale
+            decimals = max(0, 2 - math.floor(math.log10(largest))) if largest > 0 else 0
             for position, method in enumerate(present):
                 values = frame.loc[frame["method"] == method, column].astype(float) * scale
                 color = method_color(method)
@@ -877,10 +880,11 @@ def _method_bars(runs: pd.DataFrame, methods: Sequence[str], title: str, needs: 
                     ax.errorbar(position, values.mean(), yerr=[[values.mean() - values.min()],
                                                                [values.max() - values.mean()]],
                                 color="black", capsize=3, lw=1)
-                ax.annotate(f"{values.mean():.3g}", (position, values.max()), xytext=(0, 4),
+                ax.annotate(f"{values.mean():.{decimals}f}", (position, values.max()), xytext=(0, 4),
                             textcoords="offset points", ha="center", va="bottom", fontsize=8)
             ax.set_xticks(range(len(present)), [method_label(m) for m in present], rotation=30, ha="right",
                           rotation_mode="anchor", fontsize=8)
+            ax.set_xlim(-0.6, len(present) - 0.4)  # room for the labels of the end points (a loss panel has no bars)
             ax.margins(y=0.12)
             ax.set_ylabel(label)
             settings = frame[frame["method"] != "full"].iloc[0]
