@@ -109,6 +109,14 @@ def test_ledger_keeps_first_runs_and_records_re_runs_beside_them(report, tmp_pat
     assert sorted(again.reruns["run_id"]) == ["lora+mgpo-s1", "lora-s0"] and len(again.first) == 6
     replaced = report.ledgers(on_disk, first_csv, reruns_csv, {}, replace=True, log=lambda line: None)
     assert replaced.first.set_index("run_id").loc["lora+mgpo-s1", "final_loss"] == 0.07
+    # a later session re-runs lora+mgpo seed 1 again: a second re-run row, the earlier one kept
+    later = ledger.iloc[[3]].assign(final_loss=0.05, on_disk=True, path="elsewhere", started_at="2026-12-06T04:00:00")
+    third = report.ledgers(later, first_csv, reruns_csv, {}, log=lambda line: None)
+    reruns = third.reruns[third.reruns["run_id"] == "lora+mgpo-s1"]
+    assert sorted(reruns["final_loss"]) == [0.05, 0.07] and len(third.reruns) == 3
+    assert third.latest.set_index("run_id").loc["lora+mgpo-s1", "final_loss"] == 0.05  # the latest re-run
+    assert third.first_reruns.set_index("run_id").loc["lora+mgpo-s1", "final_loss"] == 0.07  # the earliest
+    assert report.replication_table(third)["re-run"].tolist()[-1] == "2026-12-06"
 
 
 def test_ledger_rows_name_outcomes_their_numbers_no_longer_give(report, tmp_path):

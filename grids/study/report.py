@@ -16,8 +16,9 @@ The per-run CSV is the study's ledger: the study spans sessions and machines, an
 not travel (they stay out of git). It holds each run id's first measurement; a row whose run is
 not on disk is kept as it was measured, so a report over a few new runs never drops the others.
 A run re-run in a later session (same settings and seed, started at another time) does not
-replace its row: it goes to ``docs/study/study_reruns.csv`` beside it, and the tables show both
-(runs are bit-for-bit repeatable on one machine and software stack, not across them). Every
+replace its row: it goes to ``docs/study/study_reruns.csv`` beside it (every re-run of it, one row
+each, told apart by ``started_at``), and the tables show both (runs are bit-for-bit repeatable on
+one machine and software stack, not across them). Every
 table is computed from the ledgers. A figure needs the run folders (curves): a figure set whose
 runs are not all on disk is left as committed, said in one line; the phase map needs only the
 ledger's columns and is always redrawn from all of it. ``--replace``: the runs on disk replace
@@ -185,17 +186,28 @@ def blowup(metrics: pd.DataFrame) -> dict:
 @dataclasses.dataclass
 class Ledgers:
     """The study's runs as measured: ``first``, each run id's first measurement (the per-run CSV),
-    and ``reruns``, the latest re-run of a run id measured before (the re-runs CSV). ``on_disk``:
-    the row's run folder is here (a re-run's first measurement is not)."""
+    and ``reruns``, every later run of a run id measured before (the re-runs CSV; a run id re-run
+    in two sessions has two rows). ``on_disk``: the row's run folder is here (a re-run's first
+    measurement is not)."""
 
     first: pd.DataFrame
     reruns: pd.DataFrame
 
     @property
     def latest(self) -> pd.DataFrame:
-        """Each run id as last measured: its re-run where there is one, else its first run."""
+        """Each run id as last measured: its latest re-run where there is one, else its first run."""
         first = self.first[~self.first["run_id"].isin(self.reruns["run_id"])]
-        return _sorted(pd.concat([first, self.reruns], ignore_index=True))
+        return _sorted(pd.concat([first, _by_start(self.reruns).groupby("run_id").tail(1)], ignore_index=True))
+
+    @property
+    def first_reruns(self) -> pd.DataFrame:
+        """Each re-run id's earliest re-run (bbc: the second session's, on the second machine)."""
+        return _sorted(_by_start(self.reruns).groupby("run_id").head(1))
+
+
+def _by_start(table: pd.DataFrame) -> pd.DataFrame:
+    return table.assign(_start=table["started_at"].astype(str)).sort_values("_start", kind="stable").drop(
+        columns="_start")
 
 
 def ledgers(on_disk: pd.DataFrame, first_csv: Path, reruns_csv: Path, settings: dict, replace: bool = False,
@@ -205,8 +217,9 @@ def ledgers(on_disk: pd.DataFrame, first_csv: Path, reruns_csv: Path, settings: 
     A run on disk whose id is not in the first ledger is a new row there. One that is, with the
     same ``started_at``, is that row's own folder (its row is refreshed: a later ``dynamics
     analyze`` shows). One that is, started at another time (another session, machine or library
-    versions), is a re-run: the first ledger keeps its row, the re-runs ledger takes the run, and
-    a re-run that does not reproduce its ``REPRODUCED`` numbers is named in one line. With
+    versions), is a re-run: the first ledger keeps its row, the re-runs ledger takes the run (in
+    place of its own earlier row, beside re-runs of the id started at other times), and a re-run
+    that does not reproduce its first run's ``REPRODUCED`` numbers is named in one line. With
     ``replace`` the runs on disk win everywhere (a study re-run whole elsewhere). Rows kept from a
     CSV have ``on_disk`` False, no ``path`` and the half's shared ``settings``; a kept row whose
     outcome is not what ``run_outcome`` makes of its numbers now is named in one line."""
@@ -218,7 +231,10 @@ def ledgers(on_disk: pd.DataFrame, first_csv: Path, reruns_csv: Path, settings: 
     rerun = on_disk[in_first & ~same_folder & (not replace)]
     own = on_disk[~in_first | same_folder | replace]
     first = _sorted(pd.concat([first[~first["run_id"].isin(own["run_id"])], own], ignore_index=True))
-    reruns = _sorted(pd.concat([reruns[~reruns["run_id"].isin(rerun["run_id"])], rerun], ignore_index=True))
+    same_rerun = pd.MultiIndex.from_frame(reruns[["run_id", "started_at"]].astype(str)).isin(
+        pd.MultiIndex.from_frame(rerun[["run_id", "started_at"]].astype(str))) if len(reruns) and len(rerun) else \
+        np.zeros(len(reruns), dtype=bool)
+    reruns = _sorted(pd.concat([reruns[~same_rerun], rerun], ignore_index=True))
     if len(rerun):
         reproduced = 0
         for _, again in rerun.iterrows():
@@ -264,18 +280,24 @@ def _shown(path: Path) -> str:
 def _sorted(table: pd.DataFrame) -> pd.DataFrame:
     # infer_objects: a concat with an empty (object) frame must not turn numbers into objects,
     # which the CSV would write as 2333.0 instead of 2333
-    return table.sort_values(["method", "rank", "lr", "rho", "apn_cap", "seed"]).reset_index(drop=True).infer_objects()
+    # started_at last: the re-runs of one run id in the order they were made
+    return table.assign(_start=table["started_at"].astype(str)).sort_values(
+        ["method", "rank", "lr", "rho", "apn_cap", "seed", "_start"]).drop(columns="_start").reset_index(
+        drop=True).infer_objects()
 
 
 def replication_table(ledgers: Ledgers, metric: tuple[str, str] = BBC_METRICS[0]) -> pd.DataFrame:
     """Each re-run beside its first run: outcome, final training loss, rise, the eval ``metric``
-    (label, column), and whether it reproduced them."""
+    (label, column), and whether it reproduced them; ``re-run`` says when (and on what processor,
+    where recorded) the re-run was made."""
     first = ledgers.first.set_index("run_id")
     rows = []
     for _, rerun in ledgers.reruns.iterrows():
         before = first.loc[rerun["run_id"]]
+        cpu = f", {rerun['cpu']}" if isinstance(rerun.get("cpu"), str) else ""
         rows.append({"method": rerun["method"], "rank": rerun["rank"], "lr": rerun["lr"], "rho": rerun["rho"],
                      "apn_cap": rerun["apn_cap"], "seed": rerun["seed"],
+                     "re-run": f"{str(rerun['started_at'])[:10]}{cpu}",
                      "outcome (first / re-run)": f"{before['outcome']} / {rerun['outcome']}",
                      "final loss": f"{before['final_loss']:.3g} / {rerun['final_loss']:.3g}",
                      "rise % of start": f"{100 * before['rise_of_start']:.0f} / {100 * rerun['rise_of_start']:.0f}",
@@ -380,7 +402,7 @@ def tables(ledgers: Ledgers) -> str:
                      ((defaults["rank"] == 128) & defaults["lr"].isin([5e-4, 1e-3, 2e-3])))]
     cell = defaults[(defaults["rank"] == 8) & np.isclose(defaults["lr"], 5e-3) & (defaults["method"] != "full")]
     knobs = table[(table["method"] == "lora+mgpo") & (table["rank"] == 8) & np.isclose(table["lr"], 5e-3)]
-    rerun_cells = at_defaults(ledgers.reruns)
+    rerun_cells = at_defaults(ledgers.first_reruns)  # the second machine's (later re-runs repeat the first runs)
     rerun_cells = rerun_cells[(rerun_cells["rank"] == 8) & (rerun_cells["method"] != "full")]
     sections = [
         ("Phase map: LoRA and full fine-tuning per (rank, lr), all seeds run",
@@ -402,9 +424,9 @@ def tables(ledgers: Ledgers) -> str:
          curvature_pairs(at_defaults(ledgers.latest))),
         ("Re-runs: runs of an earlier session run again (same settings and seed), first / re-run",
          replication_table(ledgers)),
-        ("Re-runs: the r = alpha = 8 cells again, per cell and method (re-runs only)",
+        ("Re-runs: the r = alpha = 8 cells again, per cell and method (each run id's first re-run only)",
          cell_table(rerun_cells, ["rank", "lr", "method"])),
-        ("Re-runs: each method - LoRA, paired by seed (re-runs only)",
+        ("Re-runs: each method - LoRA, paired by seed (each run id's first re-run only)",
          pd.concat([paired(rerun_cells, m, "lora", ["rank", "lr"]).assign(method=m)
                     for m in sorted(rerun_cells["method"].unique()) if m != "lora"] or [pd.DataFrame()])),
     ]
