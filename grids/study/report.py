@@ -417,6 +417,8 @@ def tables(ledgers: Ledgers) -> str:
         ("MGPO rho x apn_cap at r = alpha = 8, lr 5e-3, over seeds", cell_table(knobs, ["rho", "apn_cap"])),
         ("Curvature of the final minimum per cell and method (default MGPO knobs; each run as last measured)",
          curvature_table(at_defaults(ledgers.latest), ["rank", "lr", "method"])),
+        ("Curvature of the final minimum on the second machine (each run id's first re-run; the second session)",
+         curvature_table(at_defaults(ledgers.first_reruns), ["rank", "lr", "method"])),
         ("Curvature of the training loss at the final minimum per cell and method (its first 4 batches of 8 "
          "training articles; each run as last measured)",
          curvature_table(at_defaults(ledgers.latest), ["rank", "lr", "method"], split="train")),
