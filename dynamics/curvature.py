@@ -84,17 +84,19 @@ def measure_sharpness(model: nn.Module, task: TaskData, cfg: RunConfig, device: 
                       n_batches: int = 1, tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
                       step: int, source: str, split: str = "eval") -> list[dict[str, Any]]:
     """Top-k Hessian eigenvalues of ``split``'s loss at the model's current weights, as
-    ``sharpness.parquet`` rows."""
+    ``sharpness.parquet`` rows (with the loss itself, one extra forward pass)."""
     loss_fn, params, n_examples = hessian_loss(model, task, cfg, device, n_batches, split)
     if k > sum(p.numel() for p in params):
         raise ConfigError(f"--k {k}: larger than the {sum(p.numel() for p in params)} trainable parameters")
+    with torch.no_grad():
+        loss = float(loss_fn())
     started = time.perf_counter()
     with eager_attention(model, device):
         result = hessian_eigenvalues(loss_fn, params, k=k, tol=tol, max_iter=max_iter, seed=seed)
     seconds = time.perf_counter() - started
     return [{"step": step, "rank": i + 1, "eigenvalue": float(value), "residual": float(result.residuals[i]),
              "converged": bool(result.converged), "n_hvp": int(result.n_hvp), "n_examples": n_examples,
-             "seconds": seconds, "source": source, "split": split}
+             "seconds": seconds, "source": source, "split": split, "loss": loss}
             for i, value in enumerate(result.eigenvalues)]
 
 

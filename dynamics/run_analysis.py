@@ -137,7 +137,7 @@ def _analyze_locked(run: runs.Run, *, curve: str, sharpness: bool, checkpoints: 
         if last:
             result["sharpness" + suffix] = {"step": max(steps), "eigenvalues": [r["eigenvalue"] for r in last],
                                             "converged": all(r["converged"] for r in last),
-                                            "n_examples": last[0]["n_examples"]}
+                                            "n_examples": last[0]["n_examples"], "loss": last[0]["loss"]}
         last_trace = [r for r in measured.get("trace", []) if r["step"] == max(steps, default=None)]
         if last_trace:
             result["trace" + suffix] = _plain({key: last_trace[0][key]

@@ -77,7 +77,8 @@ def write_fake_run(root: Path, *, method: str = "lora", rank: int = 8, lr: float
                 "eigenvalue": [top_eigenvalue * (0.5 if s != steps else 1.0) for s in sharp_steps],
                 "residual": [1e-4] * len(sharp_steps), "converged": [True] * len(sharp_steps),
                 "n_hvp": [20] * len(sharp_steps), "n_examples": [8] * len(sharp_steps),
-                "seconds": [1.0] * len(sharp_steps), "source": sources, "split": ["eval"] * len(sharp_steps)}
+                "seconds": [1.0] * len(sharp_steps), "source": sources, "split": ["eval"] * len(sharp_steps),
+                "loss": [0.5] * len(sharp_steps)}
         # and the training loss's at the final checkpoint (analyze --split train): 3x the eval value
         rows = {name: [*values, TRAIN_ROW.get(name, values[-1])] for name, values in rows.items()}
         rows["eigenvalue"][-1] *= 3

@@ -142,6 +142,9 @@ def test_training_loss_curvature_sits_beside_the_eval_loss_curvature(trained):
     assert sharpness.loc["train", "eigenvalue"] == train_result["sharpness_train"]["eigenvalues"][0]
     assert sharpness.loc["eval", "eigenvalue"] != sharpness.loc["train", "eigenvalue"]  # different losses
     assert sharpness.loc["train", "n_examples"] == 4  # one batch of the run's batch_size
+    # each row carries the loss whose Hessian it is: the two splits' losses differ
+    assert sharpness["loss"].gt(0).all() and sharpness.loc["eval", "loss"] != sharpness.loc["train", "loss"]
+    assert train_result["sharpness_train"]["loss"] == sharpness.loc["train", "loss"]
     assert sorted(run.trace["split"]) == ["eval", "train"]
     summary = json.loads((trained.path / "summary.json").read_text())
     assert summary["sharpness"] == eval_result["sharpness"]  # the eval entry is left as it was
@@ -168,9 +171,9 @@ def test_the_train_split_is_the_first_training_examples(tiny):
 def test_curvature_files_written_before_the_split_column_read_as_eval(trained):
     analyze_run(trained.path, k=1)
     table = pq.read_table(trained.path / "sharpness.parquet")
-    pq.write_table(table.drop_columns(["split"]), trained.path / "sharpness.parquet")  # an older run folder
+    pq.write_table(table.drop_columns(["split", "loss"]), trained.path / "sharpness.parquet")  # an older run folder
     run = dynamics.load_run(trained.path)  # not damaged
-    assert run.sharpness["split"].tolist() == ["eval"]
+    assert run.sharpness["split"].tolist() == ["eval"] and run.sharpness["loss"].isna().all()
     analyze_run(trained.path, k=1, split="train")
     assert sorted(dynamics.load_run(trained.path).sharpness["split"]) == ["eval", "train"]
 

@@ -195,12 +195,13 @@ def test_training_loss_curvature_is_aggregated_and_paired_beside_the_eval_loss(r
                           curvature_examples=32,
                           top_eigenvalue_train=lambda t: np.where(t["method"] == "lora", 4.0, 2.0) * (1 + t["seed"]),
                           hessian_trace_train=lambda t: 20.0 * (1 + t["seed"]), hessian_trace_train_se=2.0,
-                          curvature_examples_train=32)
+                          curvature_examples_train=32, curvature_loss=0.2, curvature_loss_train=0.01)
     runs.loc[runs["seed"] == 2, "top_eigenvalue_train"] = np.nan  # not measured on the train split
     cells = report.curvature_table(runs, ["method"], split="train").set_index("method")
     assert cells.loc["lora", "seeds"] == 2 and cells.loc["lora", "train examples"] == "32"
     assert cells.loc["lora", "λ_max"] == f"6.0 ± {pd.Series([4.0, 8.0]).std():.1f}"
     assert cells.loc["lora", "tr(H)"] == "30 ± 14" and cells.loc["lora", "tr(H) standard error (mean)"] == "2"
+    assert cells.loc["lora", "loss there"] == "0.0100 ± 0.0000"
     assert report.curvature_table(runs, ["method"]).set_index("method").loc["lora", "seeds"] == 3  # eval: all
     pairs = report.curvature_pairs(runs).iloc[0]
     assert (pairs["method"], pairs["pairs"]) == ("lora+mgpo", 2)

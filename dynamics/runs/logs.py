@@ -90,6 +90,8 @@ SHARPNESS_SCHEMA = pa.schema([
     ("seconds", pa.float64()),
     ("source", pa.string()),  # "checkpoint" (dynamics analyze) or "training" (--sharpness-every)
     ("split", pa.string()),  # whose loss: "eval" (held-out examples) or "train" (analyze --split train)
+    ("loss", pa.float64()),  # that loss at the weights measured (nats per target token): a Hessian's size
+                             # follows the loss level (near a zero cross-entropy every curvature is small)
 ])
 
 
@@ -119,7 +121,7 @@ DENSITY_SCHEMA = pa.schema([
 
 # Columns added to a table after run folders with the older layout were written: a file without
 # one reads as if it held the value given here (the only value the older code could write).
-ADDED_COLUMNS = {"sharpness.parquet": {"split": "eval"}, "trace.parquet": {"split": "eval"},
+ADDED_COLUMNS = {"sharpness.parquet": {"split": "eval", "loss": math.nan}, "trace.parquet": {"split": "eval"},
                  "density.parquet": {"split": "eval"}}
 
 

@@ -77,6 +77,8 @@ RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_ca
                "em_problems", "em_answered", "em_last_number",
                # curvature of the training loss (`dynamics analyze --split train`; empty where not measured)
                "top_eigenvalue_train", "hessian_trace_train", "hessian_trace_train_se", "curvature_examples_train",
+               # the loss on the examples whose Hessian was measured (fifth session on; eval and train)
+               "curvature_loss", "curvature_loss_train",
                # where and with what the run was made (unknown for runs of the first sessions)
                "started_at", "versions", "cpu"]
 # what a re-run is checked against its first run on (bit-for-bit on one machine; across machines
@@ -125,6 +127,8 @@ def _from_files(run, apn_cap: float) -> dict:
            "curvature_examples": int(top["n_examples"].iloc[0]) if len(top) else np.nan,
            "hessian_trace_train_se": float(trace_train["standard_error"].iloc[0]) if len(trace_train) else np.nan,
            "curvature_examples_train": int(top_train["n_examples"].iloc[0]) if len(top_train) else np.nan,
+           "curvature_loss": float(top["loss"].iloc[0]) if len(top) else np.nan,
+           "curvature_loss_train": float(top_train["loss"].iloc[0]) if len(top_train) else np.nan,
            **blowup(metrics), **generation_numbers(run.generations)}
     scale = metrics["apn_scale"].dropna() if "apn_scale" in metrics else pd.Series(dtype=float)
     if len(scale):
@@ -206,8 +210,12 @@ class Ledgers:
 
 
 def _by_start(table: pd.DataFrame) -> pd.DataFrame:
-    return table.assign(_start=table["started_at"].astype(str)).sort_values("_start", kind="stable").drop(
-        columns="_start")
+    return table.assign(_start=_start(table)).sort_values("_start", kind="stable").drop(columns="_start")
+
+
+def _start(table: pd.DataFrame) -> pd.Series | str:
+    """``started_at`` as sortable text ('' for a hand-made table without it)."""
+    return table["started_at"].astype(str) if "started_at" in table else ""
 
 
 def ledgers(on_disk: pd.DataFrame, first_csv: Path, reruns_csv: Path, settings: dict, replace: bool = False,
@@ -281,7 +289,7 @@ def _sorted(table: pd.DataFrame) -> pd.DataFrame:
     # infer_objects: a concat with an empty (object) frame must not turn numbers into objects,
     # which the CSV would write as 2333.0 instead of 2333
     # started_at last: the re-runs of one run id in the order they were made
-    return table.assign(_start=table["started_at"].astype(str)).sort_values(
+    return table.assign(_start=_start(table)).sort_values(
         ["method", "rank", "lr", "rho", "apn_cap", "seed", "_start"]).drop(columns="_start").reset_index(
         drop=True).infer_objects()
 
@@ -564,17 +572,19 @@ def mgpo_state_table(table: pd.DataFrame, metric: tuple[str, str] = BBC_METRICS[
     return pd.DataFrame(rows)
 
 
-CURVATURE_COLUMNS = {"eval": ("top_eigenvalue", "hessian_trace", "hessian_trace_se", "curvature_examples"),
+CURVATURE_COLUMNS = {"eval": ("top_eigenvalue", "hessian_trace", "hessian_trace_se", "curvature_examples",
+                              "curvature_loss"),
                      "train": ("top_eigenvalue_train", "hessian_trace_train", "hessian_trace_train_se",
-                               "curvature_examples_train")}
+                               "curvature_examples_train", "curvature_loss_train")}
 
 
 def curvature_table(table: pd.DataFrame, keys: list[str], split: str = "eval") -> pd.DataFrame:
     """Seed-aggregated curvature of the final minimum per ``keys``: the top Hessian eigenvalue and
     the Hutchinson trace of ``split``'s loss (``dynamics analyze [--split train]``; the mean of the
     trace estimates' standard errors beside the spread over seeds), on how many examples, and what
-    the runs did (a run at chance sits on a plateau, whose low curvature says nothing of flatness)."""
-    top, trace, trace_se, examples_column = CURVATURE_COLUMNS[split]
+    the runs did (a run at chance sits on a plateau, whose low curvature says nothing of flatness),
+    with the loss on those examples where recorded (a Hessian's size follows the loss level)."""
+    top, trace, trace_se, examples_column, loss = CURVATURE_COLUMNS[split]
     rows = []
     measured = table[pd.to_numeric(table[top], errors="coerce").notna()]
     for key, group in measured.groupby(keys, sort=True):
@@ -583,6 +593,7 @@ def curvature_table(table: pd.DataFrame, keys: list[str], split: str = "eval") -
         rows.append({**dict(zip(keys, key, strict=True)), "seeds": len(group),
                      "outcomes": outcome_counts(group["outcome"]),
                      f"{split} examples": ", ".join(map(str, examples)) or "-",
+                     "loss there": measured_mean_sd(group[loss], 4),
                      "λ_max": mean_sd(group[top], 1),
                      "tr(H)": mean_sd(group[trace], 0),
                      "tr(H) standard error (mean)": (f"{group[trace_se].mean():.0f}"
