@@ -73,7 +73,7 @@ def hessian_loss(model: nn.Module, task: TaskData, cfg: RunConfig, device: torch
     batches = sharpness_batches(task, cfg, n_batches, device, split)
     total_terms = sum(n_loss_terms(b, task.kind) for b in batches)
 
-    def batch_share(model: nn.Module, batch) -> torch.Tensor:  # sums to the eval mean over all batches
+    def batch_share(model: nn.Module, batch) -> torch.Tensor:  # sums to the split's mean over all batches
         return loss_sum(model, batch, task.kind) * len(batches) / total_terms
 
     params = [p for p in model.parameters() if p.requires_grad]

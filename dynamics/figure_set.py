@@ -39,8 +39,8 @@ class RunsData:
     def phases(self) -> pd.DataFrame:
         return runs.load_metrics(self.table, table="phases")
 
-    # The curvature figures are of the eval loss (what training's --sharpness-every measures too), but
-    # sharpness_train, which draws the training loss's rows (dynamics analyze --split train).
+    # The curvature figures are of the eval loss (what training's --sharpness-every measures too),
+    # except sharpness_train, which draws the training loss's rows (dynamics analyze --split train).
     @cached_property
     def all_sharpness(self) -> pd.DataFrame:
         return runs.load_metrics(self.table, table="sharpness")
@@ -51,23 +51,19 @@ class RunsData:
 
     @cached_property
     def sharpness(self) -> pd.DataFrame:
-        return _of_split(self.all_sharpness, "eval")
+        return figures.of_split(self.all_sharpness, "eval")
 
     @cached_property
     def trace(self) -> pd.DataFrame:
-        return _of_split(self.all_trace, "eval")
+        return figures.of_split(self.all_trace, "eval")
 
     @cached_property
     def density(self) -> pd.DataFrame:
-        return _of_split(runs.load_metrics(self.table, table="density"), "eval")
+        return figures.of_split(runs.load_metrics(self.table, table="density"), "eval")
 
     @cached_property
     def metrics(self) -> pd.DataFrame:
         return runs.load_metrics(self.table, table="metrics")
-
-
-def _of_split(rows: pd.DataFrame, split: str) -> pd.DataFrame:
-    return rows[rows["split"] == split].reset_index(drop=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +118,12 @@ def draw_sharpness_by_method(data: RunsData) -> Drawn:
 
 
 def draw_sharpness_train(data: RunsData) -> Drawn:
-    train = _of_split(data.all_sharpness, "train")
+    train = figures.of_split(data.all_sharpness, "train")
     if train.empty:
         raise _missing_curvature(data, train, "top Hessian eigenvalues of the training loss", " --split train")
     used = figures.curvature_cells(figures.final_sharpness(train, "train"))
-    return Drawn(figures.sharpness_by_method(train, _of_split(data.all_trace, "train"), split="train"), _ids(used))
+    traces = figures.of_split(data.all_trace, "train")
+    return Drawn(figures.sharpness_by_method(train, traces, split="train"), _ids(used))
 
 
 def draw_spectrum(data: RunsData) -> Drawn:

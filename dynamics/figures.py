@@ -515,7 +515,7 @@ def final_sharpness(sharpness_rows: pd.DataFrame, split: str = "eval") -> pd.Dat
     (``source`` checkpoint, else training), with the run's settings."""
     rows = _require(sharpness_rows, ("run_id", "method", "eigen_rank", "eigenvalue", "step", "source"),
                     "Hessian eigenvalues (load_metrics(..., table='sharpness'))")
-    rows = _of_split(rows, split)
+    rows = of_split(rows, split)
     top = rows[rows["eigen_rank"] == 1].assign(from_checkpoint=lambda frame: frame["source"] == "checkpoint")
     top = top.sort_values(["run_id", "from_checkpoint", "step"])
     return top.groupby("run_id", as_index=False).last()
@@ -582,7 +582,7 @@ def final_trace(trace_rows: pd.DataFrame, split: str = "eval") -> pd.DataFrame:
     """One row per run: the Hutchinson trace estimate of ``split``'s loss at its last measured checkpoint."""
     rows = _require(trace_rows, ("run_id", "method", "step", "trace", "standard_error"),
                     "Hessian traces (load_metrics(..., table='trace'))")
-    rows = _of_split(rows, split)
+    rows = of_split(rows, split)
     return rows.sort_values(["run_id", "step"]).groupby("run_id", as_index=False).last()
 
 
@@ -658,9 +658,11 @@ def sharpness_by_method(sharpness_rows: pd.DataFrame, trace_rows: pd.DataFrame |
     return figure
 
 
-def _of_split(rows: pd.DataFrame, split: str) -> pd.DataFrame:
-    """The curvature rows of ``split`` (frames without a split column hold eval rows)."""
-    return rows[rows["split"] == split] if "split" in rows else rows if split == "eval" else rows.iloc[:0]
+def of_split(rows: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The curvature rows (sharpness, trace, density) of ``split``, eval or train."""
+    if "split" not in rows:  # a hand-made frame without the column: eval rows, as in older run folders
+        return rows if split == "eval" else rows.iloc[:0]
+    return rows[rows["split"] == split].reset_index(drop=True)
 
 
 def spectrum(density: pd.DataFrame, run_ids: Sequence[str] | None = None, sigma: float | None = None,

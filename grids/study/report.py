@@ -201,16 +201,12 @@ class Ledgers:
     def latest(self) -> pd.DataFrame:
         """Each run id as last measured: its latest re-run where there is one, else its first run."""
         first = self.first[~self.first["run_id"].isin(self.reruns["run_id"])]
-        return _sorted(pd.concat([first, _by_start(self.reruns).groupby("run_id").tail(1)], ignore_index=True))
+        return _sorted(pd.concat([first, _sorted(self.reruns).groupby("run_id").tail(1)], ignore_index=True))
 
     @property
     def first_reruns(self) -> pd.DataFrame:
         """Each re-run id's earliest re-run (bbc: the second session's, on the second machine)."""
-        return _sorted(_by_start(self.reruns).groupby("run_id").head(1))
-
-
-def _by_start(table: pd.DataFrame) -> pd.DataFrame:
-    return table.assign(_start=_start(table)).sort_values("_start", kind="stable").drop(columns="_start")
+        return _sorted(self.reruns).groupby("run_id").head(1).reset_index(drop=True)
 
 
 def _start(table: pd.DataFrame) -> pd.Series | str:
@@ -239,10 +235,10 @@ def ledgers(on_disk: pd.DataFrame, first_csv: Path, reruns_csv: Path, settings: 
     rerun = on_disk[in_first & ~same_folder & (not replace)]
     own = on_disk[~in_first | same_folder | replace]
     first = _sorted(pd.concat([first[~first["run_id"].isin(own["run_id"])], own], ignore_index=True))
-    same_rerun = pd.MultiIndex.from_frame(reruns[["run_id", "started_at"]].astype(str)).isin(
-        pd.MultiIndex.from_frame(rerun[["run_id", "started_at"]].astype(str))) if len(reruns) and len(rerun) else \
-        np.zeros(len(reruns), dtype=bool)
-    reruns = _sorted(pd.concat([reruns[~same_rerun], rerun], ignore_index=True))
+    def made(table: pd.DataFrame) -> pd.Series:  # one run: its id and when it started
+        return table["run_id"].astype(str) + " " + table["started_at"].astype(str)
+
+    reruns = _sorted(pd.concat([reruns[~made(reruns).isin(made(rerun))], rerun], ignore_index=True))
     if len(rerun):
         reproduced = 0
         for _, again in rerun.iterrows():
