@@ -207,3 +207,8 @@ def test_training_loss_curvature_is_aggregated_and_paired_beside_the_eval_loss(r
     assert (pairs["method"], pairs["pairs"]) == ("lora+mgpo", 2)
     assert pairs["λ_max train / lora's"] == "0.50 0.50" and pairs["lower (train)"] == "2 of 2"
     assert pairs["λ_max eval / lora's"] == "1.00 1.00" and pairs["lower (eval)"] == "0 of 2"
+    # the training-loss λ_max ranked against its loss: a perfect rank order is ρ = 1
+    learned = runs[runs["outcome"] != "collapse"].assign(curvature_loss_train=lambda t: t["top_eigenvalue_train"] / 100)
+    correlations = report.curvature_correlations(learned).set_index("training-loss λ_max against")
+    assert correlations.loc["training loss on the same examples", "Spearman ρ"] == "1.00"
+    assert correlations.loc["training loss on the same examples", "runs"] == 4

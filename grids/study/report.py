@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 import dynamics
 from dynamics import figures, runs
@@ -428,6 +429,8 @@ def tables(ledgers: Ledgers) -> str:
          curvature_table(at_defaults(ledgers.latest), ["rank", "lr", "method"], split="train")),
         ("Curvature against LoRA's, paired by seed: the ratio of top eigenvalues per pair, eval and training loss",
          curvature_pairs(at_defaults(ledgers.latest))),
+        ("What the training-loss curvature follows (runs that learned, each as last measured)",
+         curvature_correlations(at_defaults(ledgers.latest))),
         ("Re-runs: runs of an earlier session run again (same settings and seed), first / re-run",
          replication_table(ledgers)),
         ("Re-runs: the r = alpha = 8 cells again, per cell and method (each run id's first re-run only)",
@@ -617,6 +620,24 @@ def curvature_pairs(table: pd.DataFrame, baseline: str = "lora") -> pd.DataFrame
             row[f"lower ({label})"] = f"{int((ratio < 1).sum())} of {len(ratio)}"
         row["outcomes"] = " / ".join(f"{x} vs {y}" for x, y in zip(both["outcome"], both["outcome_base"], strict=True))
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def curvature_correlations(table: pd.DataFrame) -> pd.DataFrame:
+    """Over the runs that learned and have a training-loss curvature: Spearman's rank correlation
+    of the training-loss λ_max with the training loss on those same examples, and with the
+    eval-loss λ_max (is the training loss's curvature a property of the minimum, or of how far
+    the run fitted its examples?)."""
+    measured = table[table["outcome"].isin(LEARNED) & pd.to_numeric(table["top_eigenvalue_train"],
+                                                                      errors="coerce").notna()]
+    rows = []
+    for label, column in (("training loss on the same examples", "curvature_loss_train"),
+                          ("eval-loss λ_max", "top_eigenvalue")):
+        both = measured[["top_eigenvalue_train", column]].astype(float).dropna()
+        if len(both) >= 3:
+            rho, p_value = stats.spearmanr(both["top_eigenvalue_train"], both[column])
+            rows.append({"training-loss λ_max against": label, "runs": len(both), "Spearman ρ": f"{rho:.2f}",
+                         "p": f"{p_value:.1g}"})
     return pd.DataFrame(rows)
 
 
