@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check dynamics tests benchmarks
+	$(BIN)/ruff check .  # every Python file and notebook of the repository, studies/ included
 
 install: $(STAMP)
 

@@ -49,8 +49,7 @@ import torch.nn.functional as F
 from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from dynamics.analysis import hessian_eigenvalues
-from dynamics.analysis.sharpness import _HessianVectorProduct
+from dynamics.analysis import HessianVectorProduct, hessian_eigenvalues
 
 # Knob settings from cheap to expensive; the search picks the first that reaches the target.
 TOLERANCES = (2e-1, 1e-1, 5e-2, 2e-2, 1e-2, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4, 1e-5, 1e-6)
@@ -157,7 +156,7 @@ def run_pyhessian(problem: Problem, k: int, tol: float, seed: int) -> Record:
 
 def run_eigsh(problem: Problem, k: int, tol: float, seed: int) -> Record:
     start = time.perf_counter()
-    hessian = _HessianVectorProduct(problem.loss, problem.params)
+    hessian = HessianVectorProduct(problem.loss, problem.params)
 
     def matvec(vector: np.ndarray) -> np.ndarray:
         product = hessian(torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float64).ravel()).to(hessian.device))
@@ -279,17 +278,17 @@ def hvp_seconds(problem: Problem, repeats: int, seed: int) -> dict[str, float]:
     for each (forward + backward with create_graph + double backward). Both run our HVP code;
     each is warmed up once and the two are interleaved."""
     generator = torch.Generator().manual_seed(seed)
-    reused = _HessianVectorProduct(problem.loss, problem.params)
+    reused = HessianVectorProduct(problem.loss, problem.params)
     vectors = [torch.randn(reused.size, dtype=torch.float64, generator=generator) for _ in range(repeats + 1)]
     reused(vectors[0])
-    _HessianVectorProduct(problem.loss, problem.params)(vectors[0])
+    HessianVectorProduct(problem.loss, problem.params)(vectors[0])
     reuse_seconds, rebuild_seconds = 0.0, 0.0
     for vector in vectors[1:]:
         start = time.perf_counter()
         reused(vector)
         reuse_seconds += time.perf_counter() - start
         start = time.perf_counter()
-        _HessianVectorProduct(problem.loss, problem.params)(vector)
+        HessianVectorProduct(problem.loss, problem.params)(vector)
         rebuild_seconds += time.perf_counter() - start
     return {"reuse_graph_s": reuse_seconds / repeats, "rebuild_graph_s": rebuild_seconds / repeats}
 
@@ -310,7 +309,7 @@ def mlp_problem(seed: int) -> Problem:
     inputs = torch.randn(256, 16, generator=generator)
     targets = torch.randint(0, 4, (256,), generator=generator)
     exact = Problem("tiny", copy.deepcopy(model).double(), inputs.double(), targets, np.zeros(0), "")
-    hessian = _HessianVectorProduct(exact.loss, exact.params)
+    hessian = HessianVectorProduct(exact.loss, exact.params)
     dense = torch.stack([hessian(column) for column in torch.eye(hessian.size, dtype=torch.float64)])
     reference = np.linalg.eigvalsh(0.5 * (dense + dense.T).numpy())[::-1].copy()
     return Problem(

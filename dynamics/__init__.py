@@ -1,6 +1,6 @@
 """dynamics: instrumented LoRA / LoRA-MGPO fine-tuning for studying training dynamics.
 
-Public API (DESIGN.md): ``train(config) -> Run``, ``load_run(path) -> Run``,
+Public API (docs/design.md): ``train(config) -> Run``, ``load_run(path) -> Run``,
 ``load_runs(root) -> DataFrame``, ``RunConfig``; analysis lives in ``dynamics.analysis``.
 Heavy imports (torch, transformers) happen on first use, so ``import dynamics`` is quick.
 """

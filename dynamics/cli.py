@@ -10,6 +10,7 @@ Exit status of ``train``: 0 completed, 1 failed, 2 bad input, 3 diverged, 130 in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import subprocess
@@ -20,8 +21,10 @@ from typing import Sequence
 
 from dynamics import grid as grids
 from dynamics import runs
+from dynamics.analyze_config import AnalyzeConfig
 from dynamics.config import ConfigError, ConfigWarning, RunConfig, config_fields, flag
 from dynamics.files import UnreadableFile, read_toml, write_atomic
+from dynamics.launch import torchrun_command
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 130}  # train's, by run status
 
@@ -39,27 +42,36 @@ def _help(f) -> str:
     choices = f.metadata["choices"]
     if choices and f.name != "model":
         text += f"; one of: {', '.join(choices)}"
-    if f.default is not None and not isinstance(f.default, bool):
+    if f.default is not None and not isinstance(f.default, (bool, tuple)):
         text += f" (default: {f.default})"
     return text.replace("%", "%%")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field; values stay strings (coerced and checked by RunConfig) and
-    absent flags stay absent (argparse.SUPPRESS), so we know which ones the user gave."""
-    for f in config_fields():
+def add_config_flags(parser: argparse.ArgumentParser, fields: Sequence | None = None) -> None:
+    """One flag per field of a config dataclass (default: ``RunConfig``'s); values stay strings
+    (coerced and checked by the config) and absent flags stay absent (argparse.SUPPRESS), so we
+    know which ones the user gave. A field whose default is a tuple is a repeatable flag."""
+    for f in config_fields() if fields is None else fields:
+        name = f.metadata.get("flag") or flag(f.name)
         if f.type in ("bool", bool):
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=_help(f) + f" (default: {'on' if f.default else 'off'})")
+        elif isinstance(f.default, tuple):
+            parser.add_argument(name, dest=f.name, action="append", metavar="NAME=VALUE", default=argparse.SUPPRESS,
+                                help=_help(f))
         else:
-            parser.add_argument(flag(f.name), metavar=f.name.upper(), default=argparse.SUPPRESS, help=_help(f))
+            parser.add_argument(name, dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS, help=_help(f))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="dynamics", description="Instrumented LoRA / LoRA-MGPO fine-tuning.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="also the libraries' own messages (transformers' model-load reports, weight "
+                             "progress bars)")
 
-    train = commands.add_parser("train", help="run one instrumented training",
+    train = commands.add_parser("train", parents=[common], help="run one instrumented training",
                                 description="Run (or resume) one instrumented training; writes runs/<run_id>/. "
                                             "Exit status: 0 completed, 1 failed, 2 bad input, 3 diverged, "
                                             "130 interrupted.")
@@ -69,59 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
                             "--nproc-per-node N; --batch-size is then split N ways)")
     add_config_flags(train)
 
-    grid = commands.add_parser("grid", help="run (or list) every run of a grid file",
+    grid = commands.add_parser("grid", parents=[common], help="run (or list) every run of a grid file",
                                description="Run every run of a grid file (rank x lr x method sweeps), skipping "
                                            "completed ones and resuming interrupted ones. Exit status: 0 all "
                                            "completed/diverged, 1 some failed, 2 bad input, 130 interrupted.")
     add_grid_arguments(grid)
 
-    analyze = commands.add_parser("analyze", help="double-descent phases and Hessian sharpness of runs",
+    analyze = commands.add_parser("analyze", parents=[common],
+                                  help="double-descent phases and Hessian sharpness of runs",
                                   description="Write phases.parquet and sharpness.parquet (with --trace, "
                                               "--density and --exact-match also trace.parquet, density.parquet "
                                               "and generations.parquet) in each run folder and print a table.")
     analyze.add_argument("paths", nargs="+", metavar="RUN_OR_RUNS_DIR", help="run folders or folders of runs")
-    analyze.add_argument("--curve", default="loss", help="metrics column to segment: loss or loss_clean "
-                                                         "(default: loss)")
-    analyze.add_argument("--checkpoints", default="last", help="where to measure sharpness: last, all, or "
-                                                               "comma-separated steps (default: last)")
-    analyze.add_argument("--no-sharpness", dest="sharpness", action="store_false",
-                         help="no top eigenvalues (phases only, unless --trace, --density or --exact-match)")
-    analyze.add_argument("--k", default="1", help="top eigenvalues to compute (default: 1)")
-    analyze.add_argument("--batches", default="1", help="batches (of the run's batch_size) in the loss whose "
-                                                        "Hessian is measured (default: 1)")
-    analyze.add_argument("--split", default="eval", help="whose loss the curvature (--k, --trace, --density) is "
-                                                         "of: eval (the first held-out examples) or train (the first "
-                                                         "training examples, the loss the optimizer minimised) "
-                                                         "(default: eval)")
-    analyze.add_argument("--tol", default="1e-3", help="Lanczos residual tolerance, relative (default: 1e-3)")
-    analyze.add_argument("--max-iter", default="100", help="at most this many Hessian-vector products (default: 100)")
-    analyze.add_argument("--trace", action="store_true", help="also the Hutchinson trace of the Hessian "
-                                                              "(trace.parquet)")
-    analyze.add_argument("--trace-samples", default="100", help="at most this many Rademacher samples (HVPs) for "
-                                                                "--trace (default: 100)")
-    analyze.add_argument("--density", action="store_true", help="also the Hessian eigenvalue density by stochastic "
-                                                                "Lanczos quadrature (density.parquet)")
-    analyze.add_argument("--density-runs", default="10", help="random start vectors for --density (default: 10)")
-    analyze.add_argument("--density-steps", default="50", help="Lanczos steps per start vector for --density "
-                                                               "(default: 50)")
-    analyze.add_argument("--exact-match", default="0", metavar="N",
-                         help="also greedy-decode the first N held-out problems at each checkpoint measured and "
-                              "score them (gsm, tiny): generations.parquet and the run's exact match (default: 0)")
-    analyze.add_argument("--max-new-tokens", metavar="M",
-                         help="generation budget per problem for --exact-match (default: the run's max_new_tokens)")
-    analyze.add_argument("--decode-batch", metavar="B",
-                         help="prompts decoded at once for --exact-match (default: the run's batch_size); on a "
-                              "CPU 16 is about twice as fast as 4, with the same greedy answers up to float ties")
-    analyze.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
-                         help="a phase-detection threshold (see dynamics.analysis.PhaseThresholds); repeatable")
+    add_config_flags(analyze, dataclasses.fields(AnalyzeConfig))
 
-    figures = commands.add_parser("figures", help="every figure from folders of runs, as PNG and PDF",
+    figures = commands.add_parser("figures", parents=[common], help="every figure from folders of runs, as PNG and PDF",
                                   description="Draw every figure the runs support into --out as NAME.png and "
                                               "NAME.pdf, plus index.md (run ids and command of each). Figures "
                                               "the runs cannot make are skipped with one line each.")
     add_figures_arguments(figures)
 
-    export = commands.add_parser("export", help="a run's checkpoint as a LoRA adapter for the original base model",
+    export = commands.add_parser("export", parents=[common],
+                                 help="a run's checkpoint as a LoRA adapter for the original base model",
                                  description="Write a checkpoint of a LoRA-family run as a peft adapter folder "
                                              "that PeftModel.from_pretrained(original base, OUT) loads; pissa and "
                                              "loraga adapters are converted off their offset base.")
@@ -129,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="DIR", help="new folder for the adapter (never replaced)")
     export.add_argument("--step", default=None, help="checkpoint step (default: the newest intact one)")
 
-    table = commands.add_parser("runs", help="table of runs under a folder")
+    table = commands.add_parser("runs", parents=[common], help="table of runs under a folder")
     table.add_argument("runs_dir", nargs="?", default="runs", help="folder of run folders (default: runs)")
     table.add_argument("--csv", metavar="FILE", help="also write every column of the run table, at full "
                        "precision, to FILE (written whole or not at all)")
@@ -138,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Flags given, over ``--config``, over the stored config of a run resumed by ``--run-id``."""
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "nproc", "argv")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "nproc", "argv", "verbose")}
     base = read_toml(args.config, f"--config {args.config}") if args.config else {}
     values = {**{k.replace("-", "_"): v for k, v in base.items()}, **given}
     if values.get("resume") in (True, "true") and values.get("run_id"):
@@ -185,9 +166,7 @@ def launch_data_parallel(cfg: RunConfig, nproc: int, argv: Sequence[str]) -> int
         raise ConfigError(f"--batch-size {cfg.batch_size}: must be a multiple of --nproc {nproc} "
                           "(each process takes an equal shard of every micro-batch)")
     runs.plan_run(cfg)  # an existing run without --resume / --overwrite, or other settings: one line here
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "dynamics", *_without_nproc(argv)]
-    code = subprocess.run(command).returncode
+    code = subprocess.run(torchrun_command(nproc, _without_nproc(argv))).returncode
     status = runs.read_summary(cfg.run_dir).get("status") if (cfg.run_dir / "summary.json").exists() else None
     return EXIT_CODES.get(status, code or 1) if code else 0
 
@@ -238,24 +217,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from dynamics.run_analysis import analyze_paths  # lazy: torch
 
-    thresholds = {}
-    for item in args.threshold:
-        name, _, raw = item.partition("=")
-        thresholds[name] = _number(f"threshold {name}", raw, float, float("-inf"))
-    options = dict(k=int(_number("k", args.k, int, 1)), n_batches=int(_number("batches", args.batches, int, 1)),
-                   tol=_number("tol", args.tol, float, 0), max_iter=int(_number("max-iter", args.max_iter, int, 1)),
-                   trace=args.trace, trace_samples=int(_number("trace-samples", args.trace_samples, int, 1)),
-                   density=args.density, density_runs=int(_number("density-runs", args.density_runs, int, 1)),
-                   density_steps=int(_number("density-steps", args.density_steps, int, 1)),
-                   exact_match=int(_number("exact-match", args.exact_match, int, 0)),
-                   max_new_tokens=None if args.max_new_tokens is None else
-                   int(_number("max-new-tokens", args.max_new_tokens, int, 1)),
-                   decode_batch=None if args.decode_batch is None else
-                   int(_number("decode-batch", args.decode_batch, int, 1)), split=args.split)
+    options = AnalyzeConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "paths", "argv", "verbose")})
     problems: list[str] = []
-    table = analyze_paths(args.paths, curve=args.curve, sharpness=args.sharpness, checkpoints=args.checkpoints,
-                          on_problem=lambda line: (problems.append(line), print(line, file=sys.stderr)),
-                          **options, **thresholds)
+    table = analyze_paths(args.paths, options,
+                          on_problem=lambda line: (problems.append(line), print(line, file=sys.stderr)))
     if len(table):
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
@@ -372,6 +337,25 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
     return f"warning: {message}\n"
 
 
+# What the libraries print on their own for every model load: transformers' load report (e.g. the
+# classifier head's MISSING keys, expected for a new head) and its "Loading weights" bar, hub
+# download bars. Environment variables, read when those libraries are imported (after this, in
+# this process and in the grid's workers and torchrun's processes, which inherit them); Python
+# warnings (ours among them) are not affected.
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def quiet_libraries() -> None:
+    """Quiet the libraries' chatter (``QUIET_ENV``) unless the user set those variables."""
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    if "transformers" in sys.modules:  # imported already (main() called from Python): tell it directly
+        import transformers  # lazy: only when already loaded
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warnings
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
@@ -379,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if not args.verbose:
+        quiet_libraries()
     commands = {"train": cmd_train, "grid": cmd_grid, "analyze": cmd_analyze, "figures": cmd_figures, "runs": cmd_runs,
                 "export": cmd_export}
     try:

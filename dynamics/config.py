@@ -70,11 +70,11 @@ class Method(NamedTuple):
 def parse_method(text: str) -> Method:
     """Split and check ``--method``; raises ConfigError naming what is allowed."""
     parts = text.split("+")
-    _check(len(parts) in (1, 2) and all(parts), "method", text, "must be ADAPTER or ADAPTER+PERTURBATION")
-    _check(parts[0] in ADAPTERS, "method", text, "adapter must be one of " + ", ".join(ADAPTERS))
+    check_value(len(parts) in (1, 2) and all(parts), "method", text, "must be ADAPTER or ADAPTER+PERTURBATION")
+    check_value(parts[0] in ADAPTERS, "method", text, "adapter must be one of " + ", ".join(ADAPTERS))
     if len(parts) == 1:
         return Method(parts[0], None)
-    _check(parts[1] in PERTURBATIONS, "method", text, "perturbation must be one of " + ", ".join(PERTURBATIONS))
+    check_value(parts[1] in PERTURBATIONS, "method", text, "perturbation must be one of " + ", ".join(PERTURBATIONS))
     if parts[0] == "full" and parts[1] in WEIGHT_SPACE_PERTURBATIONS:
         raise ConfigError(f"--method {text}: adapter full has no low-rank merged weight space for "
                           f"{parts[1]}; use full+msam, full+sam or full+noise, or {parts[1]} with one of "
@@ -91,11 +91,17 @@ def _task_defaults(cfg: RunConfig) -> dict[str, Any]:
     return values
 
 
-def _field(default: Any, help: str, choices: tuple | None = None, control: bool = False, **kw):
-    """A dataclass field with CLI metadata. ``control`` marks run-control fields (where and how to
-    run) that are not part of the experiment: they are left out of the run id and resume checks."""
-    metadata = {"help": help, "choices": choices, "control": control}
+def config_field(default: Any, help: str, choices: tuple | None = None, control: bool = False,
+                 flag: str | None = None, **kw):
+    """A dataclass field with CLI metadata (a flag per field: ``dynamics.cli.add_config_flags``).
+    ``control`` marks run-control fields (where and how to run) that are not part of the
+    experiment: they are left out of the run id and resume checks. ``flag`` names the CLI flag
+    when it is not the field's name with dashes."""
+    metadata = {"help": help, "choices": choices, "control": control, "flag": flag}  # flag: when not --NAME
     return field(default=default, metadata=metadata, **kw)
+
+
+_field = config_field  # the short name the field table below reads well with
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ class RunConfig:
     )
     task: str = _field("gsm", "training task", TASKS)
     method: str = _field(
-        "lora", "ADAPTER or ADAPTER+PERTURBATION (see DESIGN.md); adapters: " + ", ".join(ADAPTERS)
+        "lora", "ADAPTER or ADAPTER+PERTURBATION (see docs/design.md); adapters: " + ", ".join(ADAPTERS)
     )
     rank: int = _field(8, "LoRA rank r (paper default 8)")
     alpha: float = _field(16.0, "LoRA alpha; the update is scaled by alpha/r (paper default 16)")
@@ -187,7 +193,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name)))
+            object.__setattr__(self, f.name, coerce_field(f, getattr(self, f.name)))
         # Parsed and resolved once, here (module doc).
         object.__setattr__(self, "_method", parse_method(self.method))
         _validate(self)
@@ -277,22 +283,23 @@ def config_flags(cfg: RunConfig) -> list[str]:
 
 
 @functools.cache
-def _type_hints() -> dict[str, Any]:
-    return typing.get_type_hints(RunConfig)
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def _type_of(f: dataclasses.Field) -> tuple[type, bool]:
-    """(base type, optional) of a field, from the dataclass annotations."""
-    hint = _type_hints()[f.name]
+def _type_of(f: dataclasses.Field, cls: type) -> tuple[type, bool]:
+    """(base type, optional) of a field of the dataclass ``cls``, from its annotations."""
+    hint = _type_hints(cls)[f.name]
     args = typing.get_args(hint)
     if type(None) in args:
         return next(a for a in args if a is not type(None)), True
     return hint, False
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    """Turn ``value`` (maybe a string from the CLI) into the field's type, or raise ConfigError."""
-    base, optional = _type_of(f)
+def coerce_field(f: dataclasses.Field, value: Any, cls: type | None = None) -> Any:
+    """Turn ``value`` (maybe a string from the CLI) into the type of the field ``f`` of the frozen
+    config dataclass ``cls`` (default ``RunConfig``), or raise ConfigError naming its flag."""
+    base, optional = _type_of(f, cls or RunConfig)
     spelled_none = isinstance(value, str) and (value.lower() in ("none", "null") or (value == "" and base is not str))
     if optional and (value is None or spelled_none):  # an empty --run-id is refused, not the default
         return None
@@ -321,7 +328,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     raise TypeError(f"unsupported field type {base}")  # pragma: no cover - programming error
 
 
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+def check_value(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{flag(name)} {_shown(value)}: {allowed}")
 
@@ -338,64 +345,64 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def _validate(cfg: RunConfig) -> None:
-    _check(cfg.task in TASKS, "task", cfg.task, "must be one of " + ", ".join(TASKS))
+    check_value(cfg.task in TASKS, "task", cfg.task, "must be one of " + ", ".join(TASKS))
     adapter = cfg.adapter
     if cfg.perturb_application == "fused" and (adapter in ("full", "dora", "adalora") or cfg.lora_dropout > 0):
         raise ConfigError(f"--perturb-application fused: needs plain LoRA layers without dropout (adapter one of lora, "
                           f"rslora, pissa, loraplus, loraga and --lora-dropout 0), got --method {cfg.method} with "
                           f"--lora-dropout {cfg.lora_dropout}; use auto, dense or lowrank")
     model_ok = cfg.model in BUILTIN_MODELS or Path(cfg.model).is_dir() or bool(_HUB_ID.match(cfg.model))
-    _check(model_ok, "model", cfg.model,
+    check_value(model_ok, "model", cfg.model,
            "must be one of " + ", ".join(BUILTIN_MODELS) + ", a local folder, or a Hugging Face id org/name")
     if cfg.model in ENCODER_MODELS and cfg.task_kind == "causal_lm":
         raise ConfigError(f"--model {cfg.model} --task {cfg.task}: an encoder cannot generate; use --task bbc")
     if cfg.model in TOKENIZER_FREE_MODELS and cfg.task != "tiny":
         raise ConfigError(f"--model {cfg.model} --task {cfg.task}: tiny-llama has no tokenizer; use --task tiny")
 
-    _check(cfg.rank >= 1, "rank", cfg.rank, "must be an integer >= 1")
-    _check(math.isfinite(cfg.alpha) and cfg.alpha > 0, "alpha", cfg.alpha, "must be a positive number")
-    _check(0 <= cfg.lora_dropout < 1, "lora_dropout", cfg.lora_dropout, "must be in [0, 1)")
-    _check(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a positive number")
-    _check(cfg.steps >= 1, "steps", cfg.steps, "must be an integer >= 1")
-    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be an integer >= 1")
-    _check(cfg.grad_accum >= 1, "grad_accum", cfg.grad_accum, "must be an integer >= 1")
-    _check(cfg.seq_len >= 8, "seq_len", cfg.seq_len, "must be an integer >= 8")
-    _check(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay,
+    check_value(cfg.rank >= 1, "rank", cfg.rank, "must be an integer >= 1")
+    check_value(math.isfinite(cfg.alpha) and cfg.alpha > 0, "alpha", cfg.alpha, "must be a positive number")
+    check_value(0 <= cfg.lora_dropout < 1, "lora_dropout", cfg.lora_dropout, "must be in [0, 1)")
+    check_value(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a positive number")
+    check_value(cfg.steps >= 1, "steps", cfg.steps, "must be an integer >= 1")
+    check_value(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be an integer >= 1")
+    check_value(cfg.grad_accum >= 1, "grad_accum", cfg.grad_accum, "must be an integer >= 1")
+    check_value(cfg.seq_len >= 8, "seq_len", cfg.seq_len, "must be an integer >= 8")
+    check_value(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay,
            "must be a number >= 0")
-    _check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
-    _check(math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max_grad_norm", cfg.max_grad_norm,
+    check_value(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
+    check_value(math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max_grad_norm", cfg.max_grad_norm,
            "must be a number >= 0 (0: no clipping)")
-    _check(cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")
-    _check(cfg.data_seed >= 0, "data_seed", cfg.data_seed, "must be an integer >= 0")
+    check_value(cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")
+    check_value(cfg.data_seed >= 0, "data_seed", cfg.data_seed, "must be an integer >= 0")
     if cfg.rho is not None:
-        _check(math.isfinite(cfg.rho) and cfg.rho >= 0, "rho", cfg.rho, "must be a number >= 0")
+        check_value(math.isfinite(cfg.rho) and cfg.rho >= 0, "rho", cfg.rho, "must be a number >= 0")
     if cfg.mu is not None:
-        _check(0 <= cfg.mu < 1, "mu", cfg.mu, "must be in [0, 1)")
+        check_value(0 <= cfg.mu < 1, "mu", cfg.mu, "must be in [0, 1)")
     if cfg.beta is not None:
-        _check(0 <= cfg.beta < 1, "beta", cfg.beta, "must be in [0, 1)")
-    _check(math.isfinite(cfg.apn_cap) and cfg.apn_cap > 0, "apn_cap", cfg.apn_cap, "must be a positive number")
-    _check(math.isfinite(cfg.apn_eps) and cfg.apn_eps > 0, "apn_eps", cfg.apn_eps, "must be a positive number")
-    _check(math.isfinite(cfg.loraplus_ratio) and cfg.loraplus_ratio > 0, "loraplus_ratio", cfg.loraplus_ratio,
+        check_value(0 <= cfg.beta < 1, "beta", cfg.beta, "must be in [0, 1)")
+    check_value(math.isfinite(cfg.apn_cap) and cfg.apn_cap > 0, "apn_cap", cfg.apn_cap, "must be a positive number")
+    check_value(math.isfinite(cfg.apn_eps) and cfg.apn_eps > 0, "apn_eps", cfg.apn_eps, "must be a positive number")
+    check_value(math.isfinite(cfg.loraplus_ratio) and cfg.loraplus_ratio > 0, "loraplus_ratio", cfg.loraplus_ratio,
            "must be a positive number")
-    _check(cfg.loraga_batches >= 1, "loraga_batches", cfg.loraga_batches, "must be an integer >= 1")
-    _check(cfg.loraga_stable_gamma >= 1, "loraga_stable_gamma", cfg.loraga_stable_gamma, "must be an integer >= 1")
-    _check(cfg.sharpness_k >= 1, "sharpness_k", cfg.sharpness_k, "must be an integer >= 1")
-    _check(cfg.sharpness_batches >= 1, "sharpness_batches", cfg.sharpness_batches, "must be an integer >= 1")
+    check_value(cfg.loraga_batches >= 1, "loraga_batches", cfg.loraga_batches, "must be an integer >= 1")
+    check_value(cfg.loraga_stable_gamma >= 1, "loraga_stable_gamma", cfg.loraga_stable_gamma, "must be an integer >= 1")
+    check_value(cfg.sharpness_k >= 1, "sharpness_k", cfg.sharpness_k, "must be an integer >= 1")
+    check_value(cfg.sharpness_batches >= 1, "sharpness_batches", cfg.sharpness_batches, "must be an integer >= 1")
     if cfg.n_train is not None:
-        _check(cfg.n_train >= 1, "n_train", cfg.n_train, "must be an integer >= 1")
-    _check(cfg.n_eval >= 0, "n_eval", cfg.n_eval, "must be an integer >= 0")
-    _check(cfg.n_eval_generate >= 0, "n_eval_generate", cfg.n_eval_generate, "must be an integer >= 0")
-    _check(cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "must be an integer >= 1")
+        check_value(cfg.n_train >= 1, "n_train", cfg.n_train, "must be an integer >= 1")
+    check_value(cfg.n_eval >= 0, "n_eval", cfg.n_eval, "must be an integer >= 0")
+    check_value(cfg.n_eval_generate >= 0, "n_eval_generate", cfg.n_eval_generate, "must be an integer >= 0")
+    check_value(cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "must be an integer >= 1")
     for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "layer_metrics_every", "threads",
                  "clean_loss_every", "sharpness_every"):
-        _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be an integer >= 0")
+        check_value(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be an integer >= 0")
     for name in ("schedule", "dtype", "device", "attn", "perturb_application", "loraga_direction", "loraga_scale"):
         choices = next(f for f in dataclasses.fields(cfg) if f.name == name).metadata["choices"]
-        _check(getattr(cfg, name) in choices, name, getattr(cfg, name), "must be one of " + ", ".join(choices))
+        check_value(getattr(cfg, name) in choices, name, getattr(cfg, name), "must be one of " + ", ".join(choices))
     if cfg.run_id is not None:
-        _check(bool(re.fullmatch(r"[\w.+\-=]+", cfg.run_id)) and cfg.run_id not in (".", ".."), "run_id", cfg.run_id,
-               "must be a folder name of letters, digits and . _ - + =")
-    _check(not Path(cfg.runs_dir).exists() or Path(cfg.runs_dir).is_dir(), "runs_dir", cfg.runs_dir,
+        check_value(bool(re.fullmatch(r"[\w.+\-=]+", cfg.run_id)) and cfg.run_id not in (".", ".."), "run_id",
+                    cfg.run_id, "must be a folder name of letters, digits and . _ - + =")
+    check_value(not Path(cfg.runs_dir).exists() or Path(cfg.runs_dir).is_dir(), "runs_dir", cfg.runs_dir,
            "is a file; must be a folder (it is created if missing)")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume --overwrite: choose one (continue the run, or replace it)")

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from dynamics.analysis.sharpness import hessian_eigenvalues, hessian_trace, model_loss_fn, spectral_density
-from dynamics.config import ConfigError, RunConfig
+from dynamics.analyze_config import SPLITS
+from dynamics.config import ConfigError, RunConfig, check_value
 from dynamics.data import TaskData, n_loss_terms
 from dynamics.loss import loss_sum, to_device
 
@@ -43,19 +44,11 @@ def eager_attention(model: nn.Module, device: torch.device) -> Iterator[None]:
         base.set_attn_implementation(current)
 
 
-SPLITS = ("eval", "train")  # whose loss the curvature is of: held-out or training examples
-
-
-def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ConfigError(f"--split {split}: must be one of {', '.join(SPLITS)}")
-
-
 def sharpness_batches(task: TaskData, cfg: RunConfig, n_batches: int, device: torch.device,
                       split: str = "eval") -> list[dict]:
     """The first ``n_batches`` batches of ``cfg.batch_size`` examples of ``split`` (in the split's
     stored order, not the training loop's shuffled one: the same examples for every run of a task)."""
-    check_split(split)
+    check_value(split in SPLITS, "split", split, "must be one of " + ", ".join(SPLITS))
     examples = getattr(task, split)[: n_batches * cfg.batch_size]
     if not examples:
         raise ConfigError("--n-eval 0: sharpness needs eval examples" if split == "eval" else

@@ -21,6 +21,8 @@ from typing import Any
 import pandas as pd
 
 from dynamics import figures, runs
+from dynamics.analysis.cost import cost_table
+from dynamics.analysis.methods import base_method, comparable_runs
 from dynamics.config import ConfigError
 from dynamics.files import write_atomic
 
@@ -136,7 +138,7 @@ def draw_spectrum(data: RunsData) -> Drawn:
 
 
 def draw_mgpo_state(data: RunsData) -> Drawn:
-    candidates = data.table[data.table["method"].map(figures.base_method).str.endswith("+mgpo")]
+    candidates = data.table[data.table["method"].map(base_method).str.endswith("+mgpo")]
     if candidates.empty:
         raise figures.NotEnoughRuns("needs a lora+mgpo run")
     # the method at its default knobs before its variants (figures.method_variants), then the longest
@@ -152,17 +154,20 @@ def draw_mgpo_state(data: RunsData) -> Drawn:
 
 def draw_ablation(data: RunsData) -> Drawn:
     figure = figures.ablation(data.table)
-    return Drawn(figure, _ids(figures.comparable_runs(data.table, figures.ABLATION_METHODS)))
+    return Drawn(figure, _ids(comparable_runs(data.table, figures.ABLATION_METHODS)))
 
 
 def draw_noise(data: RunsData) -> Drawn:
     figure = figures.noise(data.table)
-    return Drawn(figure, _ids(figures.comparable_runs(data.table, figures.NOISE_METHODS)))
+    return Drawn(figure, _ids(comparable_runs(data.table, figures.NOISE_METHODS)))
 
 
 def draw_cost(data: RunsData) -> Drawn:
-    table = figures.cost_table(data.table, data.metrics)
-    used = figures.comparable_runs(data.table, sorted(data.table["method"].unique()))
+    table = cost_table(data.table, data.metrics)
+    if "lora" not in set(table["method"]) or table["method"].nunique() < 2:
+        raise figures.NotEnoughRuns("needs a lora run and one or more other methods at the same setting")
+    table = table.assign(full_name=table["method"].map(figures.method_label))
+    used = comparable_runs(data.table, sorted(data.table["method"].unique()))
     columns = ["task", "method", "full_name", "rank", "lr", "runs", "trainable_params", "peak_mem_mb", "step_time_s",
                "adapter_init_s", "trainable_params_vs_lora", "peak_mem_mb_vs_lora", "step_time_s_vs_lora"]
     markdown = _cost_markdown(table)
@@ -198,16 +203,16 @@ FIGURES = (
                "grids/rank_sweep.toml"),
     FigureSpec("loss_vs_lr", draw_loss_vs_lr, "training loss across learning rates", "grids/lr_sweep.toml"),
     FigureSpec("loss_by_method", draw_loss_by_method, "training loss of each method at shared (rank, lr) "
-                                                      "settings, a line per seed", "grids/study/edge_mgpo_bbc.toml"),
+                                                      "settings, a line per seed", "studies/edge_mgpo_bbc.toml"),
     FigureSpec("phase_map", draw_phase_map, "rank x lr map of what each run did, with divergence amplitude",
                "grids/rank_sweep.toml and grids/lr_sweep.toml"),
     FigureSpec("sharpness", draw_sharpness, "top Hessian eigenvalue against rank / lr (and over training)",
                "grids/rank_sweep.toml, then dynamics analyze"),
     FigureSpec("sharpness_by_method", draw_sharpness_by_method, "top Hessian eigenvalue and trace of each "
-               "method's final minimum at shared (rank, lr) settings", "grids/study/sharpness_bbc.toml, then "
+               "method's final minimum at shared (rank, lr) settings", "studies/sharpness_bbc.toml, then "
                "dynamics analyze --trace"),
     FigureSpec("sharpness_train", draw_sharpness_train, "the same of the training loss (its first "
-               "--batches batches)", "grids/study/sharpness_bbc.toml, then dynamics analyze --trace --split train"),
+               "--batches batches)", "studies/sharpness_bbc.toml, then dynamics analyze --trace --split train"),
     FigureSpec("spectrum", draw_spectrum, "Hessian eigenvalue density (SLQ), LoRA vs LoRA-MGPO",
                "grids/methods_gsm.toml, then dynamics analyze --density"),
     FigureSpec("mgpo_state", draw_mgpo_state, "LoRA-MGPO's state over training (loss, norms, g_ema, APN)",

@@ -36,7 +36,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from dynamics.analysis.density import gaussian_density
-from dynamics.analysis.phases import PhaseThresholds
+from dynamics.analysis.methods import base_method, comparable_runs, method_sort_key
+from dynamics.analysis.outcomes import OUTCOMES, run_outcome
 from dynamics.config import PAPER_DEFAULTS, TASK_KIND, RunConfig
 
 
@@ -68,16 +69,14 @@ PERTURBATION_LABELS = {"mgpo": "MGPO", "mgpo-noapn": "MGPO w/o APN", "msam": "MS
 VARIANT_KNOBS = ("rho", "mu", "beta", "apn_cap")
 VARIANT_SHADES = (0.45, -0.4, 0.7)
 DEFAULT_APN_CAP = RunConfig.__dataclass_fields__["apn_cap"].default
-METHOD_ORDER = ("lora", "lora+mgpo", "lora+mgpo-noapn", "lora+msam", "lora+sam", "lora+noise", "full")
 
 LOSS_LABEL = "training loss (nats/token)"
 STEP_LABEL = "step (optimizer steps)"
 
 # What each run did, for the phase map (colour-blind-safe: light blue, orange, reddish purple,
 # vermillion, pale yellow, grey), from the best outcome to the worst.
-OUTCOME_COLORS = {"smooth": "#D6EAF8", "double descent": OKABE_ITO["orange"],
-                  "rise from start": OKABE_ITO["purple"], "collapse": OKABE_ITO["vermillion"],
-                  "no descent": "#F3E6A6", "diverged": "#4D4D4D"}
+OUTCOME_COLORS = dict(zip(OUTCOMES, ("#D6EAF8", OKABE_ITO["orange"], OKABE_ITO["purple"], OKABE_ITO["vermillion"],
+                                     "#F3E6A6", "#4D4D4D"), strict=True))
 
 STYLE = {"font.size": 10, "axes.titlesize": 10.5, "axes.labelsize": 10, "legend.fontsize": 8.5,
          "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False,
@@ -114,16 +113,6 @@ def method_label(method: str) -> str:
     if perturbation == "mgpo":
         return f"{name}-MGPO"
     return f"{name} + {PERTURBATION_LABELS.get(perturbation, perturbation)}"
-
-
-def method_sort_key(method: str) -> tuple[int, str]:
-    base = method.partition("[")[0]  # a variant right after its method
-    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
-
-
-def base_method(method: str) -> str:
-    """The method a variant (:func:`method_variants`) is of: ``lora+mgpo[apn_cap=1]`` -> ``lora+mgpo``."""
-    return method.partition("[")[0]
 
 
 def method_variants(runs: pd.DataFrame) -> pd.DataFrame:
@@ -395,39 +384,6 @@ def _draw_seeds(ax, group: pd.DataFrame, color, label: str) -> None:
 
 
 # --- where the phenomenon lives ----------------------------------------------------------------------------------
-def run_outcome(row: pd.Series) -> str:
-    """What a run did: ``diverged`` (status diverged, or a non-finite loss), ``no descent`` (its
-    smoothed loss never fell ``min_descent`` below the start and did not end ``min_descent`` above
-    it: it did not learn, whatever wobbles the detector found), ``collapse`` (it descended but
-    ended less than ``min_descent`` below its start, having given its progress back, however
-    slowly; or it never descended and ended more than ``min_descent`` above its start, rising from
-    the first steps and staying up; or a divergence that never came back to its first minimum),
-    ``double descent``, ``rise from start`` (no divergence after a descent, but a sustained climb
-    from its first steps before it came down: ``rose_from_start``; the detector's divergences
-    need a descent first) or ``smooth``."""
-    if row.get("status") == "diverged" or not np.isfinite(float(row.get("final_loss") or np.nan)):
-        return "diverged"
-    descended = _known(row.get("descended"))  # None: not known (a summary an older `dynamics analyze` stored)
-    final_drop = _known(row.get("final_drop"))
-    if descended is False:
-        rose_and_stayed = final_drop is not None and final_drop < -PhaseThresholds().min_descent
-        return "collapse" if rose_and_stayed else "no descent"
-    if descended and final_drop is not None and final_drop < PhaseThresholds().min_descent:
-        return "collapse"
-    if bool(row.get("double_descent")):
-        return "double descent"
-    if (row.get("n_episodes") or 0) > 0:
-        return "collapse"
-    if _known(row.get("rose_from_start")):  # None: stored before it was measured
-        return "rise from start"
-    return "smooth"
-
-
-def _known(value: Any) -> Any:
-    """``value``, or None where a run-table cell is None / NaN (not measured)."""
-    return None if value is None or pd.isna(value) else (bool(value) if isinstance(value, (bool, np.bool_)) else value)
-
-
 def phase_map_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs :func:`phase_map` draws: methods run at two or more (rank, lr) cells; full
     fine-tuning's rank setting means nothing, so its runs count by lr alone (``rank`` set to 0).
@@ -812,25 +768,6 @@ TASK_METRICS = {"gsm": ("eval_metric", "exact match"), "tiny": ("eval_metric", "
                 "bbc": ("eval_metric", "accuracy")}
 
 
-def comparable_runs(runs: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
-    """The runs of ``methods`` at one shared setting per task: per task, the (model, lr, steps,
-    rank, alpha) with the most of ``methods`` (ties: the most runs); full fine-tuning matches on
-    model, lr and steps only (its rank setting means nothing)."""
-    runs = runs[runs["method"].map(base_method).isin(methods)]  # variants (method_variants) included
-    keys = [k for k in ("model", "lr", "steps") if k in runs]
-    chosen = []
-    for _, of_task in runs.groupby("task"):
-        candidates = []
-        for _, group in of_task.groupby(keys, dropna=False):
-            full, adapters = group[group["method"] == "full"], group[group["method"] != "full"]
-            for _, at_rank in adapters.groupby(["rank", "alpha"]):
-                frame = pd.concat([full, at_rank])
-                candidates.append(((frame["method"].nunique(), len(frame)), frame))
-        if candidates:
-            chosen.append(max(candidates, key=lambda item: item[0])[1])
-    return pd.concat(chosen, ignore_index=True) if chosen else runs.iloc[:0]
-
-
 def ablation(runs: pd.DataFrame) -> Figure:
     """Paper Fig. 4: the task metric and held-out loss of LoRA, LoRA + MGPO without APN and
     LoRA-MGPO at one setting, bars at the seed mean, points per seed."""
@@ -898,48 +835,13 @@ def _method_bars(runs: pd.DataFrame, methods: Sequence[str], title: str, needs: 
 
 
 # --- cost (paper Table 3) ------------------------------------------------------------------------------
-def cost_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
-    """Trainable parameters, peak memory and time per step of each method, and each relative to LoRA
-    at the same setting (:func:`comparable_runs`).
-
-    Time per step is the median ``step_time_s`` (wall seconds of forward/backward + optimizer step,
-    so one-off costs such as the first step do not count); peak memory the largest ``peak_mem_mb``
-    (MB: CUDA allocation on GPU, resident set on CPU). ``adapter_init_s`` is the one-off set-up
-    before step 1 (LoRA-GA's gradient estimate and SVDs; NaN for adapters without one). Seeds
-    are averaged.
-    """
-    runs = _require(runs, ("run_id", "method", "rank", "alpha", "lr", "trainable_params"), "runs (load_runs)")
-    metrics = _require(metrics, ("run_id", "step_time_s", "peak_mem_mb"), "per-step metrics (load_metrics)")
-    chosen = comparable_runs(runs, _methods(runs))
-    if "lora" not in set(chosen["method"]) or chosen["method"].nunique() < 2:
-        raise NotEnoughRuns("needs a lora run and one or more other methods at the same setting")
-    per_run = metrics.groupby("run_id").agg(step_time_s=("step_time_s", "median"), peak_mem_mb=("peak_mem_mb", "max"))
-    init_s = pd.to_numeric(chosen["adapter_init_s"], errors="coerce") if "adapter_init_s" in chosen else np.nan
-    chosen = chosen.assign(adapter_init_s=init_s)
-    table = chosen[["run_id", "method", "task", "rank", "lr", "trainable_params", "adapter_init_s"]].join(
-        per_run, on="run_id")
-    table = table.groupby(["task", "method"], as_index=False).agg(
-        rank=("rank", "first"), lr=("lr", "first"), runs=("run_id", "size"),
-        trainable_params=("trainable_params", "mean"), peak_mem_mb=("peak_mem_mb", "mean"),
-        step_time_s=("step_time_s", "mean"), adapter_init_s=("adapter_init_s", "mean"))
-    parts = []
-    for _, of_task in table.groupby("task"):
-        lora = of_task[of_task["method"] == "lora"]
-        if lora.empty:
-            continue
-        for column in ("trainable_params", "peak_mem_mb", "step_time_s"):
-            of_task = of_task.assign(**{f"{column}_vs_lora": of_task[column] / float(lora[column].iloc[0])})
-        parts.append(of_task)
-    table = pd.concat(parts, ignore_index=True)
-    table["full_name"] = table["method"].map(method_label)
-    return table.sort_values(["task", "method"], key=lambda col: col.map(method_sort_key) if col.name == "method"
-                             else col, ignore_index=True)
-
-
 def cost(table: pd.DataFrame) -> Figure:
-    """Bars of :func:`cost_table`'s three ratios to LoRA (1 = the cost of LoRA, drawn)."""
+    """Bars of the three ratios to LoRA of :func:`dynamics.analysis.cost.cost_table` (1 = the cost
+    of LoRA, drawn)."""
     table = _require(table, ("method", "trainable_params_vs_lora", "peak_mem_mb_vs_lora", "step_time_s_vs_lora"),
-                     "a cost table (cost_table)")
+                     "a cost table (dynamics.analysis.cost.cost_table)")
+    if table["method"].nunique() < 2:
+        raise NotEnoughRuns("needs a lora run and one or more other methods at the same setting")
     panels = (("trainable_params_vs_lora", "trainable parameters"), ("peak_mem_mb_vs_lora", "peak memory"),
               ("step_time_s_vs_lora", "time per step"))
     with figure_style():

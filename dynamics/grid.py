@@ -68,7 +68,7 @@ from typing import Any, TextIO
 
 import pandas as pd
 
-from dynamics import executors, runs
+from dynamics import executors, runs, sweep_board
 from dynamics.config import ConfigError, ConfigWarning, RunConfig, config_fields
 from dynamics.files import UnreadableFile, did_you_mean, read_toml
 
@@ -366,7 +366,7 @@ def run_grid(configs: Sequence[RunConfig], *, executor: str = "local", workers: 
             raise ConfigError(f"--nproc-per-run {nproc_per_run}: run {cfg.resolved_run_id} has batch_size "
                               f"{cfg.batch_size}, not a multiple of it (each process takes an equal shard)")
     actions = {cfg.resolved_run_id: plan_action(cfg, retry_failed) for cfg in configs}
-    board = executors.SweepBoard([(cfg, actions[cfg.resolved_run_id]) for cfg in configs],
+    board = sweep_board.SweepBoard([(cfg, actions[cfg.resolved_run_id]) for cfg in configs],
                                  (stream or sys.stderr) if progress else None)
     to_run = [cfg for cfg in configs if actions[cfg.resolved_run_id] != "skip"]
     try:
@@ -380,7 +380,7 @@ def run_grid(configs: Sequence[RunConfig], *, executor: str = "local", workers: 
 
 
 def grid_table(configs: Sequence[RunConfig], actions: Mapping[str, str],
-               outcomes: Mapping[str, executors.RunOutcome]) -> pd.DataFrame:
+               outcomes: Mapping[str, sweep_board.RunOutcome]) -> pd.DataFrame:
     """The ``load_runs`` rows of the grid's runs in grid order, plus ``action`` and ``error``. A
     run without a folder (it failed before training, or never started) gets its settings and the
     status of this sweep's attempt."""

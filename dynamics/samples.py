@@ -40,7 +40,7 @@ from dynamics import runs
 from dynamics.config import ConfigWarning
 from dynamics.run_analysis import analyze_run
 from dynamics.training import train
-from dynamics.training.loop import torch_threads
+from dynamics.training.setup import torch_threads
 
 # exact match: the 16 held-out sequences decoded (answers are at most 12 tokens and a separator)
 ANALYSIS_OPTIONS = dict(trace=True, density=True, trace_samples=20, density_runs=3, density_steps=10, k=2,

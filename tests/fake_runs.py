@@ -29,9 +29,9 @@ def write_fake_run(root: Path, *, method: str = "lora", rank: int = 8, lr: float
                    eval_metric: float = 0.1, eval_loss: float = 1.0, trainable_params: int | None = None,
                    step_time_s: float = 1.0, peak_mem_mb: float = 1000.0, top_eigenvalue: float | None = None,
                    sharpness_over_training: bool = False, density_center: float | None = None,
-                   hessian_trace: float | None = None) -> Path:
+                   hessian_trace: float | None = None, loss: np.ndarray | None = None) -> Path:
     """One run folder under ``root``; ``kind`` is a :func:`make_curve` kind (``bump`` = a double
-    descent). Returns its path."""
+    descent), or ``loss`` the curve itself (``steps`` points). Returns its path."""
     model = "tiny-llama" if task == "tiny" else "smollm2-135m"
     cfg = RunConfig.from_dict(dict(model=model, task=task, method=method, rank=rank, alpha=rank, lr=lr, seed=seed,
                                    steps=steps, runs_dir=str(root), progress=False))
@@ -40,7 +40,8 @@ def write_fake_run(root: Path, *, method: str = "lora", rank: int = 8, lr: float
     params = trainable_params if trainable_params is not None else 1000 * rank
     write_json(run_dir / "config.json", {"config": cfg.to_dict(),
                                                 "runtime": {"device": "cpu", "trainable_params": params}})
-    loss, _ = make_curve(kind, n_steps=steps, noise=0.02, seed=seed + 7 * rank)
+    if loss is None:
+        loss, _ = make_curve(kind, n_steps=steps, noise=0.02, seed=seed + 7 * rank)
     step = np.arange(1, steps + 1)
     perturbed = "+mgpo" in method
     columns = {name: np.full(steps, np.nan) for name in METRICS_SCHEMA.names}

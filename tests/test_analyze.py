@@ -12,6 +12,7 @@ import torch
 import dynamics
 from dynamics import figures
 from dynamics.analysis.synthetic import make_curve
+from dynamics.analyze_config import AnalyzeConfig
 from dynamics.cli import main
 from dynamics.config import ConfigError, RunConfig
 from dynamics.curvature import sharpness_batches
@@ -106,7 +107,9 @@ def test_cli_prints_a_table_and_fails_in_one_line(trained, capsys):
     out = capsys.readouterr().out
     assert trained.run_id in out and "double_descent" in out
     assert main(["analyze", str(trained.path), "--k", "zero"]) == 2
-    assert capsys.readouterr().err.strip() == "dynamics analyze: --k zero: must be an integer >= 1"
+    assert capsys.readouterr().err.strip() == "dynamics analyze: --k 'zero': must be an integer"
+    assert main(["analyze", str(trained.path), "--k", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "dynamics analyze: --k 0: must be an integer >= 1"
 
 
 def test_trace_and_density_land_in_the_run_folder(trained):
@@ -262,6 +265,45 @@ def test_exact_match_refuses_bad_requests_in_one_line(trained, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"{trained.run_id}: not analysed: --exact-match 100000: the run holds out")
     assert sorted(p.name for p in trained.path.iterdir()) == before  # nothing written
-    from dynamics.run_analysis import check_exact_match
     with pytest.raises(ConfigError, match="task bbc is not a generation task; exact match needs one of gsm, tiny"):
-        check_exact_match(dynamics.RunConfig(task="bbc", model="minilm-l6"), 4)
+        AnalyzeConfig(exact_match=4).check_run(dynamics.RunConfig(task="bbc", model="minilm-l6"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--checkpoints", "abc"], "--checkpoints abc: must be last, all, or comma-separated steps >= 0"),
+    (["--checkpoints", "-5"], "--checkpoints -5: must be last, all, or comma-separated steps >= 0"),
+    (["--threshold", "foo=1"], "--threshold foo=1: unknown threshold foo"),
+    (["--threshold", "min_rise=x"], "--threshold min_rise=x: must be a number"),
+    (["--threshold", "min_duration=-5"], "--threshold: min_duration=-5.0: must be zero or positive"),
+    (["--curve", "grad_norm"], "--curve grad_norm: must be one of loss, loss_clean"),
+    (["--split", "test"], "--split test: must be one of eval, train"),
+    (["--tol", "0"], "--tol 0.0: must be a positive number"),
+    (["--decode-batch", "0"], "--decode-batch 0: must be an integer >= 1"),
+])
+def test_bad_analyze_flags_are_bad_input_before_any_run_is_read(tmp_path, capsys, flags, message):
+    """AnalyzeConfig checks every flag once, at the boundary: exit 2, one line, no folder needed."""
+    assert main(["analyze", str(tmp_path / "absent"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dynamics analyze: {message}") and "\n" not in err
+
+
+def test_analyze_config_flags_are_its_fields():
+    """Every AnalyzeConfig field is a flag of `dynamics analyze`, and the flags parse back to it."""
+    import dataclasses
+
+    from dynamics.cli import build_parser
+
+    args = build_parser().parse_args(["analyze", "runs", "--k", "3", "--no-sharpness", "--threshold", "min_rise=0.1",
+                                      "--threshold", "spike_sigmas=6", "--split", "train", "--checkpoints", "20,10"])
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "paths", "verbose")}
+    config = AnalyzeConfig(**given)
+    assert (config.k, config.sharpness, config.split) == (3, False, "train")
+    assert config.threshold_values == {"min_rise": 0.1, "spike_sigmas": 6.0}
+    assert config.checkpoint_steps == [10, 20]
+    help_text = build_parser()._subparsers._group_actions[0].choices["analyze"].format_help()
+    for field in dataclasses.fields(AnalyzeConfig):
+        assert (field.metadata.get("flag") or "--" + field.name.replace("_", "-")) in help_text
+    # the Python API takes the same fields, and threshold names beside them
+    assert AnalyzeConfig.from_options(k=2, min_rise=0.2).threshold_values == {"min_rise": 0.2}
+    with pytest.raises(ConfigError, match="unknown analyze option 'kk'"):
+        AnalyzeConfig.from_options(kk=2)

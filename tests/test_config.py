@@ -52,7 +52,7 @@ def test_strings_are_coerced_like_cli_values():
 
 
 def test_bool_string_false_is_false():
-    # argparse's type=bool would make "False" true (STYLE.md anti-pattern)
+    # argparse's type=bool would make "False" true (a known anti-pattern: bool("False") is True)
     assert RunConfig(instrument="False").instrument is False
 
 

@@ -17,6 +17,7 @@ from matplotlib.colors import to_hex
 from matplotlib.patches import Polygon, Rectangle
 
 from dynamics import figures
+from dynamics.analysis import cost_table
 from dynamics.cli import main
 from dynamics.figure_set import FIGURE_NAMES, make_figures
 from dynamics.runs import load_metrics, load_runs
@@ -140,36 +141,6 @@ def test_phase_map_says_when_a_metric_was_measured_on_some_seeds_only(runs_table
                    [t.get_text() for t in ax.texts])
 
 
-def test_run_outcome_covers_diverged_runs():
-    assert figures.run_outcome({"status": "diverged", "final_loss": float("nan")}) == "diverged"
-    assert figures.run_outcome({"status": "completed", "final_loss": 1.0, "double_descent": True}) == "double descent"
-    assert figures.run_outcome({"status": "completed", "final_loss": 1.0, "double_descent": False,
-                                "n_episodes": 1}) == "collapse"
-    assert figures.run_outcome({"status": "completed", "final_loss": 1.0, "double_descent": False,
-                                "n_episodes": 0}) == "smooth"
-    # stuck at its start: whatever the detector found, it learned nothing; unknown (None) is not "stuck"
-    assert figures.run_outcome({"status": "completed", "final_loss": 1.61, "double_descent": True, "n_episodes": 1,
-                                "descended": False}) == "no descent"
-    assert figures.run_outcome({"status": "completed", "final_loss": 1.0, "double_descent": True,
-                                "descended": None}) == "double descent"
-    # never descended but blew up from the start and stayed up (SmolLM2, r 128, lr 5e-3: 1.4 -> 5.2)
-    assert figures.run_outcome({"status": "completed", "final_loss": 5.2, "double_descent": False, "n_episodes": 0,
-                                "descended": False, "final_drop": -2.7}) == "collapse"
-    assert figures.run_outcome({"status": "completed", "final_loss": 1.63, "double_descent": False, "n_episodes": 0,
-                                "descended": False, "final_drop": -0.01}) == "no descent"
-    # learned, then gave it all back slowly (no rise the detector calls a divergence): a collapse
-    assert figures.run_outcome({"status": "completed", "final_loss": 1.6, "double_descent": False, "n_episodes": 0,
-                                "descended": True, "final_drop": 0.02}) == "collapse"
-    assert figures.run_outcome({"status": "completed", "final_loss": 0.1, "double_descent": False, "n_episodes": 0,
-                                "descended": True, "final_drop": 0.9}) == "smooth"
-    # climbed from its first steps, came back and learned (SmolLM2 past its edge, two seeds of five)
-    climbed = {"status": "completed", "final_loss": 0.46, "double_descent": False, "n_episodes": 0,
-               "descended": True, "final_drop": 0.7, "rose_from_start": True}
-    assert figures.run_outcome(climbed) == "rise from start"
-    assert figures.run_outcome({**climbed, "rose_from_start": None}) == "smooth"  # not measured: as before
-    assert figures.run_outcome({**climbed, "final_drop": 0.02}) == "collapse"  # came back, but not below its start
-
-
 def test_sharpness_against_rank_lr_and_steps_in_method_colours(runs_table):
     rows = load_metrics(runs_table, table="sharpness")
     figure = figures.sharpness(rows)
@@ -274,7 +245,7 @@ def test_noise_compares_perturbations(runs_table):
 
 def test_cost_table_is_relative_to_lora(runs_table):
     metrics = load_metrics(runs_table, table="metrics")
-    table = figures.cost_table(runs_table, metrics).set_index("method")
+    table = cost_table(runs_table, metrics).set_index("method")
     assert table.loc["lora", "step_time_s_vs_lora"] == pytest.approx(1.0)
     assert table.loc["lora+mgpo", "step_time_s_vs_lora"] == pytest.approx(1.15)
     assert table.loc["lora+sam", "step_time_s_vs_lora"] == pytest.approx(2.0)

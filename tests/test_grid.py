@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dynamics
-from dynamics import executors, runs
+from dynamics import runs, sweep_board
 from dynamics.cli import main as cli_main
 from dynamics.config import ConfigError, ConfigWarning, RunConfig
 from dynamics.files import write_json
@@ -338,7 +338,7 @@ def test_board_lines_and_eta(tmp_path):
     cfgs = [RunConfig.from_dict({**TINY, "seed": s, "runs_dir": str(tmp_path)}) for s in range(3)]
     now = [100.0]
     stream = io.StringIO()
-    board = executors.SweepBoard([(c, "new") for c in cfgs], stream, clock=lambda: now[0])
+    board = sweep_board.SweepBoard([(c, "new") for c in cfgs], stream, clock=lambda: now[0])
     ids = [c.resolved_run_id for c in cfgs]
     assert board.eta_s() is None
     board.entries[ids[0]].state, board.entries[ids[0]].steps_done = "completed", 12
@@ -347,7 +347,7 @@ def test_board_lines_and_eta(tmp_path):
     assert board.eta_s() == pytest.approx(18.0)
     assert board.line(board.entries[ids[1]]).endswith("running step 6/12")
     assert board.counts_line() == "3 runs: 1 completed, 1 running, 1 queued | elapsed 18s | ETA 18s"
-    board.finished(executors.RunOutcome(ids[2], "failed", 0, "ValueError: boom"))
+    board.finished(sweep_board.RunOutcome(ids[2], "failed", 0, "ValueError: boom"))
     assert board.line(board.entries[ids[2]]) == f"{ids[2]}  failed 0/12: ValueError: boom"
     assert stream.getvalue().splitlines()[:3] == [f"{i}  queued" for i in ids]
 

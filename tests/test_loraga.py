@@ -20,7 +20,8 @@ from dynamics.cli import main
 from dynamics.config import ConfigError, RunConfig
 from dynamics.data import load_task
 from dynamics.models import build_model, tiny_llama
-from dynamics.training.loop import DataOrder, GradientEstimate
+from dynamics.training.data_order import DataOrder
+from dynamics.training.setup import GradientEstimate
 from dynamics.training.step import TrainState, train_step
 
 SETTINGS = dict(lr=3e-2, steps=12, batch_size=8, n_train=128, n_eval=8, n_eval_generate=0, eval_every=0,

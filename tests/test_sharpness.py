@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from dynamics.analysis import (
+    HessianVectorProduct,
     gaussian_density,
     hessian_eigenvalues,
     hessian_trace,
     model_loss_fn,
     spectral_density,
 )
-from dynamics.analysis.sharpness import _HessianVectorProduct
 
 
 def as_float64(value):
@@ -176,7 +176,7 @@ def test_hessian_vector_product_matches_finite_differences_of_the_gradient():
         return torch.cat([gradient.reshape(-1) for gradient in gradients])
 
     finite_difference = (gradient_at(epsilon) - gradient_at(-epsilon)) / (2 * epsilon)
-    product = _HessianVectorProduct(mlp.loss_fn, mlp.params)(direction)
+    product = HessianVectorProduct(mlp.loss_fn, mlp.params)(direction)
 
     assert_expected(product, finite_difference, rtol=1e-6, atol=1e-9)
 

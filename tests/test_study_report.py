@@ -1,22 +1,16 @@
-"""grids/study/report.py, the script behind docs/results.md's numbers: seed aggregation, paired
+"""studies/report.py, the script behind docs/results.md's numbers: seed aggregation, paired
 differences and the learned-only rise, on a hand-made run table."""
-
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-REPORT = Path(__file__).resolve().parents[1] / "grids" / "study" / "report.py"
+from studies import report as study_report
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("study_report", REPORT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return study_report
 
 
 def table():
@@ -137,24 +131,6 @@ def test_rise_table_reads_the_ledger_rises(report, tmp_path):
     rises = report.rise_steps_table(measured.first)
     assert rises[["seed", "start", "peak", "method"]].values.tolist() == [
         [0, 120, 131, "lora"], [0, 170, 180, "lora"], [1, 118, 130, "lora"]]
-
-
-def test_blowup_finds_the_minimum_the_return_above_start_and_the_peak(report):
-    # a collapse: 2.0 -> 1.0 by step 40, flat to step 60, back above 2.0 at step 69, 8.0 from step 120
-    steps = pd.Series(range(1, 201))
-    loss = steps.map(lambda t: 2.0 - t / 40 if t <= 40 else 1.0 if t <= 60 else min(1.0 + (t - 60) * 7 / 60, 8.0))
-    numbers = report.blowup(pd.DataFrame({"step": steps, "loss": loss}))
-    assert numbers["min_loss"] == pytest.approx(1.0, abs=0.01) and 40 <= numbers["min_step"] <= 60
-    assert abs(numbers["above_start_step"] - 69) <= 3  # the smoothed start is ~2 (the median filter keeps the ends)
-    assert numbers["peak_loss"] == pytest.approx(8.0, abs=0.01) and numbers["peak_step"] >= 120
-    assert pd.isna(numbers["below_start_step"])  # a collapse never comes back
-    assert abs(numbers["doubled_step"] - 86) <= 3  # 1 + (t - 60) * 7 / 60 >= 2 * 2
-    back_down = loss.where(steps <= 120, (8.0 - (steps - 120) * 0.1).clip(lower=0.5))
-    recovers = report.blowup(pd.DataFrame({"step": steps, "loss": back_down}))
-    assert abs(recovers["below_start_step"] - 181) <= 3  # 8 - (t - 120) / 10 < 2
-    # a run that only descends: its peak is the start, and it never goes back above it
-    smooth = report.blowup(pd.DataFrame({"step": steps, "loss": 2.0 / steps ** 0.2}))
-    assert smooth["peak_step"] == 1 and pd.isna(smooth["above_start_step"])
 
 
 def test_runs_where_one_collapsed_get_a_blowup_row_and_others_none(report):

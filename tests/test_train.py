@@ -14,8 +14,8 @@ from dynamics.adapters import layer_name
 from dynamics.config import ConfigError, RunConfig
 from dynamics.data import TaskData
 from dynamics.models import tiny_llama
+from dynamics.training.data_order import DataOrder
 from dynamics.training.evaluate import eval_mode, greedy_decode, macro_f1
-from dynamics.training.loop import DataOrder
 
 METRIC_COLUMNS = ["step", "epoch", "tokens", "loss", "loss_clean", "lr", "grad_norm", "param_norm", "update_norm",
                   "momentum_norm", "grad_ema", "apn_scale", "perturb_norm", "step_time_s", "peak_mem_mb",

@@ -1,4 +1,5 @@
-"""Pure analysis of runs: double-descent phases of loss curves and Hessian sharpness.
+"""Pure analysis of runs: double-descent phases of loss curves, what a run did (its outcome, how
+it blew up, what it cost) and Hessian sharpness.
 
 Phase detection and density smoothing need numpy, pandas and scipy only; the sharpness functions import torch on
 first use, so ``import dynamics.analysis`` stays light for table and figure code.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from dynamics.analysis.cost import cost_table
 from dynamics.analysis.density import gaussian_density
+from dynamics.analysis.outcomes import OUTCOMES, blowup, run_outcome
 from dynamics.analysis.phases import (
     PhaseThresholds,
     SpikeThresholds,
@@ -20,20 +23,26 @@ from dynamics.analysis.phases import (
 
 _SHARPNESS_NAMES = (
     "HessianEigenResult",
+    "HessianVectorProduct",
     "HessianTraceResult",
     "SpectralDensityResult",
     "hessian_eigenvalues",
     "hessian_trace",
     "model_loss_fn",
+    "preserved_params",
     "spectral_density",
 )
 
 __all__ = [
+    "OUTCOMES",
     "PhaseThresholds",
     "SpikeThresholds",
+    "blowup",
+    "cost_table",
     "detect_phases",
     "gaussian_density",
     "phase_summary",
+    "run_outcome",
     "smooth_loss",
     *_SHARPNESS_NAMES,
 ]

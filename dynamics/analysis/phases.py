@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage, signal
+from scipy import ndimage
 
 PHASE_DTYPES = {
     "phase": "str",
@@ -128,6 +128,66 @@ class DivergenceEpisode:
     recovery_index: int | None  # first point back at the running minimum; None if never
 
 
+class PhaseSummary(TypedDict):
+    """What :func:`phase_summary` returns: a loss curve's double descent in a handful of numbers.
+
+    ``has_double_descent`` (bool)
+        At least one divergence was followed by a re-stabilisation.
+    ``divergence_amplitude`` (float)
+        Highest peak of any divergence relative to the first minimum, the lowest smoothed
+        loss before the first divergence: ``max_i s(peak_i) / min_{t <= start_1} s(t) - 1``
+        (0.3 = 30 % above); 0.0 without divergence.
+    ``rise_of_start`` (float)
+        The same highest peak as a fraction of the start loss:
+        ``(max_i s(peak_i) - min_{t <= start_1} s(t)) / start_loss`` (0.3 = the loss rose by
+        30 % of where it started); 0.0 without divergence. Unlike the amplitude it stays
+        readable when the first minimum is near zero.
+    ``steps_lost`` (int or None)
+        Steps from the start of the first divergence until the smoothed loss is back at or
+        below the first minimum (or within ``near_of_start * start_loss`` of it); 0 without
+        divergence, None if it never gets back.
+    ``n_spikes`` (int)
+        Short excursions of the raw loss, per :class:`SpikeThresholds`.
+    ``n_episodes`` (int)
+        Number of divergences (``diverge`` rows).
+    ``start_loss`` (float)
+        Median raw loss over the first ``despike_steps`` steps.
+    ``loss_drop`` (float)
+        How far the smoothed loss ever fell below the start: ``1 - min_t s(t) / start_loss``
+        (0.9 = to a tenth of it; 0 or less: never below it).
+    ``descended`` (bool)
+        ``loss_drop >= min_descent``. A curve that did not descend has no first minimum worth
+        the name, so its divergences are noise around its start, not a double descent.
+    ``final_drop`` (float)
+        ``1 - s(last) / start_loss``: how far below the start the curve ended. A curve that
+        descended and ends with ``final_drop < min_descent`` gave everything back.
+    ``early_rise`` (float)
+        How far the smoothed loss climbed above its start before reaching its lowest point:
+        ``max(0, max_{t <= t_min} s(t) / start_loss - 1)``, ``t_min = argmin_t s(t)``
+        (1.0 = it doubled first). Near 0 for a curve that falls from its first step.
+    ``rose_from_start`` (bool)
+        That climb was a sustained rise, measured from the start as a divergence is measured
+        from the running minimum: ``s >= (1 + min_rise) * start_loss`` from a first to a last
+        step before ``t_min`` at least ``min_duration`` steps apart. Step 4 of
+        :func:`detect_phases` counts no rise before a descent that comes back down, so such a
+        curve, which climbs from its first steps and then falls below its start, has no
+        divergence rows.
+    """
+
+    has_double_descent: bool
+    divergence_amplitude: float
+    rise_of_start: float
+    steps_lost: int | None
+    n_spikes: int
+    n_episodes: int
+    start_loss: float
+    loss_drop: float
+    descended: bool
+    final_drop: float
+    early_rise: float
+    rose_from_start: bool
+
+
 def detect_phases(
     loss: np.ndarray | pd.Series, step: np.ndarray | pd.Series | None = None, **thresholds: float
 ) -> pd.DataFrame:
@@ -154,7 +214,9 @@ def detect_phases(
     4. Candidate episodes are maximal runs of steps with ``e > near``. A run is a divergence if
        ``e >= rise`` from its first to its last such step spans at least ``min_duration`` steps,
        and if the loss had already fallen by ``rise`` before the run (a rise during warm-up,
-       before any descent, is not a divergence).
+       before any descent, that comes back down is not a divergence), or if the run lasts to the
+       end of the curve still ``rise`` above the minimum (a climb from the first steps that never
+       comes back is: the run collapsed).
     5. Boundaries: the divergence starts at the step just before the run (the last step at the
        minimum), peaks at the highest ``s`` in the run and has restabilised at the step just
        after the run (the first step back at the minimum). A run that lasts to the end of the
@@ -181,8 +243,9 @@ def detect_phases(
         Columns ``phase`` (str), ``start_step``, ``end_step`` (int64, optimizer steps),
         ``start_loss``, ``end_loss`` (float64, smoothed loss at those steps). Rows in time order:
         ``converge``, then per episode ``diverge`` (start to peak) and ``restabilise`` (peak to
-        recovery, absent if the loss never recovers). Consecutive rows share their boundary
-        step. Empty (same columns and dtypes) when the curve has no divergence.
+        recovery, absent if the loss never recovers; ``converge`` is absent too when the loss
+        climbs from its first step). Consecutive rows share their boundary step. Empty (same
+        columns and dtypes) when the curve has no divergence.
 
     Raises
     ------
@@ -198,7 +261,7 @@ def detect_phases(
     >>> detect_phases(loss).phase.tolist()
     ['converge', 'diverge', 'restabilise']
     """
-    phase_thresholds = _thresholds_from_kwargs(thresholds, (PhaseThresholds,))[0]
+    phase_thresholds = thresholds_from_kwargs(thresholds, (PhaseThresholds,))[0]
     loss_values, steps = _checked_curve(loss, step)
     smoothed, episodes = _smooth_and_find_episodes(loss_values, steps, phase_thresholds)
     return phases_frame(episodes, smoothed, steps)
@@ -206,7 +269,7 @@ def detect_phases(
 
 def phase_summary(
     loss: np.ndarray | pd.Series, step: np.ndarray | pd.Series | None = None, **thresholds: float
-) -> dict[str, Any]:
+) -> PhaseSummary:
     """Summarise a loss curve's double descent in a handful of numbers.
 
     Parameters
@@ -220,49 +283,11 @@ def phase_summary(
 
     Returns
     -------
-    dict
-        ``has_double_descent`` (bool)
-            At least one divergence was followed by a re-stabilisation.
-        ``divergence_amplitude`` (float)
-            Highest peak of any divergence relative to the first minimum, the lowest smoothed
-            loss before the first divergence: ``max_i s(peak_i) / min_{t <= start_1} s(t) - 1``
-            (0.3 = 30 % above); 0.0 without divergence.
-        ``rise_of_start`` (float)
-            The same highest peak as a fraction of the start loss:
-            ``(max_i s(peak_i) - min_{t <= start_1} s(t)) / start_loss`` (0.3 = the loss rose by
-            30 % of where it started); 0.0 without divergence. Unlike the amplitude it stays
-            readable when the first minimum is near zero.
-        ``steps_lost`` (int or None)
-            Steps from the start of the first divergence until the smoothed loss is back at or
-            below the first minimum (or within ``near_of_start * start_loss`` of it); 0 without
-            divergence, None if it never gets back.
-        ``n_spikes`` (int)
-            Short excursions of the raw loss, per :class:`SpikeThresholds`.
-        ``n_episodes`` (int)
-            Number of divergences (``diverge`` rows).
-        ``start_loss`` (float)
-            Median raw loss over the first ``despike_steps`` steps.
-        ``loss_drop`` (float)
-            How far the smoothed loss ever fell below the start: ``1 - min_t s(t) / start_loss``
-            (0.9 = to a tenth of it; 0 or less: never below it).
-        ``descended`` (bool)
-            ``loss_drop >= min_descent``. A curve that did not descend has no first minimum worth
-            the name, so its divergences are noise around its start, not a double descent.
-        ``final_drop`` (float)
-            ``1 - s(last) / start_loss``: how far below the start the curve ended. A curve that
-            descended and ends with ``final_drop < min_descent`` gave everything back.
-        ``early_rise`` (float)
-            How far the smoothed loss climbed above its start before reaching its lowest point:
-            ``max(0, max_{t <= t_min} s(t) / start_loss - 1)``, ``t_min = argmin_t s(t)``
-            (1.0 = it doubled first). Near 0 for a curve that falls from its first step.
-        ``rose_from_start`` (bool)
-            That climb was a sustained rise, measured from the start as a divergence is measured
-            from the running minimum: ``s >= (1 + min_rise) * start_loss`` from a first to a last
-            step before ``t_min`` at least ``min_duration`` steps apart. Step 4 of
-            :func:`detect_phases` counts no rise before a descent, so such a curve, which climbs
-            from its first steps and comes back down, has no divergence rows.
+    PhaseSummary
+        A dict of the keys :class:`PhaseSummary` documents (amplitude, steps lost, spikes,
+        episodes, descent and early rise).
     """
-    phase_thresholds, spike_thresholds = _thresholds_from_kwargs(thresholds, (PhaseThresholds, SpikeThresholds))
+    phase_thresholds, spike_thresholds = thresholds_from_kwargs(thresholds, (PhaseThresholds, SpikeThresholds))
     loss_values, steps = _checked_curve(loss, step)
     smoothed, episodes = _smooth_and_find_episodes(loss_values, steps, phase_thresholds)
     n_spikes = _count_spikes(loss_values, steps, spike_thresholds)
@@ -339,10 +364,12 @@ def find_episodes(
         if risen.size == 0 or step[risen[-1]] - step[risen[0]] < min_duration:
             continue
         start = first - 1
-        if smoothed[: start + 1].max() < (1.0 + rise_threshold[start]) * smoothed[start]:
+        recovery = last + 1 if last + 1 < smoothed.size else None
+        descended_first = smoothed[: start + 1].max() >= (1.0 + rise_threshold[start]) * smoothed[start]
+        still_risen = recovery is None and excess[-1] >= rise_threshold[-1]
+        if not (descended_first or still_risen):  # a warm-up bump that came back down: not a divergence
             continue
         peak = first + int(np.argmax(smoothed[first : last + 1]))
-        recovery = last + 1 if last + 1 < smoothed.size else None
         episodes.append(DivergenceEpisode(start, peak, recovery))
     return episodes
 
@@ -364,7 +391,7 @@ def smooth_loss(
     ndarray, shape (n,)
         Median-filtered then Hann-smoothed loss, in the units of ``loss`` (nats/token).
     """
-    phase_thresholds = _thresholds_from_kwargs(thresholds, (PhaseThresholds,))[0]
+    phase_thresholds = thresholds_from_kwargs(thresholds, (PhaseThresholds,))[0]
     loss_values, steps = _checked_curve(loss, step)
     return _smoothed(loss_values, steps, phase_thresholds)[0]
 
@@ -372,7 +399,7 @@ def smooth_loss(
 def phases_frame(episodes: list[DivergenceEpisode], smoothed: np.ndarray, step: np.ndarray) -> pd.DataFrame:
     """The phases table of :func:`detect_phases` from episodes found on ``smoothed``."""
     rows = []
-    if episodes:
+    if episodes and episodes[0].start_index > 0:  # a climb from the first step converged nowhere
         rows.append(("converge", 0, episodes[0].start_index))
     for episode in episodes:
         rows.append(("diverge", episode.start_index, episode.peak_index))
@@ -435,9 +462,20 @@ def _smoothed(loss: np.ndarray, step: np.ndarray, thresholds: PhaseThresholds) -
     # peaks sharper, but its negative weights undershoot after a sharp drop, and the running
     # minimum then remembers the undershoot as a fake rise; a non-negative window cannot.
     despiked = ndimage.median_filter(loss, size=despike_points, mode="nearest")
-    window_weights = signal.windows.hann(smooth_points + 2)[1:-1]  # drop the two zero ends
+    window_weights = hann_window(smooth_points + 2)[1:-1]  # drop the two zero ends
     window_weights /= window_weights.sum()
     return ndimage.convolve1d(despiked, window_weights, mode="nearest"), window_weights
+
+
+def hann_window(size: int) -> np.ndarray:
+    """The symmetric Hann window of ``size`` points, ``0.5 + 0.5 cos(x)`` for ``x`` evenly from
+    -pi to pi: bit for bit ``scipy.signal.windows.hann(size)``, computed as scipy does, without
+    importing ``scipy.signal`` (a second of every process's start-up, for one window)."""
+    angles = np.linspace(-np.pi, np.pi, size)
+    window = np.zeros(size)
+    window += 0.5 * np.cos(0 * angles)
+    window += 0.5 * np.cos(angles)
+    return window
 
 
 def _rise_from_start(smoothed: np.ndarray, step: np.ndarray, start_loss: float,
@@ -479,7 +517,7 @@ def _odd_points(window_steps: float, step_spacing: float, minimum: int) -> int:
     return points if points % 2 == 1 else points + 1
 
 
-def _thresholds_from_kwargs(thresholds: Mapping[str, float], kinds: tuple[type, ...]) -> tuple[Any, ...]:
+def thresholds_from_kwargs(thresholds: Mapping[str, float], kinds: tuple[type, ...]) -> tuple[Any, ...]:
     """Split ``**thresholds`` over the dataclasses ``kinds``; unknown names raise ValueError."""
     names_by_kind = [{field.name for field in dataclasses.fields(kind)} for kind in kinds]
     valid_names = sorted(set().union(*names_by_kind))

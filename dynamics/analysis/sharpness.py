@@ -108,12 +108,8 @@ def hessian_eigenvalues(
     closes before k Ritz values exist (fewer than k distinct eigenvalues in reach), it restarts
     from a new seeded vector orthogonal to ``Q_m``.
 
-    Two limits of any single-vector Krylov method, which no residual test can see: an
-    eigenvector almost orthogonal to the start vector shows up late, so a Ritz value may settle
-    on ``lambda_{i+1}`` before ``lambda_i`` appears (measured on 60 x 60 Wishart matrices, k=3,
-    tol=1e-3: in 0-6 % of seeds, fixed 4-9 HVPs later; a smaller ``tol`` or a second ``seed``
-    guards against it); and an exactly repeated eigenvalue appears once unless the space closes
-    before k values are found.
+    :class:`LanczosIteration` says what no residual test can see (an eigenvector nearly orthogonal to
+    the start vector shows late; a repeated eigenvalue shows once).
 
     Parameters
     ----------
@@ -147,25 +143,13 @@ def hessian_eigenvalues(
     """
     params = _checked_params(params)
     n_entries = sum(param.numel() for param in params)
-    if not 1 <= k <= n_entries:
-        raise ValueError(f"k={k}: must be between 1 and the number of parameters, {n_entries}")
-    if max_iter < k:
-        raise ValueError(f"max_iter={max_iter}: must be at least k={k}")
-    if not tol > 0:
-        raise ValueError(f"tol={tol}: must be positive")
+    _check_eigen_request(k, tol, max_iter, n_entries)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with _params_preserved(params):
-        hessian = _HessianVectorProduct(loss_fn, params)
+    with preserved_params(params):
+        hessian = HessianVectorProduct(loss_fn, params)
         start = _gaussian(n_entries, generator, hessian.device)
-        lanczos = _Lanczos(hessian, start, generator, max_size=min(max_iter, n_entries))
-        while True:
-            lanczos.step()
-            ritz_values, ritz_coefficients = lanczos.ritz()
-            top = np.argsort(ritz_values)[::-1][:k]
-            residuals = lanczos.last_beta * np.abs(ritz_coefficients[-1, top])
-            converged = top.size == k and bool(np.all(residuals <= tol * np.abs(ritz_values[top])))
-            if converged or lanczos.size >= min(max_iter, n_entries):
-                break
+        lanczos = LanczosIteration(hessian, start, generator, max_size=min(max_iter, n_entries))
+        ritz_values, ritz_coefficients, top, residuals, converged = _iterate_to_top(lanczos, k, tol)
         eigenvectors = torch.from_numpy(ritz_coefficients[:, top].T.copy()).to(hessian.device)
         return HessianEigenResult(
             eigenvalues=ritz_values[top],
@@ -175,6 +159,31 @@ def hessian_eigenvalues(
             converged=converged,
             param_shapes=tuple(param.shape for param in params),
         )
+
+
+def _iterate_to_top(lanczos: LanczosIteration, k: int, tol: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Lanczos steps until the top ``k`` Ritz pairs have relative residual ``<= tol`` or the basis
+    is full: (Ritz values (m,), their coefficients (m, m), the top k indices, their residuals (k,),
+    converged)."""
+    while True:
+        lanczos.step()
+        ritz_values, ritz_coefficients = lanczos.ritz()
+        top = np.argsort(ritz_values)[::-1][:k]
+        residuals = lanczos.last_beta * np.abs(ritz_coefficients[-1, top])
+        converged = top.size == k and bool(np.all(residuals <= tol * np.abs(ritz_values[top])))
+        if converged or lanczos.size >= lanczos.max_size:
+            return ritz_values, ritz_coefficients, top, residuals, converged
+
+
+def _check_eigen_request(k: int, tol: float, max_iter: int, n_entries: int) -> None:
+    """One-line ValueErrors for a request :func:`hessian_eigenvalues` cannot serve."""
+    if not 1 <= k <= n_entries:
+        raise ValueError(f"k={k}: must be between 1 and the number of parameters, {n_entries}")
+    if max_iter < k:
+        raise ValueError(f"max_iter={max_iter}: must be at least k={k}")
+    if not tol > 0:
+        raise ValueError(f"tol={tol}: must be positive")
 
 
 def hessian_trace(
@@ -213,8 +222,8 @@ def hessian_trace(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     quadratic_forms: list[float] = []
     converged = False
-    with _params_preserved(params):
-        hessian = _HessianVectorProduct(loss_fn, params)
+    with preserved_params(params):
+        hessian = HessianVectorProduct(loss_fn, params)
         while len(quadratic_forms) < n_samples:
             probe = _rademacher(hessian.size, generator, hessian.device)
             quadratic_forms.append(float(probe @ hessian(probe)))
@@ -264,11 +273,11 @@ def spectral_density(
         raise ValueError(f"n_runs={n_runs}, n_steps={n_steps}: both must be at least 1")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     nodes, weights, probes = [], [], []
-    with _params_preserved(params):
-        hessian = _HessianVectorProduct(loss_fn, params)
+    with preserved_params(params):
+        hessian = HessianVectorProduct(loss_fn, params)
         for probe in range(n_runs):
             start = _rademacher(hessian.size, generator, hessian.device)
-            lanczos = _Lanczos(hessian, start, generator, max_size=min(n_steps, hessian.size))
+            lanczos = LanczosIteration(hessian, start, generator, max_size=min(n_steps, hessian.size))
             while lanczos.size < min(n_steps, hessian.size) and not lanczos.exhausted:
                 lanczos.step()
             ritz_values, ritz_coefficients = lanczos.ritz()
@@ -307,8 +316,11 @@ def model_loss_fn(
     return loss_fn
 
 
-class _HessianVectorProduct:
-    """``v -> H v`` on flat float64 vectors of length ``size``, counting calls in ``n_hvp``.
+class HessianVectorProduct:
+    """The matrix-free Hessian operator ``v -> H v`` of ``loss_fn()`` w.r.t. ``params``, on flat
+    float64 vectors of length ``size`` (the parameters' entries in order, each flattened),
+    counting calls in ``n_hvp``. ``loss_fn`` is called once, here; the parameters must stay as
+    they are while the operator is used (wrap it in :func:`preserved_params` to be safe).
 
     The gradient graph is built once; each product is one more backward pass through it.
     Measured against rebuilding it (forward + backward + double backward) per product in
@@ -362,19 +374,27 @@ class _HessianVectorProduct:
         return flat
 
 
-class _Lanczos:
-    """Lanczos tridiagonalisation with full re-orthogonalisation, float64, one HVP per step."""
+class LanczosIteration:
+    """Lanczos tridiagonalisation with full re-orthogonalisation, float64, one HVP per step.
+
+    Two limits of any single-vector Krylov method, which no residual test can see: an
+    eigenvector almost orthogonal to the start vector shows up late, so a Ritz value may settle
+    on ``lambda_{i+1}`` before ``lambda_i`` appears (measured on 60 x 60 Wishart matrices, k=3,
+    tol=1e-3: in 0-6 % of seeds, fixed 4-9 HVPs later; a smaller ``tol`` or a second ``seed``
+    guards against it); and an exactly repeated eigenvalue appears once unless the space closes
+    before k values are found.
+    """
 
     def __init__(
         self,
-        hessian: _HessianVectorProduct,
+        hessian: HessianVectorProduct,
         start: torch.Tensor,
         generator: torch.Generator,
         max_size: int,
     ) -> None:
         self._hessian = hessian
         self._generator = generator
-        self._max_size = max_size  # most basis vectors ever needed: caps the doubling below
+        self.max_size = max_size  # most basis vectors ever needed: caps the doubling below
         self._basis = torch.empty(
             (min(16, max_size), hessian.size), dtype=torch.float64, device=hessian.device
         )  # rows q_1 .. q_m, grown by doubling
@@ -430,7 +450,7 @@ class _Lanczos:
     def _append(self, vector: torch.Tensor) -> None:
         if self._n_vectors == len(self._basis):
             grown = torch.empty(
-                (min(2 * len(self._basis), self._max_size), self._hessian.size),
+                (min(2 * len(self._basis), self.max_size), self._hessian.size),
                 dtype=torch.float64,
                 device=self._hessian.device,
             )
@@ -441,7 +461,7 @@ class _Lanczos:
 
 
 @contextlib.contextmanager
-def _params_preserved(params: list[torch.Tensor]) -> Iterator[None]:
+def preserved_params(params: list[torch.Tensor]) -> Iterator[None]:
     """Restore the values and ``.grad`` of ``params`` on exit, also after an exception."""
     saved_values = [param.detach().clone() for param in params]
     saved_grads = [

@@ -1,5 +1,5 @@
 """The perturbation protocol: everything a method does around forward/backward and the optimizer
-step, so that the training loop never knows which method it runs (STYLE.md, Sec. 1).
+step, so that the training loop never knows which method it runs (docs/architecture.md).
 
 The loop calls, per optimizer step::
 
@@ -164,6 +164,18 @@ class CleanLoss:
     def measure(self, model: nn.Module, batch, loss_fn: LossFn) -> None:
         with torch.no_grad():
             self.add(loss_fn(model, batch))
+
+    def unperturbed_pass(self, model: nn.Module, batch, loss_fn: LossFn) -> torch.Tensor:
+        """Forward/backward at the current weights, for a step that is not perturbed (rho 0, no
+        momentum yet): its loss is the clean loss too. Returns the detached loss."""
+        loss = plain_forward_backward(model, batch, loss_fn)
+        self.add(loss)
+        return loss
+
+    def before_perturbed_pass(self, step: int, model: nn.Module, batch, loss_fn: LossFn) -> None:
+        """On the steps it is due, the clean loss of ``batch`` by an extra no-grad forward."""
+        if self.due(step):
+            self.measure(model, batch, loss_fn)
 
     def value(self) -> float | None:
         return float(self.total) if self.total is not None else None

@@ -26,7 +26,7 @@ constant: ``dL/dB = s g^T h``, ``dL/dA = s (g B)^T x``.
 
 Only plain LoRA layers qualify (no DoRA, no active dropout, not merged, one adapter, no LoRA bias,
 adapter in the base weight's dtype); the others go through the base-weight path
-(``weight_perturbation``).
+(``weight_space``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ weight space,
     Delta_l = -rho c_l d_l / (||d_l||_F + eps)                           (eq. 4)
 
 and each step's gradient is taken at ``W0 + Delta`` (eq. 6), with Delta applied to the frozen base
-weight for the forward/backward only (``weight_perturbation``: W0 is never written), so the
+weight for the forward/backward only (``weight_space``: W0 is never written), so the
 optimizer, evaluation and checkpoints see unperturbed weights and eq. 7's restore is implicit.
 No perturbation on the first step (no momentum yet). ``g_l`` is updated once per optimizer step
 from the accumulated gradient (the reference updates it per micro-batch from partial gradients).
@@ -37,7 +37,6 @@ from dynamics.perturbations.base import (
     PerturbationDefaults,
     check_first_moment,
     first_moment,
-    plain_forward_backward,
 )
 from dynamics.perturbations.lora_fused import fusable, perturbed_lora_layers
 from dynamics.perturbations.weight_space import LowRankDelta, LowRankSum, perturbed_base_layers
@@ -147,11 +146,8 @@ class MGPO(PerturbationDefaults):
     def forward_backward(self, model: nn.Module, batch, loss_fn) -> torch.Tensor:
         deltas = self.step_deltas()
         if not deltas:
-            loss = plain_forward_backward(model, batch, loss_fn)
-            self.loss_clean.add(loss)
-            return loss
-        if self.loss_clean.due(self.state.steps):
-            self.loss_clean.measure(model, batch, loss_fn)
+            return self.loss_clean.unperturbed_pass(model, batch, loss_fn)
+        self.loss_clean.before_perturbed_pass(self.state.steps, model, batch, loss_fn)
         fused, through_base = self._split_by_application()
         bases = {layer.base: LowRankDelta(deltas[layer.name]) for layer in through_base}
         base_application = "auto" if self.application in ("auto", "fused") else self.application

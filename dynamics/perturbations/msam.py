@@ -19,7 +19,6 @@ from dynamics.perturbations.base import (
     check_first_moment,
     exact_restore,
     first_moment,
-    plain_forward_backward,
 )
 from dynamics.tensors import global_norm
 
@@ -45,11 +44,8 @@ class MomentumSAM(CountsSteps):
     def forward_backward(self, model: nn.Module, batch, loss_fn) -> torch.Tensor:
         steps = self.state.steps
         if steps == 0 or self.rho == 0:
-            loss = plain_forward_backward(model, batch, loss_fn)
-            self.loss_clean.add(loss)
-            return loss
-        if self.loss_clean.due(steps):
-            self.loss_clean.measure(model, batch, loss_fn)
+            return self.loss_clean.unperturbed_pass(model, batch, loss_fn)
+        self.loss_clean.before_perturbed_pass(steps, model, batch, loss_fn)
         momentum = [first_moment(self.optimizer, p) for p in self.params]
         if any(m is None for m in momentum):
             raise RuntimeError(f"--method {self.method}: a trainable parameter has no first moment "

@@ -9,7 +9,7 @@ weight itself under ``full``), output row i gets Gaussian noise of standard devi
 the step's forward/backward and removed after. The noise of layer l at step t comes from a
 generator seeded by (seed, t, l), so it is rebuilt exactly in backward instead of being stored,
 and a resumed run draws the same noise. On a LoRA-family model the noise goes to the frozen base
-weight through ``weight_perturbation`` (W0 is never written); under ``full`` it is added to the
+weight through ``weight_space`` (W0 is never written); under ``full`` it is added to the
 trainable weight and the exact copy is restored after backward.
 """
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dynamics.adapters.layers import AdapterLayer, layer_name
-from dynamics.perturbations.base import CleanLoss, CountsSteps, exact_restore, plain_forward_backward
+from dynamics.perturbations.base import CleanLoss, CountsSteps, exact_restore
 from dynamics.perturbations.weight_space import perturbed_base_layers
 
 
@@ -103,11 +103,8 @@ class RandomWeightNoise(CountsSteps):
     def forward_backward(self, model: nn.Module, batch, loss_fn) -> torch.Tensor:
         deltas = self.step_deltas()
         if not deltas:
-            loss = plain_forward_backward(model, batch, loss_fn)
-            self.loss_clean.add(loss)
-            return loss
-        if self.loss_clean.due(self.state.steps):
-            self.loss_clean.measure(model, batch, loss_fn)
+            return self.loss_clean.unperturbed_pass(model, batch, loss_fn)
+        self.loss_clean.before_perturbed_pass(self.state.steps, model, batch, loss_fn)
         if self.layers is not None:
             bases = {layer.base: deltas[layer.name] for layer in self.layers}
             with perturbed_base_layers(bases, application="dense"):

@@ -1,7 +1,7 @@
 """The run folder on disk, write side: the plan (new, resume, done), creation, the writer's
 lock and ``summary.json``.
 
-Layout (DESIGN.md)::
+Layout (docs/design.md, "The run folder")::
 
     runs/<run_id>/
       config.json          {"config": every resolved setting, "runtime": device, dtype, threads,

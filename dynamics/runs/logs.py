@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from dynamics.files import write_parquet
 
-# metrics.parquet, one row per optimizer step (DESIGN.md). Units: loss in nats per target token
+# metrics.parquet, one row per optimizer step (docs/design.md). Units: loss in nats per target token
 # (causal LM) or per example (classification); norms are global L2 norms over trainable
 # parameters; step_time_s wall seconds of forward/backward + optimizer step; peak_mem_mb the peak
 # CUDA allocation during the step on GPU, the process's peak resident set during the step on CPU.

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from dynamics.analysis import detect_phases, phase_summary, smooth_loss
+from dynamics.analysis import detect_phases, phase_summary, run_outcome, smooth_loss
 from dynamics.config import ConfigError
 from dynamics.files import UnreadableFile, check_parquet, read_json, read_parquet
 from dynamics.runs import logs
@@ -222,7 +222,7 @@ def load_run(path: str | os.PathLike) -> Run:
 
 
 RUN_TABLE_COLUMNS = ["run_id", "method", "adapter", "perturbation", "model", "task", "rank", "alpha", "lr", "seed",
-                     "steps", "status", "alive", "steps_done", "final_loss", "eval_loss", "eval_metric",
+                     "steps", "status", "outcome", "alive", "steps_done", "final_loss", "eval_loss", "eval_metric",
                      "eval_macro_f1", "double_descent", "divergence_amplitude", "steps_lost", "n_episodes",
                      "descended", "loss_drop", "final_drop", "rise_of_start", "early_rise", "rose_from_start",
                      "top_eigenvalue", "hessian_trace", "top_eigenvalue_train", "hessian_trace_train", "wall_time_s",
@@ -237,7 +237,9 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
     ``n_episodes``, ``descended``, ``loss_drop``, ``final_drop``, ``rise_of_start``, ``early_rise``,
     ``rose_from_start``)
     come from ``dynamics analyze`` where it ran, else from the loss curve now
-    (:attr:`Run.phase_summary`); None where there is no curve to segment yet.
+    (:attr:`Run.phase_summary`); None where there is no curve to segment yet. ``outcome`` is what
+    a finished run did (``dynamics.analysis.run_outcome``: smooth, double descent, rise from start,
+    collapse, no descent, diverged); None while it runs, or failed or was interrupted.
 
     A damaged run folder (``check_run``) is not left out: its row has status ``damaged``, the
     one-line reason in ``damage``, and nothing else but ``run_id`` and ``path``."""
@@ -269,7 +271,7 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
     final_eval = summary.get("final_eval") or {}
     settings = {k: v for k, v in config.items() if k not in ("run_id", "resume", "overwrite", "progress")}
     adapter, _, perturbation = str(config.get("method", "")).partition("+")
-    return {
+    row = {
         **settings,
         "adapter": adapter,
         "perturbation": perturbation or None,
@@ -303,6 +305,8 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         "damage": None,
         "path": str(run_dir),
     }
+    # a run still training has no outcome yet
+    return {**row, "outcome": run_outcome(row) if row["status"] in ("completed", "diverged") else None}
 
 
 def _final_metric(summary: dict[str, Any]) -> float | None:

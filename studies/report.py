@@ -1,8 +1,8 @@
 """Everything docs/results.md quotes, re-derived from the study's run folders.
 
-    python grids/study/report.py runs/study                      # bbc: tables + CSVs + figures
-    python grids/study/report.py runs/study --no-figures
-    python grids/study/report.py runs/study_gsm --study gsm      # the SmolLM2 + gsm half
+    python studies/report.py runs/study                      # bbc: tables + CSVs + figures
+    python studies/report.py runs/study --no-figures
+    python studies/report.py runs/study_gsm --study gsm      # the SmolLM2 + gsm half
 
 Writes ``docs/study/study_runs.csv`` (one row per run: settings, outcome, phase numbers, eval
 metrics, cost, curvature, the steps of every rise, LoRA-MGPO's APN statistics),
@@ -38,14 +38,15 @@ from scipy import stats
 
 import dynamics
 from dynamics import figures, runs
-from dynamics.analysis import smooth_loss
+from dynamics.analysis import blowup, cost_table, run_outcome
+from dynamics.config import RunConfig
 from dynamics.data import gsm
 from dynamics.figure_set import make_figures
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = ROOT / "docs" / "study"
 FIGURES_OUT = ROOT / "docs" / "figures" / "study"
-# each half's shared settings (the grids under grids/study/ named *_bbc / *_gsm) and its outputs
+# each half's shared settings (the grids under studies/ named *_bbc / *_gsm) and its outputs
 STUDIES = {
     "bbc": {"settings": {"model": "minilm-l6", "task": "bbc", "steps": 300, "batch_size": 8, "seq_len": 64},
             "runs_csv": "study_runs.csv", "reruns_csv": "study_reruns.csv", "tables_md": "tables.md",
@@ -60,7 +61,7 @@ BBC_METRICS = (("eval acc", "eval_metric"), ("eval macro-F1", "eval_macro_f1"))
 # `dynamics analyze --exact-match`; the run table's eval_metric) and the lenient reading (the last number
 # written) where it was measured
 GSM_METRICS = (("eval loss", "eval_loss"), ("exact match", "eval_metric"), ("EM, last number", "em_last_number"))
-DEFAULT_CAP = 10.0  # MGPO's apn_cap for both tasks; its rho default is per task (STUDIES)
+DEFAULT_CAP = RunConfig.__dataclass_fields__["apn_cap"].default  # MGPO's for both tasks; rho is per task (STUDIES)
 LEARNED = ("smooth", "double descent")  # outcomes of runs that learned and kept it
 RUN_COLUMNS = ["run_id", "method", "rank", "alpha", "lr", "seed", "rho", "apn_cap", "status", "outcome", "final_loss",
                "eval_loss", "eval_metric", "eval_macro_f1", "double_descent", "rise_of_start", "divergence_amplitude",
@@ -99,7 +100,7 @@ def study_runs(runs_dir: Path, study: str = "bbc") -> pd.DataFrame:
     table = table.assign(rank=lambda t: t["rank"].where(t["method"] != "full", 0),
                          alpha=lambda t: t["alpha"].where(t["method"] != "full", 0),
                          rho=lambda t: t["rho"].fillna(STUDIES[study]["rho"]),
-                         outcome=lambda t: t.apply(figures.run_outcome, axis=1))
+                         outcome=lambda t: t.apply(run_outcome, axis=1))
     measured = pd.DataFrame([_from_files(dynamics.load_run(path), cap)
                              for path, cap in zip(table["path"], table["apn_cap"], strict=True)], index=table.index)
     return _sorted(pd.concat([table, measured], axis=1).assign(on_disk=True))
@@ -130,7 +131,7 @@ def _from_files(run, apn_cap: float) -> dict:
            "curvature_examples_train": int(top_train["n_examples"].iloc[0]) if len(top_train) else np.nan,
            "curvature_loss": float(top["loss"].iloc[0]) if len(top) else np.nan,
            "curvature_loss_train": float(top_train["loss"].iloc[0]) if len(top_train) else np.nan,
-           **blowup(metrics), **generation_numbers(run.generations)}
+           **blowup(metrics["loss"], metrics["step"]), **generation_numbers(run.generations)}
     scale = metrics["apn_scale"].dropna() if "apn_scale" in metrics else pd.Series(dtype=float)
     if len(scale):
         first = scale[metrics.loc[scale.index, "step"] <= 50]
@@ -164,28 +165,6 @@ def generation_numbers(generations: pd.DataFrame) -> dict:
             "em_last_number": float(np.mean([gsm.last_number(text) == reference
                                              for text, reference in zip(last["text"], last["reference"],
                                                                         strict=True)]))}
-
-
-def blowup(metrics: pd.DataFrame) -> dict:
-    """How the smoothed training loss ``s(t)`` (``smooth_loss``, the phase detector's curve) went
-    up: its highest value and step (``peak_loss``, ``peak_step``), its lowest value before that
-    peak and step (``min_loss``, ``min_step``), and the first step after that minimum where it is
-    back above its start ``s(0)`` (``above_start_step``; NaN if never), and the first step after
-    the peak where it is below that start again (``below_start_step``: a recovery; NaN if never);
-    and the first step where it is at twice its start (``doubled_step``: a blow-up; NaN if never).
-    Steps as logged (1-based)."""
-    steps = metrics["step"].to_numpy()
-    smoothed = smooth_loss(metrics["loss"], metrics["step"])
-    peak = int(np.argmax(smoothed))
-    lowest = int(np.argmin(smoothed[: peak + 1]))
-    above = np.flatnonzero(smoothed[lowest:] > smoothed[0])
-    below = np.flatnonzero(smoothed[peak:] < smoothed[0]) if peak > 0 else np.array([], dtype=int)
-    doubled = np.flatnonzero(smoothed >= 2 * smoothed[0])
-    return {"peak_loss": float(smoothed[peak]), "peak_step": int(steps[peak]),
-            "doubled_step": int(steps[doubled[0]]) if len(doubled) else np.nan,
-            "below_start_step": int(steps[peak + below[0]]) if len(below) else np.nan,
-            "min_loss": float(smoothed[lowest]), "min_step": int(steps[lowest]),
-            "above_start_step": int(steps[lowest + above[0]]) if len(above) else np.nan}
 
 
 @dataclasses.dataclass
@@ -261,7 +240,7 @@ def _read_ledger(path: Path, settings: dict, log) -> pd.DataFrame:
     rows = pd.read_csv(path, dtype={"rises": str, "started_at": str, "versions": str})
     rows = rows.reindex(columns=list(dict.fromkeys([*rows.columns, *RUN_COLUMNS])))  # older ledgers lack some
     rows = rows.assign(on_disk=False, path=None, **settings)
-    for run_id, stored, now in zip(rows["run_id"], rows["outcome"], rows.apply(figures.run_outcome, axis=1),
+    for run_id, stored, now in zip(rows["run_id"], rows["outcome"], rows.apply(run_outcome, axis=1),
                                    strict=True):
         if stored != now:
             log(f"report: {run_id}: {_shown(path)} says {stored}, its numbers now read {now}")
@@ -439,7 +418,7 @@ def tables(ledgers: Ledgers) -> str:
          pd.concat([paired(rerun_cells, m, "lora", ["rank", "lr"]).assign(method=m)
                     for m in sorted(rerun_cells["method"].unique()) if m != "lora"] or [pd.DataFrame()])),
     ]
-    text = ["# Study tables (generated by `python grids/study/report.py runs/study`; do not edit)\n",
+    text = ["# Study tables (generated by `python studies/report.py runs/study`; do not edit)\n",
             "Mean ± sample standard deviation over seeds; `rise % of start`: the highest divergence peak above the "
             "first minimum of the smoothed training loss, in % of the start loss (0 when no divergence); "
             "`steps lost`: steps from the divergence start until the loss is back at its first minimum; both over "
@@ -480,7 +459,7 @@ def gsm_tables(ledgers: Ledgers) -> str:
         ("Re-runs: runs of an earlier session run again (same settings and seed), first / re-run",
          replication_table(ledgers, metric)),
     ]
-    text = ["# Study tables, SmolLM2-135M + gsm (generated by `python grids/study/report.py runs/study_gsm "
+    text = ["# Study tables, SmolLM2-135M + gsm (generated by `python studies/report.py runs/study_gsm "
             "--study gsm`; do not edit)\n",
             "Mean ± sample standard deviation over seeds where more than one ran; `rise % of start`: the highest "
             "divergence peak above the first minimum of the smoothed training loss, in % of the start loss (0 when "
@@ -507,7 +486,7 @@ def perturbation_sections(cell: pd.DataFrame, metrics=BBC_METRICS, paired_on=BBC
         ("Perturbations at r = alpha = 8, lr 5e-3: each - LoRA, paired by seed",
          pd.concat([paired(cell, m, "lora", ["rank", "lr"], paired_on).assign(method=m)
                     for m in sorted(cell["method"].unique()) if m != "lora"] or [pd.DataFrame()])),
-        (cost_title, cost_table(cell)),
+        (cost_title, cost_rows(cell)),
     ]
 
 
@@ -641,18 +620,14 @@ def curvature_correlations(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def cost_table(cell: pd.DataFrame) -> pd.DataFrame:
-    lora = cell[cell["method"] == "lora"]
-    if lora.empty:
-        return pd.DataFrame()
-    base_time, base_mem = lora["step_time_s"].median(), lora["peak_mem_mb"].median()
-    rows = []
-    for method, group in cell.groupby("method"):
-        time, memory = group["step_time_s"].median(), group["peak_mem_mb"].median()
-        rows.append({"method": method, "runs": len(group), "step time (s)": f"{time:.3f}",
-                     "vs LoRA": f"{time / base_time:.2f}x", "peak memory (MB)": f"{memory:.0f}",
-                     "memory vs LoRA": f"{memory / base_mem:.2f}x"})
-    return pd.DataFrame(rows)
+def cost_rows(cell: pd.DataFrame) -> pd.DataFrame:
+    """``dynamics.analysis.cost_table`` of one cell's ledger rows (each run's median step time and
+    peak memory), the median over seeds, as the tables print it."""
+    table = cost_table(cell.assign(task="study"), over_seeds="median") if len(cell) else pd.DataFrame()
+    return pd.DataFrame([{"method": row["method"], "runs": row["runs"], "step time (s)": f"{row['step_time_s']:.3f}",
+                          "vs LoRA": f"{row['step_time_s_vs_lora']:.2f}x",
+                          "peak memory (MB)": f"{row['peak_mem_mb']:.0f}",
+                          "memory vs LoRA": f"{row['peak_mem_mb_vs_lora']:.2f}x"} for _, row in table.iterrows()])
 
 
 def draw(ledgers: Ledgers) -> None:
@@ -673,11 +648,11 @@ def draw(ledgers: Ledgers) -> None:
         "rank_lr2e-3": (defaults[defaults["method"].isin(["lora", "lora+mgpo"]) & np.isclose(defaults["lr"], 2e-3)],
                         "loss_vs_rank"),
         "perturbations": (r8[np.isclose(r8["lr"], 5e-3)], "loss_by_method,ablation,noise,cost,mgpo_state"),
-        # grids/study/sharpness_bbc.toml: curvature on 4 eval batches, the trace with it
+        # studies/sharpness_bbc.toml: curvature on 4 eval batches, the trace with it
         "sharpness": (latest_r8[latest_r8["lr"].isin([2e-3, 5e-3]) & (latest_r8["curvature_examples"] == 32)],
                       "sharpness_by_method,sharpness_train"),
     }
-    draw_sets(subsets, FIGURES_OUT, "python grids/study/report.py runs/study")
+    draw_sets(subsets, FIGURES_OUT, "python studies/report.py runs/study")
 
 
 def draw_gsm(ledgers: Ledgers) -> None:
@@ -697,15 +672,15 @@ def draw_gsm(ledgers: Ledgers) -> None:
         "lora_rank": (defaults[defaults["method"] == "lora"], "loss_vs_rank"),
         "lora_vs_mgpo": (contrast[contrast["rank"] == 8] if contrast["method"].nunique() >= 2 else contrast.iloc[:0],
                          "loss_by_method,mgpo_state"),
-        # grids/study/collapse_gsm.toml (its LoRA seed 0 re-runs the phase map's: as last measured)
+        # studies/collapse_gsm.toml (its LoRA seed 0 re-runs the phase map's: as last measured)
         "collapse_r128": (edge[edge["method"].isin(["lora", "lora+mgpo"]) & (edge["rank"] == 128)],
                           "loss_by_method"),  # its MGPO state per seed: draw_mgpo_states
-        # grids/study/perturbations_gsm.toml with grids/study/lora_mgpo_gsm.toml's LoRA and LoRA-MGPO
+        # studies/perturbations_gsm.toml with studies/lora_mgpo_gsm.toml's LoRA and LoRA-MGPO
         # no cost figure: their step times were taken on shared, differently loaded cores (the cost table says so)
         "perturbations": (edge[(edge["rank"] == 8) & (edge["method"] != "full")],
                           "loss_by_method,ablation,noise"),
     }
-    draw_sets(subsets, STUDIES["gsm"]["figures"], "python grids/study/report.py runs/study_gsm --study gsm")
+    draw_sets(subsets, STUDIES["gsm"]["figures"], "python studies/report.py runs/study_gsm --study gsm")
 
 
 def draw_sets(subsets: dict[str, tuple[pd.DataFrame, str]], out_root: Path, report_command: str) -> None:
@@ -768,7 +743,8 @@ def draw_mgpo_states(table: pd.DataFrame, out: Path = FIGURES_OUT / "mgpo_state"
     out.mkdir(parents=True, exist_ok=True)
     for _, row in chosen.iterrows():
         run = dynamics.load_run(row["path"])
-        peak = blowup(run.metrics)  # the detector's label hides a rise from the start: say how high it went
+        # the detector's label hides a rise from the start: say how high it went
+        peak = blowup(run.metrics["loss"], run.metrics["step"])
         rose = (f", smoothed loss peak {peak['peak_loss']:.2f} at step {peak['peak_step']}"
                 if peak["peak_step"] > 1 else "")
         title = (f"LoRA-MGPO state, r {rank}, lr {lr:g}, seed {row['seed']} ({row['outcome']}{rose}): "
