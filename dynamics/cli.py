@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
+
 from dynamics import grid as grids
 from dynamics import runs
 from dynamics.analyze_config import AnalyzeConfig
@@ -213,8 +215,6 @@ def _number(flag_name: str, raw: str, kind: type, minimum: float) -> float:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from dynamics.run_analysis import analyze_paths  # lazy: torch
 
     options = AnalyzeConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "paths", "argv", "verbose")})
@@ -228,8 +228,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     if not Path(args.runs_dir).is_dir():
         raise ConfigError(f"runs_dir {args.runs_dir}: no such folder")
     frame = runs.load_runs(args.runs_dir)

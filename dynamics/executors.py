@@ -300,7 +300,7 @@ def run_ray(configs: Sequence[RunConfig], address: str | None, board: SweepBoard
     starts a local Ray for the sweep and stops it at the end.
     """
     try:
-        import ray
+        import ray  # lazy: an optional extra (pip install dynamics[ray]), needed by --executor ray only
     except ImportError:
         raise ConfigError("--executor ray: Ray is not installed; pip install 'dynamics[ray]'") from None
     started_here = not ray.is_initialized()

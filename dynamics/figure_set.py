@@ -18,6 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import pandas as pd
 
 from dynamics import figures, runs
@@ -300,8 +301,6 @@ def make_figures(paths: Sequence[str | Path], out: str | Path = "figures", only:
 
     Damaged run folders are left out, each named on one line (``RUN_ID: damaged: ...``) through
     ``on_problem`` (default: ``log``)."""
-    import matplotlib
-
     matplotlib.use("Agg", force=False)  # files only; a notebook's backend is left alone (no pyplot here)
     names = parse_only(only)
     table = find_runs(paths)

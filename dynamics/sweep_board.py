@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+import pyarrow.parquet as pq
+
 from dynamics import runs
 from dynamics.config import RunConfig
 
@@ -180,8 +182,6 @@ class SweepBoard:
 
 def _steps_logged(run_dir: Path) -> int:
     """Rows in ``metrics.parquet`` (one per optimizer step), read from the file footer."""
-    import pyarrow.parquet as pq
-
     path = Path(run_dir) / "metrics.parquet"
     try:
         return pq.read_metadata(path).num_rows

@@ -32,6 +32,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -41,7 +42,7 @@ from dynamics import figures, runs
 from dynamics.analysis import blowup, cost_table, run_outcome
 from dynamics.config import RunConfig
 from dynamics.data import gsm
-from dynamics.figure_set import make_figures
+from dynamics.figure_set import Drawn, make_figures, write_figure, write_index
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = ROOT / "docs" / "study"
@@ -711,10 +712,6 @@ def draw_sets(subsets: dict[str, tuple[pd.DataFrame, str]], out_root: Path, repo
 def draw_phase_map(frame: pd.DataFrame, out: Path, command: str) -> None:
     """``figures.phase_map`` of ledger rows (it reads only the run table's columns), written with
     an index entry as ``dynamics figures`` writes one."""
-    import matplotlib.pyplot as plt
-
-    from dynamics.figure_set import Drawn, write_figure, write_index
-
     out.mkdir(parents=True, exist_ok=True)
     figure = figures.phase_map(frame)
     run_ids = sorted(figures.phase_map_runs(frame)["run_id"])
@@ -730,10 +727,6 @@ def draw_mgpo_states(table: pd.DataFrame, out: Path = FIGURES_OUT / "mgpo_state"
     """LoRA-MGPO's instrument panel, one figure per seed (``out/seed<N>.png``), at one (rank, lr)
     and the task's default knobs: bbc r 8, lr 5e-3, seeds 0 (learned) and 2 (stuck at chance) by
     default."""
-    import matplotlib.pyplot as plt
-
-    from dynamics.figure_set import Drawn, write_figure
-
     chosen = at_defaults(table, study)
     chosen = chosen[(chosen["method"] == "lora+mgpo") & (chosen["rank"] == rank) & np.isclose(chosen["lr"], lr)]
     chosen = chosen[chosen["seed"].isin(seeds)]

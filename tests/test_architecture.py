@@ -1,5 +1,6 @@
-"""The package's shape (docs/architecture.md): no import circles, and no import hidden inside a
-function to dodge one. Read from the source with ``ast``; nothing is imported.
+"""The package's shape (docs/architecture.md): no import circles, no import hidden inside a
+function without saying why, and no function longer than a reader takes in at one look. Read from
+the source with ``ast``; nothing is imported (but by the last test, which imports every module).
 
 Every ``import dynamics.x`` / ``from dynamics.x import y`` counts, at module level or inside a
 function, so a function-level import that closes a circle is caught as a circle. An edge points
@@ -108,18 +109,71 @@ def test_the_circle_finder_finds_a_planted_circle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_function_level_imports_say_why():
-    """A dynamics import inside a function is allowed for start-up time only, with a comment on
-    that line or the one above saying so (``# lazy: ...``)."""
-    known = set(modules())
+def function_level_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import statement inside a function, ours and third-party."""
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if in_function and isinstance(child, ast.Import):
+                found.extend((child.lineno, alias.name) for alias in child.names)
+            elif in_function and isinstance(child, ast.ImportFrom):
+                found.append((child.lineno, child.module or "."))
+            visit(child, nested)
+
+    visit(ast.parse(path.read_text()), False)
+    return found
+
+
+def says_lazy(lines: list[str], line: int) -> bool:
+    """Whether the import on ``line`` (1-based) carries ``lazy`` in a comment: on its own line, on
+    the line above, or above the block of imports it opens or belongs to."""
+    index = line - 1
+    while index > 0 and lines[index - 1].strip().startswith(("import ", "from ")):
+        index -= 1  # up to the first import of the block
+    return any("lazy" in text for text in (lines[line - 1], *lines[max(index - 1, 0) : line]))
+
+
+def test_imports_at_the_top_unless_they_say_why():
+    """An import inside a function, of a dynamics module or a third-party one, is allowed for
+    start-up time (or an optional dependency) only, with a comment saying so (``# lazy: ...``):
+    reading runs and drawing figures must not import torch, and the CLI starts in a second."""
     unexplained = []
-    for name, path in modules().items():
+    for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "studies").rglob("*.py")]:
         lines = path.read_text().splitlines()
-        for target, line, in_function in imports_of(path, known):
-            context = " ".join(lines[max(line - 2, 0) : line])
-            if in_function and "lazy" not in context:
-                unexplained.append(f"{name}:{line} imports {target}")
+        for line, module in function_level_imports(path):
+            if not says_lazy(lines, line):
+                unexplained.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}")
     assert unexplained == []
+
+
+def test_the_lazy_rule_reads_blocks():
+    lines = ["def f():", "    # lazy: torch", "    import numpy", "    import torch", "    x = 1", "    import os"]
+    assert says_lazy(lines, 3) and says_lazy(lines, 4) and not says_lazy(lines, 6)
+
+
+MAX_FUNCTION_LINES = 80  # docstring included: a function a reader takes in at one look
+
+
+def function_lengths() -> list[tuple[int, str]]:
+    """``(lines, "path:name")`` of every function and method in the repository's Python files,
+    longest first."""
+    root = PACKAGE.parent
+    lengths = []
+    for path in root.rglob("*.py"):
+        if {".venv", "build", ".git"} & set(path.relative_to(root).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lengths.append((node.end_lineno - node.lineno + 1, f"{path.relative_to(root)}:{node.name}"))
+    return sorted(lengths, reverse=True)
+
+
+def test_no_function_is_longer_than_80_lines():
+    lengths = function_lengths()
+    print(f"longest function: {lengths[0][1]}, {lengths[0][0]} lines")  # shown with pytest -s
+    assert [entry for entry in lengths if entry[0] > MAX_FUNCTION_LINES] == []
 
 
 @pytest.mark.parametrize("package, forbidden", [

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from peft import AdaLoraConfig, LoraConfig, TaskType, get_peft_model
 from torch import nn
 
 from dynamics.adapters.loraga import LoraGASource, initialise, loraga_config
@@ -31,7 +32,6 @@ from dynamics.files import first_line
 
 
 def peft_config(cfg: RunConfig):
-    from peft import AdaLoraConfig, LoraConfig, TaskType
 
     common = dict(lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, target_modules="all-linear",
                   task_type=TaskType.CAUSAL_LM if cfg.task_kind == "causal_lm" else TaskType.SEQ_CLS)
@@ -62,7 +62,6 @@ def apply_adapter(model: nn.Module, cfg: RunConfig, loraga: LoraGASource | None 
         except ValueError as error:  # a quantised base, no linear layer: peft's words, on one line
             raise ConfigError(f"--method {cfg.method}: LoRA-GA cannot start on this model "
                               f"({first_line(error)})") from None
-    from peft import get_peft_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 
@@ -164,7 +165,6 @@ def adapter_layers(model: nn.Module) -> list[AdapterLayer]:
     Raises ValueError for a tuner layer whose base is not an ``nn.Linear`` (e.g. Conv1D with
     ``fan_in_fan_out``), instead of skipping it silently as a type check would.
     """
-    from peft.tuners.lora import LoraLayer
 
     layers = []
     for name, module in model.named_modules():

@@ -31,6 +31,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from peft import LoraConfig, LoraGAConfig, get_peft_model, preprocess_loraga, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers  # private helper: see initialise
+from peft.utils.other import transpose
+from safetensors.torch import load_file
 from torch import nn
 
 
@@ -51,7 +56,6 @@ class LoraGASource:
 
 def loraga_config(common: dict, cfg):
     """peft's LoraConfig for LoRA-GA with the run's ``loraga_*`` settings."""
-    from peft import LoraConfig, LoraGAConfig
 
     ga = LoraGAConfig(direction=cfg.loraga_direction, scale=cfg.loraga_scale, stable_gamma=cfg.loraga_stable_gamma)
     return LoraConfig(r=cfg.rank, init_lora_weights="lora_ga", lora_ga_config=ga, **common)
@@ -63,12 +67,8 @@ def initialise(base: nn.Module, lora_config, source: LoraGASource, seed: int) ->
     ``svd_lowrank``'s random start) come from a fork of torch's RNG seeded by ``seed``.
 
     Raises ValueError for a model peft cannot initialise (a quantised base, no linear layers)."""
-    from peft import get_peft_model, preprocess_loraga
-
     # peft expands "all-linear" only inside get_peft_model; preprocess_loraga runs before it and
     # would match no layer, so the same expansion is applied first (private helper, same rule).
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-
     lora_config = _maybe_include_all_linear_layers(copy.deepcopy(lora_config), base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -98,10 +98,6 @@ def load_initial(model: nn.Module, folder: Path) -> None:
     layer's frozen weight to ``W0' = W0 - s B0 A0``, computed as peft's ``lora_ga_init`` does
     (float32 product and difference, cast back to the weight's dtype). ``model`` must hold the
     original W0 (freshly built)."""
-    from peft import set_peft_model_state_dict
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.other import transpose
-    from safetensors.torch import load_file
 
     result = set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")))
     if result.unexpected_keys:

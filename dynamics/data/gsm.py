@@ -60,7 +60,7 @@ def encode(question: str, answer_cot: str, tokenizer, seq_len: int) -> Example |
 
 
 def build(cfg: RunConfig, tokenizer) -> TaskData:
-    import reasoning_gym
+    import reasoning_gym  # lazy: its many task modules load in seconds, and only gsm needs it
 
     if tokenizer is None:
         raise ValueError(f"--task gsm needs a tokenizer; --model {cfg.model} has none")

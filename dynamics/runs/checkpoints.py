@@ -56,7 +56,7 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict[str, An
 def save_weights(model, folder: Path) -> None:
     """Trainable weights only: the adapter (peft layout, loadable by ``PeftModel.from_pretrained``)
     or, for full fine-tuning, the whole model (shared tensors such as tied embeddings saved once)."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_model  # lazy: see save_checkpoint
 
     if hasattr(model, "peft_config"):
         config = model.peft_config[model.active_adapter]
@@ -76,10 +76,10 @@ def save_weights(model, folder: Path) -> None:
 
 
 def load_weights(model, folder: Path) -> None:
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_file, load_model  # lazy: see save_checkpoint
 
     if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
+        from peft import set_peft_model_state_dict  # lazy: see save_checkpoint
 
         result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
         if result.unexpected_keys:
@@ -111,7 +111,7 @@ def stored_initial_adapter(run_dir: Path, cfg):
 
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:
-    import torch
+    import torch  # lazy: see save_checkpoint
 
     return torch.load(folder / "trainer_state.pt", weights_only=True)
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
+from peft.optimizers import create_loraplus_optimizer
 from torch import nn
+from transformers import get_scheduler
 
 from dynamics.config import RunConfig
 
@@ -16,7 +18,6 @@ def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     Sec. 4); for LoRA+ peft's grouping, B at ``loraplus_ratio`` times the learning rate of A."""
     adamw = dict(betas=(cfg.mu, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     if cfg.adapter == "loraplus":
-        from peft.optimizers import create_loraplus_optimizer
 
         return create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.lr, loraplus_lr_ratio=cfg.loraplus_ratio,
                                          **adamw)
@@ -26,7 +27,6 @@ def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     """transformers' schedule of ``cfg.schedule`` with ``ceil(warmup_ratio * steps)`` warm-up steps."""
-    from transformers import get_scheduler  # lazy: transformers takes seconds to import
 
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
     warmup_steps = math.ceil(cfg.warmup_ratio * cfg.steps)
