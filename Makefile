@@ -23,8 +23,12 @@ demo: $(STAMP)
 	$(BIN)/dynamics runs runs/demo
 	$(BIN)/dynamics figures runs/demo --out figures/demo
 
+# Two pytest workers, a test file each at a time (--dist loadfile: a file's module fixtures, such as
+# its trained reference runs, are made once): most tests wait on processes they started, so two
+# files at once use the 2 cores that one leaves half idle. Every test seeds what it draws and sets
+# its runs' threads where it compares them bit for bit, so the results do not depend on the order.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .  # every Python file and notebook of the repository, studies/ included

@@ -35,11 +35,14 @@ def assert_expected(actual: Any, expected: Any, *, rtol: float | None = None, at
     Tolerances: with both ``rtol`` and ``atol`` None, torch's dtype-based defaults (float64:
     rtol=1e-7, atol=1e-7; float32: rtol=1.3e-6, atol=1e-5; bfloat16: rtol=1.6e-2, atol=1e-5; integer
     dtypes: exact). With only one of them given, the other is 0. With both 0 the comparison is exact.
+
+    ``msg`` goes in front of torch's report (which says where and by how much the values differ).
     """
     if (rtol is None) != (atol is None):
         rtol, atol = rtol or 0.0, atol or 0.0
+    report = None if msg is None else (lambda default: f"{msg}: {default}")
     if isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor):
-        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=equal_nan, msg=msg)
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=equal_nan, msg=report)
         return
     torch.testing.assert_close(_as_float64(actual), _as_float64(expected), rtol=rtol, atol=atol,
-                               equal_nan=equal_nan, check_dtype=False, msg=msg)
+                               equal_nan=equal_nan, check_dtype=False, msg=report)

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import assert_expected
 
 import dynamics
 from dynamics import figures
@@ -59,7 +60,7 @@ def test_sharpness_at_chosen_checkpoints_and_no_duplicates(trained):
         assert rows["eigenvalue"].is_monotonic_decreasing
     summary = json.loads((trained.path / "summary.json").read_text())
     assert summary["sharpness"]["step"] == 40
-    assert summary["sharpness"]["eigenvalues"][0] == pytest.approx(table["eigenvalue"].iloc[2])
+    assert_expected(summary["sharpness"]["eigenvalues"][0], table["eigenvalue"].iloc[2], rtol=1e-6, atol=1e-12)
 
 
 def test_sharpness_is_reproducible_from_the_checkpoint(trained):
@@ -121,7 +122,7 @@ def test_trace_and_density_land_in_the_run_folder(trained):
     density = run.density
     assert set(density["step"]) == {20, 40} and set(density["probe"]) == {0, 1}
     for _, rows in density.groupby("step"):
-        assert rows["weight"].sum() == pytest.approx(1.0)
+        assert_expected(rows["weight"].sum(), 1.0, rtol=1e-6, atol=1e-12)
         # the top Ritz value of the density bounds the top eigenvalue from below
         top = run.sharpness.query("step == @rows.step.iloc[0] and rank == 1")["eigenvalue"].iloc[0]
         assert rows["node"].max() <= top * (1 + 1e-3)
@@ -131,7 +132,7 @@ def test_trace_and_density_land_in_the_run_folder(trained):
     assert json.loads((trained.path / "summary.json").read_text())["trace"]["step"] == 40
     # the run table carries the final checkpoint's trace beside its top eigenvalue
     row = dynamics.load_runs(trained.path.parent).set_index("run_id").loc[trained.run_id]
-    assert row["hessian_trace"] == pytest.approx(run.trace.query("step == 40")["trace"].iloc[0])
+    assert_expected(row["hessian_trace"], run.trace.query("step == 40")["trace"].iloc[0], rtol=1e-6, atol=1e-12)
 
 
 def test_training_loss_curvature_sits_beside_the_eval_loss_curvature(trained):

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
+from helpers import assert_expected
 
 import dynamics
 from dynamics import runs
@@ -49,15 +49,15 @@ def assert_same_run(run, reference, rtol=1e-5, atol=1e-7):
     assert a["step"].tolist() == b["step"].tolist()
     assert a["tokens"].tolist() == b["tokens"].tolist()
     for column in COMPARED:
-        np.testing.assert_allclose(a[column].to_numpy(float), b[column].to_numpy(float), rtol=rtol, atol=atol,
-                                   err_msg=column)
+        assert_expected(a[column].to_numpy(float), b[column].to_numpy(float), rtol=rtol, atol=atol, equal_nan=True,
+                        msg=column)
     layers_a, layers_b = (t.sort_values(["step", "layer"]).reset_index(drop=True)
                           for t in (run.layers, reference.layers))
     assert layers_a[["step", "layer"]].equals(layers_b[["step", "layer"]])
     for column in ("grad_norm", "grad_ema", "apn_scale", "perturb_norm"):
-        np.testing.assert_allclose(layers_a[column].to_numpy(float), layers_b[column].to_numpy(float), rtol=rtol,
-                                   atol=atol, err_msg=f"layers.{column}")
-    np.testing.assert_allclose(run.evals["loss"], reference.evals["loss"], rtol=rtol)
+        assert_expected(layers_a[column].to_numpy(float), layers_b[column].to_numpy(float), rtol=rtol, atol=atol,
+                        equal_nan=True, msg=f"layers.{column}")
+    assert_expected(run.evals["loss"], reference.evals["loss"], rtol=rtol, atol=0, equal_nan=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from fake_runs import write_fake_grid, write_fake_run
+from helpers import assert_expected
 from matplotlib.colors import to_hex
 from matplotlib.patches import Polygon, Rectangle
 
@@ -62,9 +63,11 @@ def test_loss_vs_rank_one_panel_per_method_one_bold_curve_per_rank(curves, phase
         assert [line.get_label() for line in bold_lines(ax)] == ["8", "32 (2 seeds)", "128", "Full FT"]
         assert ax.get_xlabel() == "step (optimizer steps)"
     assert "nats/token" in lora.get_ylabel()
-    # LoRA's r = 32 and r = 128 runs at 5e-4 carry a planted divergence: shaded; MGPO's none.
-    assert len(shaded_spans(lora)) >= 2
-    assert not [p for p in shaded_spans(mgpo) if p.get_alpha() == pytest.approx(0.12)]
+    # LoRA's r = 32 and r = 128 runs at 5e-4 carry a planted divergence: shaded (alpha 0.12); MGPO's none.
+    spans = shaded_spans(lora)
+    assert len(spans) >= 2
+    assert_expected([p.get_alpha() for p in spans], [0.12] * len(spans), rtol=1e-6, atol=1e-12)
+    assert not [p for p in shaded_spans(mgpo) if abs(p.get_alpha() - 0.12) <= 1e-6 * 0.12]
     # Seeds as a band: the r = 32 curve has a fill between its seeds.
     assert len(lora.collections) >= 1
 
@@ -74,7 +77,7 @@ def test_loss_vs_rank_draws_the_smoothed_curve_it_was_given(curves):
     lora = figure.axes[0]
     r8 = next(line for line in bold_lines(lora) if line.get_label() == "8")
     expected = curves[(curves["method"] == "lora") & (curves["rank"] == 8) & np.isclose(curves["lr"], 1e-4)]
-    np.testing.assert_allclose(r8.get_ydata(), expected.sort_values("step")["smoothed"].to_numpy())
+    assert_expected(r8.get_ydata(), expected.sort_values("step")["smoothed"].to_numpy(), rtol=1e-7, atol=0)
     assert "1e-4" in figure._suptitle.get_text()
 
 
@@ -152,7 +155,7 @@ def test_sharpness_against_rank_lr_and_steps_in_method_colours(runs_table):
         assert to_hex(lines["LoRA"].get_color()) == figures.method_color("lora").lower()
         assert to_hex(lines["LoRA-MGPO"].get_color()) == figures.method_color("lora+mgpo").lower()
     lora_by_rank = {line.get_label(): line for line in by_rank.get_lines()}["LoRA"]
-    np.testing.assert_allclose(lora_by_rank.get_xdata(), [8, 32, 128])
+    assert_expected(lora_by_rank.get_xdata(), [8, 32, 128], rtol=1e-7, atol=0)
     final = figures.final_sharpness(rows)
     assert (final["source"] == "checkpoint").all() and (final["eigen_rank"] == 1).all()
 
@@ -168,13 +171,17 @@ def test_sharpness_by_method_marks_seed_means_of_eigenvalue_and_trace(runs_table
     top, trace = axes[column], axes[3 + column]
     assert [label.get_text() for label in top.get_xticklabels()] == ["LoRA", "LoRA-MGPO"]
     base = {"lora": 2.0 * 32 ** 0.5 / 5e-4 ** 0.1, "lora+mgpo": 32 ** 0.5 / 5e-4 ** 0.1}
-    def means(ax):
-        lines = [c for c in ax.collections if c.get_label().startswith("mean ")]
-        return {c.get_label()[5:]: (c.get_segments()[0][0][1], to_hex(c.get_color()[0])) for c in lines}
+    def assert_means(ax, factor):
+        """One mean line per method at ``factor`` x its base value, in the method's colour."""
+        lines = {c.get_label()[5:]: c for c in ax.collections if c.get_label().startswith("mean ")}
+        assert sorted(lines) == sorted(base)
+        for method, line in lines.items():
+            assert to_hex(line.get_color()[0]) == figures.method_color(method).lower()
+            assert_expected(line.get_segments()[0][0][1], factor * base[method], rtol=1e-6, atol=1e-12, msg=method)
 
     # seeds 0 and 1 measured 1x and 2x the base value: the mean line sits at 1.5x, in the method's colour
-    assert means(top) == {m: (pytest.approx(1.5 * base[m]), figures.method_color(m).lower()) for m in base}
-    assert means(trace) == {m: (pytest.approx(15 * base[m]), figures.method_color(m).lower()) for m in base}
+    assert_means(top, 1.5)
+    assert_means(trace, 15)
     others = [axes[3 + i] for i in range(3) if i != column]
     assert all(ax.texts[0].get_text() == "not measured" for ax in others)  # no trace there: said, not drawn
     assert "on 8 held-out examples" in figure._suptitle.get_text()
@@ -185,7 +192,7 @@ def test_sharpness_by_method_marks_seed_means_of_eigenvalue_and_trace(runs_table
     train = figures.sharpness_by_method(rows, traces, split="train")
     train_axes = [ax for ax in train.axes if ax.get_visible()]
     train_top = train_axes[[ax.get_title() for ax in train_axes[:3]].index("rank 32, lr 5e-4")]
-    assert means(train_top) == {m: (pytest.approx(4.5 * base[m]), figures.method_color(m).lower()) for m in base}
+    assert_means(train_top, 4.5)
     assert "training-loss Hessian on 8 training examples" in train._suptitle.get_text()
     with pytest.raises(figures.NotEnoughRuns):
         figures.sharpness_by_method(rows[rows["split"] == "eval"], traces, split="train")
@@ -207,7 +214,7 @@ def test_spectrum_integrates_to_one(runs_table):
     density = load_metrics(runs_table, table="density")
     figure = figures.spectrum(density, sigma=0.05, n_grid=20000)
     line = figure.axes[0].get_lines()[0]
-    assert np.trapezoid(line.get_ydata(), line.get_xdata()) == pytest.approx(1.0, rel=1e-3)
+    assert_expected(np.trapezoid(line.get_ydata(), line.get_xdata()), 1.0, rtol=1e-3, atol=1e-12)
 
 
 def test_mgpo_state_panels_and_cap(grid_root):
@@ -231,7 +238,7 @@ def test_ablation_bars_are_the_task_metric_at_one_setting(runs_table):
     figure = figures.ablation(runs_table)
     metric_ax, loss_ax = figure.axes
     assert [t.get_text() for t in metric_ax.get_xticklabels()] == ["LoRA", "LoRA + MGPO w/o APN", "LoRA-MGPO"]
-    np.testing.assert_allclose([bar.get_height() for bar in metric_ax.patches], [20, 22, 25])
+    assert_expected([bar.get_height() for bar in metric_ax.patches], [20, 22, 25], rtol=1e-7, atol=0)
     assert metric_ax.get_ylabel() == "exact match (%)"
     assert "rank 8, lr 5e-4" in metric_ax.get_title()
     assert "nats/token" in loss_ax.get_ylabel()
@@ -246,11 +253,11 @@ def test_noise_compares_perturbations(runs_table):
 def test_cost_table_is_relative_to_lora(runs_table):
     metrics = load_metrics(runs_table, table="metrics")
     table = cost_table(runs_table, metrics).set_index("method")
-    assert table.loc["lora", "step_time_s_vs_lora"] == pytest.approx(1.0)
-    assert table.loc["lora+mgpo", "step_time_s_vs_lora"] == pytest.approx(1.15)
-    assert table.loc["lora+sam", "step_time_s_vs_lora"] == pytest.approx(2.0)
-    assert table.loc["full", "trainable_params_vs_lora"] == pytest.approx(135_000_000 / 8000)
-    assert table.loc["lora+mgpo", "peak_mem_mb_vs_lora"] == pytest.approx(1.04)
+    assert_expected(table.loc["lora", "step_time_s_vs_lora"], 1.0, rtol=1e-6, atol=1e-12)
+    assert_expected(table.loc["lora+mgpo", "step_time_s_vs_lora"], 1.15, rtol=1e-6, atol=1e-12)
+    assert_expected(table.loc["lora+sam", "step_time_s_vs_lora"], 2.0, rtol=1e-6, atol=1e-12)
+    assert_expected(table.loc["full", "trainable_params_vs_lora"], 135_000_000 / 8000, rtol=1e-6, atol=1e-12)
+    assert_expected(table.loc["lora+mgpo", "peak_mem_mb_vs_lora"], 1.04, rtol=1e-6, atol=1e-12)
     figure = figures.cost(table.reset_index())
     assert [ax.get_title() for ax in figure.axes] == ["trainable parameters", "peak memory", "time per step"]
 
@@ -290,7 +297,7 @@ def test_ablation_shows_a_variant_beside_its_method(runs_table):
     figure = figures.ablation(figures.method_variants(pd.concat([runs_table, capped], ignore_index=True)))
     labels = [t.get_text() for t in figure.axes[0].get_xticklabels()]
     assert labels == ["LoRA", "LoRA + MGPO w/o APN", "LoRA-MGPO", "LoRA-MGPO (apn_cap 1)"]
-    assert figure.axes[0].patches[-1].get_height() == pytest.approx(50)
+    assert_expected(figure.axes[0].patches[-1].get_height(), 50, rtol=1e-6, atol=1e-12)
 
 
 # --- the command --------------------------------------------------------------------------------------------

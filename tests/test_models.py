@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_expected
 
 import dynamics
 from dynamics.config import RunConfig
@@ -24,7 +25,7 @@ def test_smollm2_cache_matches_the_gguf_weights():
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer("Question: 2 + 3 = ?\nAnswer:", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        torch.testing.assert_close(cached(ids).logits, gguf(ids).logits, rtol=0, atol=1e-5)
+        assert_expected(cached(ids).logits, gguf(ids).logits, rtol=0, atol=1e-5)
     assert sum(p.numel() for p in cached.parameters()) == 134_515_008
 
 

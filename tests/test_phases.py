@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import assert_expected
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -70,7 +71,7 @@ def test_bump_boundaries_match_the_definitions():
     for name, expected in BUMP_BOUNDARIES.items():
         assert abs(found[name] - expected) <= 3, (name, found[name], expected)
     assert phases.start_step.iloc[0] == 0
-    np.testing.assert_allclose(phases.end_loss.iloc[1], 1.3, rtol=0.02)
+    assert_expected(phases.end_loss.iloc[1], 1.3, rtol=0.02, atol=0)
 
 
 def test_rise_that_never_comes_down_has_no_restabilise_row():
@@ -121,7 +122,7 @@ def test_rise_during_warmup_before_any_descent_is_not_a_divergence():
     # ... but the summary says it rose from its start (10 %, above 5 % for about 30 steps) before descending
     summary = phase_summary(piecewise_curve(knots))
     assert summary["rose_from_start"] is True and summary["n_episodes"] == 0
-    np.testing.assert_allclose(summary["early_rise"], 2.2 / summary["start_loss"] - 1, atol=0.01)  # start: 2.03
+    assert_expected(summary["early_rise"], 2.2 / summary["start_loss"] - 1, rtol=1e-7, atol=0.01)  # start: 2.03
 
 
 def test_a_climb_from_the_first_step_that_comes_back_is_a_rise_from_start():
@@ -129,7 +130,7 @@ def test_a_climb_from_the_first_step_that_comes_back_is_a_rise_from_start():
     120, down to 0.5 (gsm, r 128, lr 5e-3, seeds 3 and 4). A brief bump or a plain descent is not."""
     climb = phase_summary(piecewise_curve([(0, 1.5), (40, 3.2), (60, 3.2), (120, 1.4), (200, 0.5)]))
     assert climb["rose_from_start"] is True and climb["has_double_descent"] is False and climb["descended"]
-    np.testing.assert_allclose(climb["early_rise"], 3.2 / climb["start_loss"] - 1, atol=0.02)  # start: 1.63
+    assert_expected(climb["early_rise"], 3.2 / climb["start_loss"] - 1, rtol=1e-7, atol=0.02)  # start: 1.63
     brief = phase_summary(piecewise_curve([(0, 1.5), (5, 1.7), (10, 1.5), (200, 0.5)]))  # above 5 % for < 20 steps
     assert brief["rose_from_start"] is False
     assert phase_summary(piecewise_curve([(0, 1.5), (200, 0.5)]))["rose_from_start"] is False
@@ -181,7 +182,7 @@ def test_phase_summary_of_a_bump():
     assert summary["has_double_descent"] is True
     assert summary["n_episodes"] == 1
     assert summary["n_spikes"] == 0
-    np.testing.assert_allclose(summary["divergence_amplitude"], 0.3, atol=0.01)
+    assert_expected(summary["divergence_amplitude"], 0.3, rtol=1e-7, atol=0.01)
     # From the start (152) until the loss is back at 1.0: 200 + 0.3 / 0.005 = 260.
     assert abs(summary["steps_lost"] - (260 - 152)) <= 4
 
@@ -205,14 +206,14 @@ def test_phase_summary_without_divergence_and_without_recovery():
         "rose_from_start": False,
     }
     # the median of the first 7 steps of a line from 2.0 down by 0.01 a step; down to about 0.9
-    np.testing.assert_allclose(start_loss, 1.97, atol=0.01)
-    np.testing.assert_allclose(loss_drop, 1 - 0.9 / 1.97, atol=0.01)
-    np.testing.assert_allclose(final_drop, loss_drop, atol=0.01)  # it ends at its lowest
+    assert_expected(start_loss, 1.97, rtol=1e-7, atol=0.01)
+    assert_expected(loss_drop, 1 - 0.9 / 1.97, rtol=1e-7, atol=0.01)
+    assert_expected(final_drop, loss_drop, rtol=1e-7, atol=0.01)  # it ends at its lowest
     assert never_back["has_double_descent"] is False
     assert never_back["n_episodes"] == 1
     assert never_back["steps_lost"] is None
     assert never_back["divergence_amplitude"] > 0.2
-    np.testing.assert_allclose(never_back["rise_of_start"], 0.3 / 1.97, atol=0.02)  # 1.0 -> 1.3 of a 1.97 start
+    assert_expected(never_back["rise_of_start"], 0.3 / 1.97, rtol=1e-7, atol=0.02)  # 1.0 -> 1.3 of a 1.97 start
 
 
 def test_near_zero_loss_is_judged_against_the_start_loss_too():
@@ -328,7 +329,7 @@ def test_scaling_the_loss_or_shifting_the_steps_moves_nothing_else(curve, power_
         scaled.drop(columns=["start_loss", "end_loss"]),
         phases.drop(columns=["start_loss", "end_loss"]),
     )
-    np.testing.assert_allclose(scaled.start_loss, phases.start_loss * 2.0**power_of_two)
+    assert_expected(scaled.start_loss, phases.start_loss * 2.0**power_of_two, rtol=1e-7, atol=0)
 
     unshifted = detect_phases(loss)
     np.testing.assert_array_equal(unshifted.start_step + max(offset, 0), phases.start_step)

@@ -4,6 +4,7 @@ differences and the learned-only rise, on a hand-made run table."""
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import assert_expected
 
 from studies import report as study_report
 
@@ -161,8 +162,9 @@ def test_generation_numbers_read_the_last_checkpoint(report):
                                 "text": ["#### 9", "3 + 4 = 7\n#### 7", "so 12 apples", "#### 6, or 5"]})
     numbers = report.generation_numbers(generations)
     assert numbers["em_problems"] == 3  # step 200 only
-    assert numbers["em_answered"] == pytest.approx(2 / 3)
-    assert numbers["em_last_number"] == pytest.approx(1.0)  # 7, 12 and 5 are each the last number written
+    assert_expected(numbers["em_answered"], 2 / 3, rtol=1e-6, atol=1e-12)
+    # 7, 12 and 5 are each the last number written
+    assert_expected(numbers["em_last_number"], 1.0, rtol=1e-6, atol=1e-12)
     assert np.isnan(report.generation_numbers(generations.iloc[:0])["em_problems"])
 
 

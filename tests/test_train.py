@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import assert_expected
 
 import dynamics
 from dynamics import runs
@@ -57,10 +58,11 @@ def test_first_step_has_warmup_lr_and_schedule_is_cosine(tiny):
     run = dynamics.train(tiny(steps=100, eval_every=0, checkpoint_every=0, layer_metrics_every=0, n_eval=0))
     lr = run.metrics["lr"].to_numpy()
     warmup = math.ceil(0.03 * 100)
-    assert lr[0] == 0.0 and lr[warmup] == pytest.approx(3e-3)
+    assert lr[0] == 0.0
+    assert_expected(lr[warmup], 3e-3, rtol=1e-6, atol=1e-12)
     progress = (np.arange(100) - warmup) / (100 - warmup)
     expected = 3e-3 * 0.5 * (1 + np.cos(np.pi * progress))
-    np.testing.assert_allclose(lr[warmup:], expected[warmup:], rtol=1e-9)
+    assert_expected(lr[warmup:], expected[warmup:], rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize(("method", "lr"), [("full", 3e-3), ("lora", 3e-2)])
@@ -74,8 +76,7 @@ def test_loss_goes_down_on_the_tiny_task(tiny, method, lr):
 def test_gradient_accumulation_equals_one_big_batch(tiny):
     big = dynamics.train(tiny(batch_size=8, grad_accum=1, run_id="big", eval_every=0))
     accumulated = dynamics.train(tiny(batch_size=4, grad_accum=2, run_id="acc", eval_every=0))
-    torch.testing.assert_close(torch.tensor(accumulated.metrics["loss"].to_numpy()),
-                               torch.tensor(big.metrics["loss"].to_numpy()), rtol=2e-5, atol=1e-6)
+    assert_expected(accumulated.metrics["loss"], big.metrics["loss"], rtol=2e-5, atol=1e-6)
     assert accumulated.metrics["tokens"].tolist() == big.metrics["tokens"].tolist()
 
 
@@ -189,8 +190,8 @@ def test_update_norm_is_the_parameter_change(tiny):
         change = torch.cat([(a - b).double().flatten() for a, b in zip(after.parameters(), initial.parameters())])
         weights = torch.cat([p.double().flatten() for p in after.parameters()])
     # float32 norms of ~5e4 entries: agreement to 1e-4 relative
-    assert run.metrics["update_norm"].iloc[0] == pytest.approx(float(change.norm()), rel=1e-4)
-    assert run.metrics["param_norm"].iloc[0] == pytest.approx(float(weights.norm()), rel=1e-4)
+    assert_expected(run.metrics["update_norm"].iloc[0], float(change.norm()), rtol=1e-4, atol=1e-12)
+    assert_expected(run.metrics["param_norm"].iloc[0], float(weights.norm()), rtol=1e-4, atol=1e-12)
 
 
 def test_training_leaves_the_callers_rng_alone(tiny):
@@ -226,7 +227,7 @@ def test_layer_names_strip_peft_wrappers():
 def test_macro_f1_against_hand_computed_values():
     labels, predictions = [0, 0, 1, 1, 2], [0, 1, 1, 1, 0]
     # class 0: tp 1 fp 1 fn 1 -> 0.5; class 1: tp 2 fp 1 fn 0 -> 0.8; class 2: tp 0 fn 1 -> 0
-    assert macro_f1(labels, predictions, 3) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert_expected(macro_f1(labels, predictions, 3), (0.5 + 0.8 + 0.0) / 3, rtol=1e-6, atol=1e-12)
 
 
 def test_eval_mode_restores_training_flag():
@@ -245,9 +246,22 @@ def test_load_runs_tables_every_run(tiny, tmp_path):
     assert dynamics.load_runs(tmp_path / "nothing-here").empty
 
 
-def test_config_object_and_dict_are_equivalent(tiny):
-    settings = tiny(run_id="x")
-    assert RunConfig.from_dict(settings) == RunConfig(**settings)
+def test_config_object_and_dict_train_the_same_run(tiny, tmp_path):
+    """``dynamics.train`` takes a RunConfig or a mapping (dashed keys too): the same settings give
+    the same run id and the same numbers, bit for bit (a momentum method: every norm is logged)."""
+    settings = tiny(method="lora+mgpo", steps=6, eval_every=3, runs_dir=str(tmp_path / "from_object"))
+    from_object = dynamics.train(RunConfig(**settings))
+    dashed = {key.replace("_", "-"): value for key, value in settings.items()}
+    from_dict = dynamics.train({**dashed, "runs-dir": str(tmp_path / "from_dict")})
+    assert from_object.summary["status"] == from_dict.summary["status"] == "completed"
+    assert from_object.run_id == from_dict.run_id == RunConfig(**settings).default_run_id()
+    assert from_dict.config == from_object.config | {"runs_dir": str(tmp_path / "from_dict")}
+    numbers = ["step", "epoch", "tokens", "loss", "loss_clean", "lr", "grad_norm", "param_norm", "update_norm",
+               "momentum_norm", "grad_ema", "apn_scale", "perturb_norm"]
+    pd.testing.assert_frame_equal(from_dict.metrics[numbers], from_object.metrics[numbers], check_exact=True)
+    without_times = [c for c in from_object.evals.columns if c != "eval_time_s"]
+    pd.testing.assert_frame_equal(from_dict.evals[without_times], from_object.evals[without_times], check_exact=True)
+    pd.testing.assert_frame_equal(from_dict.layers, from_object.layers, check_exact=True)
 
 
 def test_bf16_keeps_base_weights_in_bf16_and_lora_in_fp32(tiny):
