@@ -8,6 +8,12 @@ import warnings
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub; read by huggingface_hub at import
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per process: `make test` runs two pytest workers on the 2 cores, and most tests start
+# more processes of their own; with torch's default of a thread per core they would be twice
+# oversubscribed, and its OpenMP threads spin while they wait. Set before torch is imported, so
+# every process the tests start (forked or launched) inherits it; runs that compare bit for bit
+# run with the same setting on both sides.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+import launch
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -284,11 +282,10 @@ def test_odd_train_inputs_get_one_line_and_exit_2_and_write_nothing(capsys, tmp_
 
 
 def test_an_unknown_hub_id_offline_is_one_line(tmp_path):
-    """The real hub path with HF_HUB_OFFLINE=1 (read at import: a fresh process)."""
-    result = subprocess.run([sys.executable, "-m", "dynamics", "train", "--model", "nobody/no-such-model",
-                             "--task", "gsm", "--steps", "1", "--runs-dir", str(tmp_path / "runs"), "--no-progress"],
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    """The real hub path with HF_HUB_OFFLINE=1, read when huggingface_hub is imported: by a process
+    of its own (tests/launch.py's server, started with conftest's HF_HUB_OFFLINE=1)."""
+    result = launch.run(["train", "--model", "nobody/no-such-model", "--task", "gsm", "--steps", "1",
+                         "--runs-dir", str(tmp_path / "runs"), "--no-progress"])
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("dynamics train: --model nobody/no-such-model: cannot load")

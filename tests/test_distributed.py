@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import launch
 import psutil
 import pytest
 from helpers import assert_expected
@@ -87,8 +88,8 @@ def test_two_processes_train_like_one(two_process_runs, method):
         sorted(p.name for p in one.path.iterdir() if p.name.startswith("."))
 
 
-KILL_SETTINGS = {**SETTINGS, "method": "lora+mgpo", "steps": 100, "checkpoint_every": 10, "keep_checkpoints": 2,
-                 "eval_every": 100, "n_train": 256}
+KILL_SETTINGS = {**SETTINGS, "method": "lora+mgpo", "steps": 40, "checkpoint_every": 10, "keep_checkpoints": 2,
+                 "eval_every": 20, "n_train": 256}
 
 
 def cli_args(settings: dict) -> list[str]:
@@ -108,8 +109,11 @@ def lock_released(run_dir: Path) -> bool:
         return True
 
 
-def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
-    process = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def kill_after_first_checkpoint(command: list[str] | launch.Command, run_dir: Path) -> None:
+    """Start ``command`` (a command line, or a ``dynamics`` process already started), SIGKILL it and
+    every process under it once the run has a checkpoint, and wait until the run's lock is free."""
+    process = command if isinstance(command, launch.Command) else subprocess.Popen(
+        command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (run_dir.exists() and runs.checkpoint_steps(run_dir)):
         assert process.poll() is None, process.communicate()[1][-3000:]
@@ -146,9 +150,8 @@ def test_killed_on_two_processes_resumes_on_one(tmp_path, uninterrupted):
 
 def test_killed_on_one_process_resumes_on_two_with_nproc(tmp_path, uninterrupted):
     settings = {**KILL_SETTINGS, "runs_dir": str(tmp_path), "run_id": "moved"}
-    kill_after_first_checkpoint([sys.executable, "-m", "dynamics", "train", *cli_args(settings)], tmp_path / "moved")
-    done = subprocess.run([sys.executable, "-m", "dynamics", "train", "--nproc", "2", *cli_args(settings), "--resume"],
-                          env=env(), capture_output=True, text=True, timeout=600)
+    kill_after_first_checkpoint(launch.Command(["train", *cli_args(settings)]), tmp_path / "moved")
+    done = launch.run(["train", "--nproc", "2", *cli_args(settings), "--resume"], env=env(), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from checkpoint step" in done.stderr
     assert done.stdout.count("status   completed") == 1  # printed once, by process 0
@@ -163,8 +166,7 @@ def test_killed_on_one_process_resumes_on_two_with_nproc(tmp_path, uninterrupted
 ])
 def test_nproc_bad_input_is_one_line_before_any_process_starts(tmp_path, flags, message):
     args = ["--nproc", "2", *cli_args({**SETTINGS, "method": "lora", "runs_dir": str(tmp_path)}), *flags]
-    done = subprocess.run([sys.executable, "-m", "dynamics", "train", *args], env=env(), capture_output=True,
-                          text=True, timeout=120)
+    done = launch.run(["train", *args], env=env(), timeout=120)
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not any(tmp_path.iterdir())  # nothing written

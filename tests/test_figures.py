@@ -4,6 +4,9 @@ and refuses bad input with one line and exit status 2."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -301,9 +304,20 @@ def test_ablation_shows_a_variant_beside_its_method(runs_table):
 
 
 # --- the command --------------------------------------------------------------------------------------------
-def test_figures_command_writes_every_figure_and_an_index(grid_root, tmp_path, capsys):
-    out = tmp_path / "figures"
-    assert main(["figures", str(grid_root), "--out", str(out)]) == 0
+@pytest.fixture(scope="module")
+def figures_command(grid_root, tmp_path_factory):
+    """``dynamics figures`` on the fake grid, once for the module: (out folder, exit status,
+    stdout, stderr)."""
+    out = tmp_path_factory.mktemp("figures-command") / "figures"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["figures", str(grid_root), "--out", str(out)])
+    return out, code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_figures_command_writes_every_figure_and_an_index(grid_root, figures_command):
+    out, code, stdout, stderr = figures_command
+    assert code == 0
     for name in FIGURE_NAMES:
         assert (out / f"{name}.png").stat().st_size > 10_000
         assert (out / f"{name}.pdf").read_bytes().startswith(b"%PDF")
@@ -313,15 +327,14 @@ def test_figures_command_writes_every_figure_and_an_index(grid_root, tmp_path, c
     assert all(f"## {name}" in index for name in FIGURE_NAMES)
     assert f"dynamics figures {grid_root} --out {out} --only loss_vs_rank" in index
     assert "`lora+mgpo-r32-lr0.0005-s1-" in index  # run ids, traceable to their folders
-    captured = capsys.readouterr()
-    assert len([line for line in captured.err.splitlines() if line.startswith("figures: ")]) == len(FIGURE_NAMES) + 1
-    assert captured.out.split() == [str(out / f"{name}.png") for name in FIGURE_NAMES]
+    assert len([line for line in stderr.splitlines() if line.startswith("figures: ")]) == len(FIGURE_NAMES) + 1
+    assert stdout.split() == [str(out / f"{name}.png") for name in FIGURE_NAMES]
     assert not list(out.glob(".*.tmp*"))
 
 
-def test_figures_only_rewrites_its_figures_and_keeps_the_index(grid_root, tmp_path):
+def test_figures_only_rewrites_its_figures_and_keeps_the_index(grid_root, figures_command, tmp_path):
     out = tmp_path / "figures"
-    make_figures([grid_root], out, log=lambda line: None)
+    shutil.copytree(figures_command[0], out)  # every figure drawn, their times kept (copy2)
     before = {name: (out / f"{name}.png").stat().st_mtime_ns for name in FIGURE_NAMES}
     make_figures([grid_root], out, only="cost,spectrum", log=lambda line: None)
     after = {name: (out / f"{name}.png").stat().st_mtime_ns for name in FIGURE_NAMES}

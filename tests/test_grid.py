@@ -10,12 +10,12 @@ import io
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import launch
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -479,13 +479,12 @@ seed = 0
 def test_killed_sweep_restarts_and_loses_nothing(tmp_path):
     """SIGKILL the sweep's process mid-way: its workers checkpoint and stop; a restart skips what
     completed, resumes the rest, and every run ends with the losses of an uninterrupted run."""
-    path = tiny_grid(tmp_path, {"seed": [0, 1, 2, 3]}, method="lora", steps=100, checkpoint_every=10, eval_every=50,
+    path = tiny_grid(tmp_path, {"seed": [0, 1, 2, 3]}, method="lora", steps=60, checkpoint_every=10, eval_every=30,
                      n_eval_generate=0, n_train=256, lr=3e-2)
     runs_dir = tmp_path / "runs"
     configs = load_grid(path).configs(runs_dir)
-    command = [sys.executable, "-m", "dynamics", "grid", str(path), "--runs-dir", str(runs_dir), "--workers", "2"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    command = ["grid", str(path), "--runs-dir", str(runs_dir), "--workers", "2"]
+    sweep = launch.Command(command)  # a process of its own, started fast (tests/launch.py)
     deadline = time.monotonic() + 90
     while sum(runs.run_status(c.run_dir) == "completed" for c in configs) < 1 or not any(
             runs.checkpoint_steps(c.run_dir) and runs.run_status(c.run_dir) == "running" for c in configs):
@@ -502,7 +501,7 @@ def test_killed_sweep_restarts_and_loses_nothing(tmp_path):
     statuses = {runs.read_summary(c.run_dir)["status"] for c in configs if c.run_dir.exists()}
     assert statuses <= {"completed", "interrupted"}
 
-    restarted = subprocess.run(command, capture_output=True, env=env, text=True, timeout=120)
+    restarted = launch.run(command, timeout=120)
     assert restarted.returncode == 0, restarted.stderr
     for cfg in configs:
         summary = runs.read_summary(cfg.run_dir)

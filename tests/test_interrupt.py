@@ -3,12 +3,10 @@
 These start ``dynamics train`` as a real process and signal it, so they take a few seconds each."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
+import launch
 import numpy as np
 import pytest
 
@@ -27,10 +25,9 @@ def cli_args(settings: dict) -> list[str]:
     return config_flags(RunConfig(**settings))
 
 
-def start(settings: dict) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dynamics.cli", "train", *cli_args(settings)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+def start(settings: dict) -> launch.Command:
+    """``dynamics train`` with ``settings`` in a process of its own (started fast: tests/launch.py)."""
+    return launch.Command(["train", *cli_args(settings)])
 
 
 def wait_for(predicate, process, timeout=120.0):

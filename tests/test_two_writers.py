@@ -7,10 +7,9 @@ second command, or kills it at a moment that falls wherever it falls.
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
+import launch
 import numpy as np
 import pytest
 from test_interrupt import cli_args, wait_for
@@ -25,17 +24,16 @@ SHORT = dict(model="tiny-llama", task="tiny", method="lora", rank=4, lr=3e-2, st
 LONG = {**SHORT, "steps": 4000, "checkpoint_every": 1, "keep_checkpoints": 1}  # a checkpoint swap every step
 
 
-def popen(*argv: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dynamics", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, text=True)
+def popen(*argv: str) -> launch.Command:
+    """``dynamics ARGV`` in a process of its own (started fast: tests/launch.py)."""
+    return launch.Command(list(argv))
 
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("dynamics ")]
 
 
-# Two trials of each race (each ~7 s of process start-up): three kept the suite over its 10 minutes.
+# Two trials of each race: each is two processes racing for one folder, a few seconds.
 @pytest.mark.parametrize("trial", range(2))
 @pytest.mark.parametrize("how", ["same settings", "other settings", "both --resume"])
 def test_of_two_simultaneous_starts_exactly_one_proceeds(tmp_path, how, trial):
@@ -70,9 +68,7 @@ def test_overwrite_of_a_live_run_is_refused_and_of_a_finished_one_replaces_it(tm
     try:
         wait_for(lambda: bool(runs.checkpoint_steps(run_dir)), live)
         assert runs.writer_alive(run_dir) is True
-        refused = subprocess.run([sys.executable, "-m", "dynamics", "train",
-                                  *cli_args({**SHORT, "runs_dir": runs_dir, "run_id": "r", "overwrite": True})],
-                                 capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        refused = launch.run(["train", *cli_args({**SHORT, "runs_dir": runs_dir, "run_id": "r", "overwrite": True})])
         assert refused.returncode == 2
         assert error_lines(refused.stderr) == [f"dynamics train: --overwrite r: the run is in use by another process "
                                                f"(pid {live.pid} on {os.uname().nodename})"]
@@ -86,10 +82,22 @@ def test_overwrite_of_a_live_run_is_refused_and_of_a_finished_one_replaces_it(tm
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"]
 
 
+SWAPPED = {**LONG, "steps": 60}  # the kill lands within the first ten steps; the rest resumes
+
+
+@pytest.fixture(scope="module")
+def swap_reference(tmp_path_factory):
+    """The uninterrupted run of SWAPPED's settings, without its checkpoints (saving one never
+    changes what training computes: a resumed run must equal this one bit for bit)."""
+    root = tmp_path_factory.mktemp("swap-reference")
+    return dynamics.train({**SWAPPED, "checkpoint_every": 0, "runs_dir": str(root), "run_id": "reference"})
+
+
 @pytest.mark.parametrize("trial", range(3))
-def test_a_run_killed_mid_checkpoint_swap_keeps_an_intact_checkpoint_and_resumes_exactly(tmp_path, trial):
-    settings = {**LONG, "steps": 120, "runs_dir": str(tmp_path / "runs"), "run_id": "k"}
-    reference = dynamics.train({**settings, "run_id": "reference"})
+def test_a_run_killed_mid_checkpoint_swap_keeps_an_intact_checkpoint_and_resumes_exactly(tmp_path, trial,
+                                                                                          swap_reference):
+    settings = {**SWAPPED, "runs_dir": str(tmp_path / "runs"), "run_id": "k"}
+    reference = swap_reference
     run_dir = tmp_path / "runs" / "k"
     process = popen("train", *cli_args(settings))
     wait_for(lambda: len(runs.checkpoint_steps(run_dir)) >= 1, process)
@@ -102,8 +110,7 @@ def test_a_run_killed_mid_checkpoint_swap_keeps_an_intact_checkpoint_and_resumes
         assert runs.writer_alive(run_dir) is False
         table = dynamics.load_runs(tmp_path / "runs").set_index("run_id")
         assert table.loc["k", "alive"] is not None and not table.loc["k", "alive"]
-        listing = subprocess.run([sys.executable, "-m", "dynamics", "runs", str(tmp_path / "runs")],
-                                 capture_output=True, text=True, timeout=120)
+        listing = launch.run(["runs", str(tmp_path / "runs")])
         assert "running (no process)" in listing.stdout
     resumed = dynamics.train({**settings, "resume": True})
     assert resumed.summary["status"] == "completed"
@@ -116,8 +123,7 @@ def test_analyze_refuses_a_live_run_in_one_line_and_marks_phases_with_their_step
     run_dir = tmp_path / "runs" / "live"
     try:
         wait_for(lambda: bool(runs.checkpoint_steps(run_dir)) and (run_dir / "metrics.parquet").exists(), live)
-        result = subprocess.run([sys.executable, "-m", "dynamics", "analyze", str(run_dir), "--max-iter", "2"],
-                                capture_output=True, text=True, timeout=300)
+        result = launch.run(["analyze", str(run_dir), "--max-iter", "2"])
         assert result.returncode == 1, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.startswith("live:")]
         assert lines == [f"live: not analysed: the run is in use by another process (pid {live.pid} on "
