@@ -44,7 +44,7 @@ from dynamics.config import RunConfig
 from dynamics.data import gsm
 from dynamics.figure_set import Drawn, make_figures, write_figure, write_index
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the repository (studies/report.py)
 STUDY = ROOT / "docs" / "study"
 FIGURES_OUT = ROOT / "docs" / "figures" / "study"
 # each half's shared settings (the grids under studies/ named *_bbc / *_gsm) and its outputs

@@ -190,3 +190,8 @@ def test_training_loss_curvature_is_aggregated_and_paired_beside_the_eval_loss(r
     correlations = report.curvature_correlations(learned).set_index("training-loss λ_max against")
     assert correlations.loc["training loss on the same examples", "Spearman ρ"] == "1.00"
     assert correlations.loc["training loss on the same examples", "runs"] == 4
+
+
+def test_the_report_writes_into_this_repository(report):
+    assert (report.ROOT / "studies" / "report.py").is_file()
+    assert report.STUDY == report.ROOT / "docs" / "study" and (report.STUDY / "tables.md").is_file()
