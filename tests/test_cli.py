@@ -1,5 +1,6 @@
 import dataclasses
 
+import launch
 import pytest
 
 import dynamics
@@ -113,3 +114,17 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
     error = process.stderr.read().decode()
     assert process.wait() == 1
     assert "Traceback" not in error and "BrokenPipe" not in error
+
+
+@pytest.mark.slow
+def test_library_chatter_only_with_verbose(tmp_path):
+    """transformers' load report (a new head's MISSING keys) and its weights bar stay out of a
+    command's output unless --verbose; the run's own lines are there either way."""
+    args = ["train", "--model", "minilm-l6", "--task", "bbc", "--method", "lora", "--steps", "1", "--batch-size", "4",
+            "--seq-len", "32", "--n-train", "8", "--n-eval", "4", "--eval-every", "0", "--no-progress"]
+    quiet = launch.run([*args, "--runs-dir", str(tmp_path / "quiet")])
+    verbose = launch.run([*args, "--runs-dir", str(tmp_path / "verbose"), "--verbose"])
+    assert quiet.returncode == verbose.returncode == 0, quiet.stderr + verbose.stderr
+    assert "LOAD REPORT" not in quiet.stderr and "Loading weights" not in quiet.stderr
+    assert quiet.stderr.strip().endswith("new run") and "status   completed" in quiet.stdout
+    assert "LOAD REPORT" in verbose.stderr and "classifier.weight" in verbose.stderr
