@@ -25,18 +25,36 @@ from dynamics import grid as grids
 from dynamics import runs
 from dynamics.analyze_config import AnalyzeConfig
 from dynamics.config import ConfigError, ConfigWarning, RunConfig, config_fields, flag
-from dynamics.files import UnreadableFile, read_toml, write_atomic
+from dynamics.files import UnreadableFile, did_you_mean, read_toml, write_atomic
 from dynamics.launch import torchrun_command
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 130}  # train's, by run status
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (not the usage block) and exit status 2."""
+    """argparse, but a usage error is one line (not the usage block) and exit status 2, and no
+    abbreviated flags: ``--data FILE`` must not quietly mean ``--data-seed FILE``, nor an old
+    abbreviation change meaning when a flag is added."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, an unknown flag refused in one line naming the closest one the
+    command has (``dynamics train: unrecognized argument --dat (did you mean '--data-seed'?)``)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's own flags
+        flags = [option for action in command._actions for option in action.option_strings]
+        first = unknown[0].partition("=")[0]
+        hint = did_you_mean(first, flags) if first.startswith("--") else ""
+        command.error(f"unrecognized argument{'s' if len(unknown) > 1 else ''}: {' '.join(unknown)}{hint}")
+    return args
 
 
 def _help(f) -> str:
@@ -243,8 +261,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     frame = frame.reindex(columns=list(dict.fromkeys([*columns, "steps_done", "damage", "alive"])))
     healthy = frame["status"] != runs.DAMAGED
     frame["status"] = frame["status"].where(frame["alive"].ne(False) | frame["alive"].isna(), "running (no process)")
-    frame["steps"] = (frame["steps_done"].astype("Int64").astype(str) + "/" + frame["steps"].astype(str)).where(
-        healthy, "")
+    done, total = (pd.to_numeric(frame[column], errors="coerce").astype("Int64").astype(str)
+                   for column in ("steps_done", "steps"))  # whole steps, also beside a damaged row's NaN
+    frame["steps"] = (done + "/" + total).where(healthy, "")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(frame[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep=""))
     return 1 if report_damaged(frame) else 0
@@ -343,15 +362,23 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
-def quiet_libraries() -> None:
-    """Quiet the libraries' chatter (``QUIET_ENV``) unless the user set those variables."""
+def library_chatter(verbose: bool) -> None:
+    """Quiet the libraries' chatter (``QUIET_ENV``, unless the user set those variables), or with
+    ``verbose`` let it through (also where a quieted parent, e.g. a grid driver, passed them on)."""
     for name, value in QUIET_ENV.items():
-        os.environ.setdefault(name, value)
+        if not verbose:
+            os.environ.setdefault(name, value)
+        elif os.environ.get(name) == value:
+            del os.environ[name]
     if "transformers" in sys.modules:  # imported already (main() called from Python): tell it directly
         import transformers  # lazy: only when already loaded
 
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
+        if verbose:
+            transformers.logging.set_verbosity_warning()
+            transformers.logging.enable_progress_bar()
+        else:
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -359,10 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
     warnings.simplefilter("always", ConfigWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     args.argv = argv
-    if not args.verbose:
-        quiet_libraries()
+    library_chatter(args.verbose)
     commands = {"train": cmd_train, "grid": cmd_grid, "analyze": cmd_analyze, "figures": cmd_figures, "runs": cmd_runs,
                 "export": cmd_export}
     try:

@@ -341,6 +341,10 @@ def _shown(value: Any) -> str:
     return text if plain or not isinstance(value, str) else repr(value)
 
 
+# A run's folder is staged as ".<run_id>.<8 random characters>" (files.staging_folder_beside): 10
+# characters more than the id, within the 255 of a name on Linux and macOS file systems, with room.
+MAX_RUN_ID = 200
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -400,8 +404,13 @@ def _validate(cfg: RunConfig) -> None:
         choices = next(f for f in dataclasses.fields(cfg) if f.name == name).metadata["choices"]
         check_value(getattr(cfg, name) in choices, name, getattr(cfg, name), "must be one of " + ", ".join(choices))
     if cfg.run_id is not None:
-        check_value(bool(re.fullmatch(r"[\w.+\-=]+", cfg.run_id)) and cfg.run_id not in (".", ".."), "run_id",
-                    cfg.run_id, "must be a folder name of letters, digits and . _ - + =")
+        check_value(bool(re.fullmatch(r"[\w.+\-=]+", cfg.run_id)), "run_id", cfg.run_id,
+                    "must be a folder name of letters, digits and . _ - + =")
+        check_value(not cfg.run_id.startswith("."), "run_id", cfg.run_id,
+                    "must not start with '.' (hidden folders are the runs' staging folders; dynamics runs skips them)")
+        check_value(len(cfg.run_id) <= MAX_RUN_ID, "run_id", cfg.run_id[:20] + "...",
+                    f"has {len(cfg.run_id)} characters; at most {MAX_RUN_ID} (its staging folder's name adds 10 "
+                    "to it, and a file system allows 255)")
     check_value(not Path(cfg.runs_dir).exists() or Path(cfg.runs_dir).is_dir(), "runs_dir", cfg.runs_dir,
            "is a file; must be a folder (it is created if missing)")
     if cfg.resume and cfg.overwrite:

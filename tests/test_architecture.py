@@ -12,6 +12,9 @@ package (its ``__getattr__`` imports lazily) and the importer's own packages (al
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,9 +197,6 @@ def test_layers_only_import_downwards(package, forbidden):
 def test_every_module_imports_first_in_a_fresh_package():
     """Import each module as the first one of the package (the others dropped from sys.modules):
     an import-order circle fails here whichever module a user imports first."""
-    import subprocess
-    import sys
-
     names = sorted(name for name in modules() if name != "dynamics.__main__")
     script = (
         "import importlib, sys\n"
@@ -207,3 +207,21 @@ def test_every_module_imports_first_in_a_fresh_package():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_ruff_passes_on_every_python_file_and_notebook():
+    """`make lint`, run by the suite: ruff over the whole repository (studies/, benchmarks/, tests/
+    and the notebooks included), with the settings of pyproject.toml."""
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    result = subprocess.run([ruff, "check", "--output-format", "concise", "."], cwd=PACKAGE.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+if __name__ == "__main__":  # python tests/test_architecture.py: the shape in two lines, no pytest needed
+    circles = cycles(import_graph())
+    longest_lines, longest_name = function_lengths()[0]
+    print(f"import circles: {circles or 'none'}")
+    print(f"longest function: {longest_name}, {longest_lines} lines (at most {MAX_FUNCTION_LINES})")

@@ -37,7 +37,7 @@ def test_help_lists_every_field_with_default_and_choices(capsys):
     (["--rank", "0"], "dynamics train: --rank 0: must be an integer >= 1"),
     (["--method", "lora+nope"], "dynamics train: --method lora+nope: perturbation must be one of"),
     (["--task", "mnist"], "dynamics train: --task mnist: must be one of gsm, bbc, tiny"),
-    (["--frobnicate", "1"], "dynamics: unrecognized arguments: --frobnicate 1"),
+    (["--frobnicate", "1"], "dynamics train: unrecognized arguments: --frobnicate 1"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_write_nothing(capsys, tmp_path, argv, message):
     runs_dir = tmp_path / "runs"
@@ -128,3 +128,21 @@ def test_library_chatter_only_with_verbose(tmp_path):
     assert "LOAD REPORT" not in quiet.stderr and "Loading weights" not in quiet.stderr
     assert quiet.stderr.strip().endswith("new run") and "status   completed" in quiet.stdout
     assert "LOAD REPORT" in verbose.stderr and "classifier.weight" in verbose.stderr
+
+
+def test_abbreviated_flags_are_refused_with_the_closest_flag(capsys, tmp_path):
+    """--data must not quietly mean --data-seed: no abbreviations, one line naming the closest flag."""
+    code, _, err = run_cli(capsys, "train", *TINY, "--runs-dir", str(tmp_path), "--data-se", "3")
+    assert code == 2 and not any(tmp_path.iterdir())
+    assert err.strip() == "dynamics train: unrecognized arguments: --data-se 3 (did you mean '--data-seed'?)"
+    code, _, err = run_cli(capsys, "analyze", str(tmp_path), "--max-it", "3")
+    assert code == 2 and err.strip().endswith("(did you mean '--max-iter'?)") and err.count("\n") == 1
+
+
+def test_a_run_id_at_the_length_limit_trains(capsys, tmp_path):
+    run_id = "r" * 200
+    code, _, err = run_cli(capsys, "train", *TINY, "--runs-dir", str(tmp_path), "--run-id", run_id)
+    assert code == 0, err
+    assert (tmp_path / run_id / "summary.json").is_file()
+    code, out, _ = run_cli(capsys, "runs", str(tmp_path))
+    assert code == 0 and "6/6" in out and "6/6.0" not in out

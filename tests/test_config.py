@@ -30,6 +30,9 @@ from dynamics.files import UnreadableFile, read_toml
         ({"model": "minilm-l6", "task": "gsm"}, "--model minilm-l6 --task gsm: an encoder cannot generate"),
         ({"model": "tiny-llama", "task": "gsm"}, "tiny-llama has no tokenizer"),
         ({"run_id": "../escape"}, "--run-id ../escape: must be a folder name"),
+        ({"run_id": ".hidden"}, "--run-id .hidden: must not start with '.'"),
+        ({"run_id": "..hidden"}, "--run-id ..hidden: must not start with '.'"),
+        ({"run_id": "x" * 201}, "--run-id xxxxxxxxxxxxxxxxxxxx...: has 201 characters; at most 200"),
         ({"resume": True, "overwrite": True}, "--resume --overwrite: choose one"),
     ],
 )

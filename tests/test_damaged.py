@@ -253,7 +253,7 @@ def odd_train_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "runs-dir a file": (["--runs-dir", tmp_path / "a-file"], f"--runs-dir {tmp_path / 'a-file'}: is a file"),
         "run-id empty": (["--run-id", ""], "--run-id '': must be a folder name"),
         "run-id newline": (["--run-id", "a\nb"], "--run-id 'a\\nb': must be a folder name"),
-        "run-id parent": (["--run-id", ".."], "--run-id ..: must be a folder name"),
+        "run-id parent": (["--run-id", ".."], "--run-id ..: must not start with '.'"),
         "model not a model": (["--model", tmp_path / "not-a-model", "--task", "gsm"],
                                f"--model {tmp_path / 'not-a-model'}: cannot load its tokenizer"),
         "device cuda": (["--device", "cuda"], "--device cuda: no CUDA device is available"),

@@ -390,3 +390,12 @@ def test_figure_code_does_not_import_torch(grid_root):
             "figures.loss_vs_rank(load_metrics(t, table='smoothed_loss'), load_metrics(t, table='phases')); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+def test_sixteen_step_runs_are_drawn(tmp_path):
+    """A quick try shorter than the smoothing window still has its loss curves drawn."""
+    for rank in (8, 32):
+        write_fake_run(tmp_path / "runs", method="lora", rank=rank, steps=16, loss=np.linspace(2.0, 1.0, 16))
+    lines: list[str] = []
+    written = make_figures([tmp_path / "runs"], tmp_path / "figures", only="loss_vs_rank", log=lines.append)
+    assert set(written) == {"loss_vs_rank"}, lines

@@ -96,6 +96,19 @@ def test_resume_after_a_crash_reproduces_every_loss(tiny, tmp_path):
     assert resumed.layers["step"].value_counts().eq(resumed.layers["layer"].nunique()).all()
 
 
+def test_a_run_killed_before_its_first_checkpoint_resumes_without_a_second_step_0_eval(tiny, tmp_path):
+    settings = tiny(method="lora", lr=3e-2, steps=12, checkpoint_every=4, keep_checkpoints=0, eval_every=4)
+    reference = dynamics.train(settings)
+    crashed = dynamics.train({**settings, "runs_dir": str(tmp_path / "crashed")})
+    # As if killed at step 3: every row flushed so far, no checkpoint yet
+    for step in (4, 8, 12):
+        shutil.rmtree(runs.checkpoint_dir(crashed.path, step))
+    runs.update_summary(crashed.path, status="running")
+    resumed = dynamics.train({**settings, "runs_dir": str(tmp_path / "crashed"), "resume": True})
+    assert resumed.evals["step"].tolist() == [0, 4, 8, 12] == reference.evals["step"].tolist()
+    assert_same_losses(resumed.metrics, reference.metrics)
+
+
 def test_resuming_a_finished_run_does_nothing(tiny):
     run = dynamics.train(tiny())
     before = run.metrics

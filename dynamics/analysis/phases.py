@@ -252,7 +252,9 @@ def detect_phases(
     ValueError
         One line naming the problem: a threshold name that does not exist, a bad threshold
         value, a loss that is not 1-D, not finite (naming the step) or not positive, a ``step``
-        of the wrong length or not increasing, a curve shorter than the smoothing window.
+        of the wrong length or not increasing, fewer than 2 points. A curve shorter than a
+        smoothing window is smoothed with the widest odd window it holds (15 points of a 16-step
+        run); one shorter than ``min_duration`` has no divergence to find, and its table is empty.
 
     Examples
     --------
@@ -449,14 +451,10 @@ def excess_thresholds(
 def _smoothed(loss: np.ndarray, step: np.ndarray, thresholds: PhaseThresholds) -> tuple[np.ndarray, np.ndarray]:
     """Step 1 of :func:`detect_phases`: the smoothed loss and the Hann window's weights."""
     step_spacing = float(np.median(np.diff(step)))
-    despike_points = _odd_points(thresholds.despike_steps, step_spacing, minimum=1)
-    smooth_points = _odd_points(thresholds.smooth_steps, step_spacing, minimum=3)
-    if loss.size < max(smooth_points, despike_points):
-        raise ValueError(
-            f"loss has {loss.size} points, fewer than the smoothing window of "
-            f"{max(smooth_points, despike_points)} points (smooth_steps={thresholds.smooth_steps},"
-            f" despike_steps={thresholds.despike_steps})"
-        )
+    # A curve shorter than a window (a 16-step try) is smoothed with the widest odd window it holds.
+    widest = loss.size if loss.size % 2 else loss.size - 1
+    despike_points = min(_odd_points(thresholds.despike_steps, step_spacing, minimum=1), widest)
+    smooth_points = min(_odd_points(thresholds.smooth_steps, step_spacing, minimum=3), widest)
     # scipy.signal.medfilt pads with zeros, which drags both ends of a loss curve down;
     # ndimage's filters can repeat the edge value instead. A Savitzky-Golay filter would keep
     # peaks sharper, but its negative weights undershoot after a sharp drop, and the running

@@ -95,7 +95,9 @@ def _train_steps(cfg: RunConfig, run_dir, model: nn.Module, task: TaskData, devi
     logs = RunLogs(run_dir, flush_every_s=5.0 if world.is_main else math.inf)
     progress = restore(state, run_dir, device) if resume else Progress()
     if world.is_main:
-        logs.load(keep_through_step=progress.step)  # drop rows logged after the checkpoint
+        # rows logged after the checkpoint are recomputed; with no checkpoint yet, every row is (the
+        # step-0 evaluation too: kept, it would be logged twice)
+        logs.load(keep_through_step=progress.step if progress.step else -1)
     if on_start is not None and world.is_main:
         on_start(f"resuming from checkpoint step {progress.step}" if progress.step
                  else "resuming from the start (no checkpoint yet)" if resume else "new run")
