@@ -25,6 +25,7 @@ from dynamics import grid as grids
 from dynamics import runs
 from dynamics.analyze_config import AnalyzeConfig
 from dynamics.config import ConfigError, ConfigWarning, RunConfig, config_fields, flag
+from dynamics.executors import BUSY
 from dynamics.files import UnreadableFile, did_you_mean, read_toml, write_atomic
 from dynamics.launch import torchrun_command
 
@@ -311,6 +312,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
                            retry_failed=args.retry_failed, nproc_per_run=args.nproc_per_run)
     code = grids.exit_status(table)
     report_damaged(table)
+    for run_id, error in zip(table["run_id"], table["error"] if "error" in table else []):
+        if isinstance(error, str) and error.startswith(BUSY):  # left to the process that has it: not a failure
+            print(f"{run_id}: {error.partition(';')[0]}", file=sys.stderr)
     if code == 1:
         print(f"some runs failed; see their log.txt, and rerun with --retry-failed. Table: dynamics runs "
               f"{args.runs_dir}", file=sys.stderr)

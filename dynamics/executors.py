@@ -48,6 +48,7 @@ from dynamics.sweep_board import RunOutcome, SweepBoard
 FINAL_STATUSES = runs.ENDED  # how one attempt can end
 RAY_MAX_RETRIES = 3  # re-runs of a Ray task whose worker or node is lost (never after an exception)
 POLL_S = 1.0  # seconds between looks at the runs (progress, dead workers)
+BUSY = "skipped: another process has it"  # a run another driver (or `dynamics train`) claimed first
 
 
 # --- one run -------------------------------------------------------------------------------------
@@ -77,6 +78,9 @@ def run_one(cfg: RunConfig, nproc: int = 1) -> RunOutcome:
             outcome = RunOutcome(run_id, summary["status"], summary.get("steps_done"), summary.get("error"))
         except KeyboardInterrupt:
             outcome = RunOutcome(run_id, "interrupted", runs.read_summary(run_dir).get("steps_done"))
+        except (runs.ClaimLost, runs.RunInUse) as error:  # another driver or `train` has it: not ours
+            return RunOutcome(run_id, "skipped", runs.read_summary(run_dir).get("steps_done"),
+                              f"{BUSY}; {first_line(error)}")
         except Exception as error:  # a failing run is an outcome, not a crash of the sweep
             traceback.print_exc(file=log)
             message = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"

@@ -406,8 +406,11 @@ def grid_table(configs: Sequence[RunConfig], actions: Mapping[str, str],
 
 
 def exit_status(table: pd.DataFrame) -> int:
-    """0 when every run completed or diverged, 130 when the sweep was interrupted, 1 otherwise."""
-    statuses = set(table["status"])
+    """0 when every run completed or diverged (or is another process's, which this sweep left to
+    it), 130 when the sweep was interrupted, 1 otherwise."""
+    errors = table["error"] if "error" in table else pd.Series(None, index=table.index, dtype=object)
+    others = errors.map(lambda error: isinstance(error, str) and error.startswith(executors.BUSY)).astype(bool)
+    statuses = set(table.loc[~others, "status"])
     if "interrupted" in statuses:
         return 130
     return 0 if statuses <= set(runs.FINISHED) else 1

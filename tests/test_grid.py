@@ -24,11 +24,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dynamics
-from dynamics import runs, sweep_board
+from dynamics import executors, runs, sweep_board
 from dynamics.cli import main as cli_main
 from dynamics.config import ConfigError, ConfigWarning, RunConfig
 from dynamics.files import write_json
-from dynamics.grid import load_grid, plan_action, run_grid
+from dynamics.grid import exit_status, grid_table, load_grid, plan_action, run_grid
 
 
 def main(argv):
@@ -560,3 +560,30 @@ def test_ray_worker_lost_mid_run_is_retried_from_the_checkpoint(local_ray, tmp_p
 def test_cli_runs_a_sweep_and_exits_0(local_sweep, capsys):
     assert main([str(local_sweep["path"]), "--runs-dir", str(local_sweep["tmp_path"] / "runs")]) == 0
     assert "4 runs: 4 completed" in capsys.readouterr().err
+
+
+def test_a_run_another_process_claimed_is_skipped_not_failed(tmp_path, monkeypatch):
+    """A lost claim race (another grid driver, or a `dynamics train` of the same run, got there
+    first) is "skipped: another process has it": no traceback in the run's log.txt, and the
+    sweep's exit status says nothing failed."""
+    import dynamics.training
+
+    path = tiny_grid(tmp_path, {"seed": [0, 1]}, method="lora", steps=4)
+    configs = load_grid(path).configs(tmp_path / "runs")
+    taken = configs[0].resolved_run_id
+    real_train = dynamics.training.train
+
+    def train_unless_taken(cfg, *args, **kwargs):
+        if cfg.resolved_run_id == taken:
+            raise runs.ClaimLost(f"--run-id {taken}: another process started this run first; pass --resume")
+        return real_train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(dynamics.training, "train", train_unless_taken)
+    outcome = executors.run_one(configs[0])
+    assert outcome.status == "skipped" and outcome.error.startswith(executors.BUSY)
+    assert not (configs[0].run_dir / "log.txt").exists()  # not this driver's run: nothing written there
+    done = executors.run_one(configs[1])
+    table = grid_table(configs, {c.resolved_run_id: "new" for c in configs},
+                       {outcome.run_id: outcome, done.run_id: done})
+    assert exit_status(table) == 0
+    assert exit_status(table.assign(error=None, status=["running", "completed"])) == 1  # without the word: unfinished

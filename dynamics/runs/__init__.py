@@ -21,6 +21,7 @@ from dynamics.runs.folder import (
     INITIAL_ADAPTER,
     INITIAL_ADAPTER_KEPT,
     STATUSES,
+    ClaimLost,
     RunInUse,
     RunLock,
     RunPlan,
@@ -52,7 +53,7 @@ from dynamics.runs.read import (
 __all__ = [
     "DAMAGED", "DEFAULT_SETTINGS", "DamagedCheckpoint", "DamagedRun", "ENDED", "FINISHED", "INITIAL_ADAPTER",
     "INITIAL_ADAPTER_KEPT", "RUN_TABLE_COLUMNS",
-    "Run", "RunInUse", "RunLock", "RunPlan", "STATUSES", "check_run", "checkpoint_dir", "checkpoint_steps",
+    "ClaimLost", "Run", "RunInUse", "RunLock", "RunPlan", "STATUSES", "check_run", "checkpoint_dir", "checkpoint_steps",
     "claim_run", "config_differences", "create_run_dir", "describe_holder", "git_commit",
     "latest_intact_checkpoint", "load_metrics", "load_run", "load_runs", "load_trainer_state", "load_weights",
     "lock_holder", "now_iso", "plan_run", "read_summary", "read_trainer_state", "run_status", "save_checkpoint",

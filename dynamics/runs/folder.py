@@ -213,13 +213,17 @@ def claim_run(cfg: RunConfig, runtime: dict[str, Any] | None = None,
                 try:
                     staging.rename(run_dir)
                 except OSError:  # ENOTEMPTY / EEXIST: another process claimed the name first
-                    raise ConfigError(f"--run-id {run_dir.name}: another process started this run first; "
-                                      "pass --resume to continue it, or choose another --run-id") from None
+                    raise ClaimLost(f"--run-id {run_dir.name}: another process started this run first; "
+                                    "pass --resume to continue it, or choose another --run-id") from None
             lock.moved_to(run_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         yield run_dir
+
+
+class ClaimLost(ConfigError):
+    """Two processes started the same new run at once and the other one got it."""
 
 
 class RunInUse(ConfigError):
