@@ -38,12 +38,7 @@ def _run_cli(argv: list[str], env: dict[str, str] | None, cwd: str | None, out_p
         os.environ.update(env)
     if cwd is not None:
         os.chdir(cwd)
-    for fd, path in ((1, out_path), (2, err_path)):
-        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(opened, fd)
-        os.close(opened)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115  (the process's own stdout)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    _redirect(out_path, err_path)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from dynamics.cli import main  # lazy: preloaded by the server
@@ -54,17 +49,34 @@ def _run_cli(argv: list[str], env: dict[str, str] | None, cwd: str | None, out_p
     sys.exit(code)
 
 
+def _run_code(code: str, out_path: str, err_path: str) -> None:
+    """A child that runs Python ``code`` (as ``python -c``), output to the two files."""
+    _redirect(out_path, err_path)
+    exec(compile(code, "<launch.run_code>", "exec"), {"__name__": "__main__"})
+
+
+def _redirect(out_path: str, err_path: str) -> None:
+    for fd, path in ((1, out_path), (2, err_path)):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115  (the process's own stdout)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+
 class Command:
     """A running ``dynamics ARGV``, with the part of ``subprocess.Popen``'s interface the tests
     use: ``pid``, ``poll()``, ``wait(timeout)``, ``send_signal(sig)``, ``communicate(timeout)`` ->
     ``(stdout, stderr)`` as text, ``returncode`` (negative: killed by that signal)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None):
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
+                 code: str | None = None):
         self._folder = Path(tempfile.mkdtemp(prefix="dynamics-command-"))
         self._out, self._err = self._folder / "stdout", self._folder / "stderr"
-        self.args = ["dynamics", *argv]
-        self._process = _context().Process(target=_run_cli, args=(list(argv), env, None if cwd is None else str(cwd),
-                                                                  str(self._out), str(self._err)))
+        self.args = ["python", "-c", code] if code is not None else ["dynamics", *argv]
+        target, args = (_run_code, (code,)) if code is not None else (
+            _run_cli, (list(argv), env, None if cwd is None else str(cwd)))
+        self._process = _context().Process(target=target, args=(*args, str(self._out), str(self._err)))
         self._process.start()
         self.pid = self._process.pid
         self.returncode: int | None = None
@@ -104,4 +116,13 @@ def run(argv: list[str], env: dict[str, str] | None = None, cwd: str | os.PathLi
     except subprocess.TimeoutExpired:
         command.kill()
         raise
+    return subprocess.CompletedProcess(command.args, command.returncode, out, err)
+
+
+def run_code(code: str, timeout: float | None = 300) -> subprocess.CompletedProcess:
+    """``python -c CODE`` in a process forked from the server: the third-party libraries it has
+    imported are there already; ``dynamics`` modules the code needs fresh, it removes from
+    ``sys.modules`` itself."""
+    command = Command([], code=code)
+    out, err = command.communicate(timeout)
     return subprocess.CompletedProcess(command.args, command.returncode, out, err)

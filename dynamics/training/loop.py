@@ -88,6 +88,16 @@ def train(config: RunConfig | Mapping[str, Any], on_start: Callable[[str], None]
 
 def _train_steps(cfg: RunConfig, run_dir, model: nn.Module, task: TaskData, device: torch.device,
                  resume: bool, on_start: Callable[[str], None] | None = None, world: World = ONE_PROCESS) -> runs.Run:
+    """The claimed run, from its set-up to its last summary, with SIGINT / SIGTERM turned into a
+    request the loop answers after a step (checkpoint, then stop): a signal that comes during the
+    set-up or the final summary (a grid's orphaned worker, a second SIGTERM) never kills the
+    process between a claim and the summary that says how the run ended."""
+    with StopRequest() as stop:
+        return _run_loop(cfg, run_dir, model, task, device, resume, on_start, world, stop)
+
+
+def _run_loop(cfg: RunConfig, run_dir, model: nn.Module, task: TaskData, device: torch.device, resume: bool,
+              on_start: Callable[[str], None] | None, world: World, stop: StopRequest) -> runs.Run:
     from tqdm.auto import tqdm  # lazy: tqdm.auto probes for Jupyter widgets on import
 
     state = TrainState.create(cfg, model, world)
@@ -108,40 +118,39 @@ def _train_steps(cfg: RunConfig, run_dir, model: nn.Module, task: TaskData, devi
     status = "running"
     model.train()
     try:
-        with StopRequest() as stop:
-            if progress.step == 0:
-                _evaluate(state, task, logs, progress, device, bar)
-                save_summary(run_dir, cfg, logs, clock, "running", world)
-            while progress.step < cfg.steps:
-                micro_batches = order.micro_batches(task, progress.examples, cfg, device, world)
-                step = progress.step + 1
-                world.seed_step(cfg.seed, step)
-                result = train_step(state, micro_batches, step, layer_metrics=every(cfg.layer_metrics_every, step))
-                if not result.applied:
-                    logs.metrics.append(result.row)
-                    status = "diverged"
-                    break
-                progress.advance(result.tokens, cfg.batch_size * cfg.grad_accum)
-                logs.metrics.append({**result.row, "tokens": progress.tokens,
-                                     "epoch": progress.examples / len(task.train)})
-                for row in result.layer_rows:
-                    logs.layers.append(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{result.row['loss']:.4f}", lr=f"{result.row['lr']:.2e}", refresh=False)
+        if progress.step == 0:
+            _evaluate(state, task, logs, progress, device, bar)
+            save_summary(run_dir, cfg, logs, clock, "running", world)
+        while progress.step < cfg.steps:
+            micro_batches = order.micro_batches(task, progress.examples, cfg, device, world)
+            step = progress.step + 1
+            world.seed_step(cfg.seed, step)
+            result = train_step(state, micro_batches, step, layer_metrics=every(cfg.layer_metrics_every, step))
+            if not result.applied:
+                logs.metrics.append(result.row)
+                status = "diverged"
+                break
+            progress.advance(result.tokens, cfg.batch_size * cfg.grad_accum)
+            logs.metrics.append({**result.row, "tokens": progress.tokens,
+                                 "epoch": progress.examples / len(task.train)})
+            for row in result.layer_rows:
+                logs.layers.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.row['loss']:.4f}", lr=f"{result.row['lr']:.2e}", refresh=False)
 
-                last_step = step == cfg.steps
-                if last_step or every(cfg.eval_every, step):
-                    _evaluate(state, task, logs, progress, device, bar)
-                if every(cfg.sharpness_every, step):
-                    _measure_sharpness(state, task, logs, progress, device, bar)
-                stop_now = world.any(stop.requested)  # every process stops after the same step
-                if last_step or every(cfg.checkpoint_every, step) or stop_now:
-                    checkpoint(state, run_dir, logs, clock, progress, device)
-                if stop_now and not last_step:
-                    status = "interrupted"
-                    break
-            else:
-                status = "completed"
+            last_step = step == cfg.steps
+            if last_step or every(cfg.eval_every, step):
+                _evaluate(state, task, logs, progress, device, bar)
+            if every(cfg.sharpness_every, step):
+                _measure_sharpness(state, task, logs, progress, device, bar)
+            stop_now = world.any(stop.requested)  # every process stops after the same step
+            if last_step or every(cfg.checkpoint_every, step) or stop_now:
+                checkpoint(state, run_dir, logs, clock, progress, device)
+            if stop_now and not last_step:
+                status = "interrupted"
+                break
+        else:
+            status = "completed"
     except KeyboardInterrupt:
         save_summary(run_dir, cfg, logs, clock, "interrupted", world)
         raise
