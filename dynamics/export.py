@@ -16,6 +16,7 @@ existing ``--out`` is never replaced.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import warnings
@@ -44,8 +45,27 @@ def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None
     if cfg.adapter == "full":
         raise ConfigError(f"{run_dir.name}: --method {cfg.method} trains the whole model, there is no adapter to "
                           f"export; its checkpoints' model.safetensors is the model")
-    if out.exists():
+    _check_out(out)
+    try:
+        with runs.RunLock(run_dir, purpose="export"):  # no trainer prunes the checkpoint while it is read
+            return _export_locked(run_dir, cfg, out, step)
+    except runs.RunInUse as error:
+        raise ConfigError(f"{error}; export it when that process ends") from None
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a new folder whose nearest existing ancestor is a folder: one line otherwise."""
+    if os.path.lexists(out):  # a dangling symlink too: never followed, never replaced
         raise ConfigError(f"--out {out}: exists; choose a new folder (an export never replaces one)")
+    ancestor = out.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():  # a file, or a symlink to nothing
+        raise ConfigError(f"--out {out}: {ancestor} is not a folder; choose a folder path")
+
+
+def _export_locked(run_dir: Path, cfg, out: Path, step: int | None) -> Path:
+    """The export, with the run's lock held (``export_adapter``)."""
     if step is None:
         step, _, damaged = runs.latest_intact_checkpoint(run_dir)
         if step is None:

@@ -202,7 +202,13 @@ def test_export_refuses_in_one_line_and_writes_nothing(tiny, tmp_path, capsys):
     full = dynamics.train(settings(tiny, "full", lr=3e-3))
     lora = dynamics.train(settings(tiny, "loraga"))
     (tmp_path / "taken").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     cases = [
+        ([str(lora.path), "--out", str(tmp_path / "a-file" / "out")], f"--out {tmp_path / 'a-file' / 'out'}: "
+                                                                      f"{tmp_path / 'a-file'} is not a folder"),
+        ([str(lora.path), "--out", str(tmp_path / "dangling")], f"--out {tmp_path / 'dangling'}: exists"),
+        ([str(lora.path), "--out", str(tmp_path / "dangling" / "out")], "is not a folder"),
         ([str(full.path), "--out", str(tmp_path / "a")], "full: --method full trains the whole model, there is "
                                                           "no adapter to export"),
         ([str(lora.path), "--out", str(tmp_path / "taken")], f"--out {tmp_path / 'taken'}: exists; choose a new "
@@ -215,8 +221,13 @@ def test_export_refuses_in_one_line_and_writes_nothing(tiny, tmp_path, capsys):
         assert main(["export", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "taken"]
-    assert list((tmp_path / "taken").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "dangling", "runs", "taken"]
+    assert list((tmp_path / "taken").iterdir()) == [] and not (tmp_path / "nowhere").exists()
+    with runs.RunLock(lora.path):  # as while a trainer holds the run (and may prune the checkpoint read)
+        assert main(["export", str(lora.path), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the run is in use by another process" in err[0] and "export it when" in err[0], err
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_quantised_base_is_refused_in_one_line(tiny, monkeypatch, capsys):
