@@ -13,8 +13,10 @@ import argparse
 import dataclasses
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -385,6 +387,21 @@ def library_chatter(verbose: bool) -> None:
             transformers.logging.disable_progress_bar()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, as Ctrl-C raises KeyboardInterrupt: every command stops
+    the way it stops on Ctrl-C (a run checkpoints; a grid stops its workers; analyze leaves its files
+    as they were), then says so in one line. Exit status 143 (128 + SIGTERM), 130 for SIGINT."""
+
+
+def _stop_once(signum: int, frame) -> None:
+    """The first SIGINT / SIGTERM stops the command; the ones after it are ignored while it cleans
+    up, so a repeated signal never ends in a traceback. (The training loop installs its own for
+    the steps: there the first asks for a checkpoint and a second Ctrl-C stops at once.)"""
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warnings
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
@@ -395,8 +412,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     library_chatter(args.verbose)
     commands = {"train": cmd_train, "grid": cmd_grid, "analyze": cmd_analyze, "figures": cmd_figures, "runs": cmd_runs,
                 "export": cmd_export}
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {signum: signal.signal(signum, _stop_once) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return commands[args.command](args)
+        return _run_command(commands[args.command], args)
+    finally:
+        for signum, handler in handlers.items():  # main() called from Python: the caller's handlers back
+            signal.signal(signum, handler)
+
+
+def _run_command(command, args: argparse.Namespace) -> int:
+    """``command(args)``, its errors and interrupts as one line and an exit status."""
+    try:
+        return command(args)
+    except KeyboardInterrupt as stop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)  # saying so is not interrupted again
+        terminated = isinstance(stop, Terminated)
+        print(f"dynamics {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except (ConfigError, UnreadableFile) as error:
         if not getattr(error, "follows_process_0", False):  # data parallel: process 0 already said why
             print(f"dynamics {args.command}: {error}", file=sys.stderr)

@@ -81,3 +81,38 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes_identically(tmp_path, referenc
     assert "status   interrupted" in out
     resumed = dynamics.train({**settings, "resume": True})
     assert_matches(resumed, reference)
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated")])
+def test_analyze_stops_on_a_signal_in_one_line_and_leaves_the_run_as_it_was(tmp_path, signum, code, word):
+    run = dynamics.train({**SETTINGS, "steps": 20, "checkpoint_every": 20, "runs_dir": str(tmp_path)})
+    before = {p.name: p.stat().st_mtime_ns for p in run.path.iterdir()}
+    # a long measurement: the signal lands in it, whatever the moment
+    analyze = launch.Command(["analyze", str(run.path), "--no-sharpness", "--density", "--density-runs", "100000"])
+    wait_for(lambda: (run.path / "phases.parquet").exists(), analyze)
+    time.sleep(0.3)
+    for _ in range(2):  # once, then again while it stops
+        analyze.send_signal(signum)
+        time.sleep(0.05)
+    assert analyze.wait(timeout=60) == code
+    _, err = analyze.communicate()
+    assert err.strip().splitlines() == [f"dynamics analyze: {word}"], err
+    assert not (run.path / "density.parquet").exists()  # nothing half-measured written
+    assert {p.name for p in run.path.iterdir()} == set(before) | {"phases.parquet", ".lock"}
+    assert dynamics.train({**SETTINGS, "steps": 20, "checkpoint_every": 20, "runs_dir": str(tmp_path),
+                           "resume": True}).summary["status"] == "completed"  # its lock was let go
+
+
+def test_two_sigterms_end_a_run_checkpointed_and_resumable(tmp_path, reference):
+    settings = {**SETTINGS, "runs_dir": str(tmp_path), "run_id": "twice"}
+    process = start(settings)
+    run_dir = tmp_path / "twice"
+    wait_for(lambda: bool(runs.checkpoint_steps(run_dir)), process)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130
+    assert runs.read_summary(run_dir)["status"] == "interrupted"
+    resumed = dynamics.train({**settings, "resume": True})
+    np.testing.assert_array_equal(resumed.metrics["loss"].to_numpy(), reference.metrics["loss"].to_numpy())
