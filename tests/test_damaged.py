@@ -323,3 +323,19 @@ def test_odd_grid_files_get_one_line_and_exit_2(capsys, tmp_path, name):
     assert code == 2
     assert err.startswith(f"dynamics grid: {message}"), err
     assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
+
+
+def test_a_foreign_folder_is_ignored_and_a_run_without_its_config_is_named(capsys, two_runs, tmp_path):
+    """A folder counts as a run by what it holds: another tool's config.json is left alone, quietly;
+    a run that lost its config.json (its summary, metrics and checkpoints still there) is damaged."""
+    root, healthy, lost = two_runs
+    foreign = root / "another-tools-project"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"name": "not ours", "version": 3}')
+    (lost / "config.json").unlink()
+    code, out, err = run_cli(capsys, "runs", str(root))
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{lost.name}: damaged: config.json"), lines
+    assert healthy.name in out and "another-tools-project" not in out + err
+    assert "not ours" in (foreign / "config.json").read_text()  # left exactly as it was

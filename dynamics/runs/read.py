@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from functools import cached_property
 from pathlib import Path
@@ -229,6 +230,35 @@ RUN_TABLE_COLUMNS = ["run_id", "method", "adapter", "perturbation", "model", "ta
                      "adapter_init_s", "trainable_params", "damage", "path"]
 
 
+RUN_MARKERS = ("summary.json", "metrics.parquet", "checkpoints")  # only a run of ours writes these
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a run folder, by what it holds: a file only a run writes
+    (``RUN_MARKERS``), or a ``config.json`` whose top level holds our ``"config"`` object. A folder
+    with only another tool's ``config.json`` is not a run (and is left alone); a run that lost its
+    ``config.json`` still is (a damaged one)."""
+    if any((folder / name).exists() for name in RUN_MARKERS):
+        return True
+    try:
+        stored = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):  # unreadable, not JSON, not UTF-8: nothing says it is ours
+        return False
+    return isinstance(stored, dict) and isinstance(stored.get("config"), dict)
+
+
+def run_folders(root: Path) -> list[Path]:
+    """The run folders under ``root`` (recursively, ``root`` itself included), sorted; hidden folders
+    (staging) and folders inside a run's ``checkpoints/`` are not searched."""
+    if not root.exists():
+        return []
+    found = {path.parent for name in ("config.json", *RUN_MARKERS[:2]) for path in root.rglob(name)}
+    found |= {path.parent for path in root.rglob("checkpoints") if path.is_dir()}
+    return sorted(folder for folder in found
+                  if not any(part.startswith(".") for part in folder.relative_to(root).parts)
+                  and "checkpoints" not in folder.relative_to(root).parts and is_run_folder(folder))
+
+
 def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
     """One row per run folder under ``root`` (searched recursively): settings, status and the
     summary's final numbers. Columns: ``RUN_TABLE_COLUMNS`` then every other config field.
@@ -245,10 +275,7 @@ def load_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
     one-line reason in ``damage``, and nothing else but ``run_id`` and ``path``."""
     root = Path(root)
     rows = []
-    for config_path in sorted(root.rglob("config.json")) if root.exists() else []:
-        run_dir = config_path.parent
-        if any(part.startswith(".") for part in run_dir.relative_to(root).parts) or "checkpoints" in run_dir.parts:
-            continue
+    for run_dir in run_folders(root):
         try:
             check_run(run_dir)
             rows.append(_run_row(run_dir))
