@@ -109,6 +109,30 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_without_a_second_step_
     assert_same_losses(resumed.metrics, reference.metrics)
 
 
+def test_a_resume_cleans_what_a_killed_writer_left_and_nothing_else(tiny, tmp_path):
+    settings = tiny(method="lora", lr=3e-2, steps=12, checkpoint_every=4, keep_checkpoints=0, eval_every=4)
+    reference = dynamics.train(settings)
+    crashed = dynamics.train({**settings, "runs_dir": str(tmp_path / "crashed")})
+    path = crashed.path
+    shutil.rmtree(runs.checkpoint_dir(path, 12))  # as if killed at step 11, with its litter:
+    (path / ".summary.json.4242.0badcafe.tmp").write_text("{")  # half-written atomic writes
+    (path / ".metrics.parquet.4242.deadbeef.tmp").write_bytes(b"PAR1")
+    (path / "checkpoints" / ".step_12.ab_cd123").mkdir()  # a checkpoint being staged
+    (path / "checkpoints" / "step_12").mkdir()  # a torn one: weights, no trainer state
+    shutil.copy(runs.checkpoint_dir(path, 8) / "adapter_model.safetensors", path / "checkpoints" / "step_12")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the user's")
+    (path / ".events.7.0a0b0c0d.tmp").symlink_to(outside)  # a link among the litter: removed, not followed
+    (path / "notes.txt").write_text("mine")  # not ours to remove
+    runs.update_summary(path, status="running")
+    resumed = dynamics.train({**settings, "runs_dir": str(tmp_path / "crashed"), "resume": True})
+    assert_same_losses(resumed.metrics, reference.metrics)
+    left = sorted(p.name for p in path.iterdir() if p.name.startswith("."))
+    assert left == [".lock"] and (path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (path / "checkpoints").iterdir()) == ["step_12", "step_4", "step_8"]
+    assert runs.checkpoint_steps(path) == [4, 8, 12] and outside.read_text() == "the user's"
+
+
 def test_resuming_a_finished_run_does_nothing(tiny):
     run = dynamics.train(tiny())
     before = run.metrics

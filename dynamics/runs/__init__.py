@@ -11,6 +11,7 @@ from dynamics.runs.checkpoints import (
     load_trainer_state,
     load_weights,
     read_trainer_state,
+    remove_debris,
     save_checkpoint,
     stored_initial_adapter,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "ClaimLost", "Run", "RunInUse", "RunLock", "RunPlan", "STATUSES", "check_run", "checkpoint_dir", "checkpoint_steps",
     "claim_run", "config_differences", "create_run_dir", "describe_holder", "git_commit",
     "latest_intact_checkpoint", "load_metrics", "load_run", "load_runs", "load_trainer_state", "load_weights",
-    "lock_holder", "now_iso", "plan_run", "read_summary", "read_trainer_state", "run_status", "save_checkpoint",
+    "lock_holder", "now_iso", "plan_run", "read_summary", "remove_debris", "read_trainer_state", "run_status",
+    "save_checkpoint",
     "stored_config", "stored_initial_adapter", "update_summary", "writer_alive",
 ]

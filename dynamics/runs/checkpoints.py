@@ -6,6 +6,7 @@ into place, so a folder named ``step_N`` is always complete.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -141,6 +142,38 @@ def read_trainer_state(run_dir: Path, step: int) -> dict[str, Any]:
         raise DamagedCheckpoint(f"checkpoint step {step} is damaged ({type(error).__name__}: "
                                 f"{first_line(error)})") from None
     return state
+
+
+# What a killed writer can leave behind: files.write_atomic's temporary files
+# (".NAME.PID.TOKEN.tmp"), files.staging_folder_beside's folders (".NAME.XXXXXXXX") and
+# files.replace_folder's set-aside ones (".NAME.replaced-PID-TOKEN").
+_TEMPORARY_FILE = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
+_STAGING_FOLDER = re.compile(r"\..+\.([a-z0-9_]{8}|replaced-\d+-[0-9a-f]{8})")
+
+
+def remove_debris(run_dir: Path, resumed_step: int) -> list[str]:
+    """Remove what a killed writer left in its run folder, once a resume has loaded an intact state
+    at ``resumed_step`` (0: from the start): temporary files of atomic writes, staging folders, and
+    checkpoint folders past that step (torn or damaged; the run writes them again when it gets
+    there). The caller holds the run's lock, so no other writer's file is here. A symlink is
+    removed as a link, never followed. Returns the removed paths, relative to ``run_dir``."""
+    run_dir = Path(run_dir)
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for entry in os.scandir(folder):
+            step = re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", entry.name) if folder != run_dir else None
+            debris = (_TEMPORARY_FILE.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False)) or \
+                _STAGING_FOLDER.fullmatch(entry.name) or (step and int(step.group(1)) > resumed_step)
+            if not debris:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(str(Path(entry.path).relative_to(run_dir)))
+    return sorted(removed)
 
 
 def latest_intact_checkpoint(run_dir: Path) -> tuple[int | None, dict[str, Any] | None, list[str]]:

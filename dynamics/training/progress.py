@@ -84,8 +84,12 @@ def restore(state: TrainState, run_dir, device: torch.device) -> Progress:
         if damaged:
             raise ConfigError(f"--resume {run_dir.name}: no intact checkpoint to resume from; "
                               "delete the run folder (or use --overwrite) to start it again")
+        if state.world.is_main:
+            runs.remove_debris(run_dir, 0)
         return Progress()
     runs.load_weights(state.model, runs.checkpoint_dir(run_dir, step))
+    if state.world.is_main:  # an intact state is loaded: what a killed writer left can go
+        runs.remove_debris(run_dir, step)
     state.load_state_dict(trainer_state)
     torch.set_rng_state(trainer_state["rng"]["torch"])
     if device.type == "cuda" and "cuda" in trainer_state["rng"]:
