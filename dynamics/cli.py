@@ -52,7 +52,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
     command has (``dynamics train: unrecognized argument --dat (did you mean '--data-seed'?)``)."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        command = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's own flags
+        command = parser.subcommands[args.command]  # the subcommand's own flags
         flags = [option for action in command._actions for option in action.option_strings]
         first = unknown[0].partition("=")[0]
         hint = did_you_mean(first, flags) if first.startswith("--") else ""
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("runs_dir", nargs="?", default="runs", help="folder of run folders (default: runs)")
     table.add_argument("--csv", metavar="FILE", help="also write every column of the run table, at full "
                        "precision, to FILE (written whole or not at all)")
+    parser.subcommands = commands.choices  # name -> its parser (parse_args names an unknown flag's closest)
     return parser
 
 

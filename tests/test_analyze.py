@@ -302,7 +302,7 @@ def test_analyze_config_flags_are_its_fields():
     assert (config.k, config.sharpness, config.split) == (3, False, "train")
     assert config.threshold_values == {"min_rise": 0.1, "spike_sigmas": 6.0}
     assert config.checkpoint_steps == [10, 20]
-    help_text = build_parser()._subparsers._group_actions[0].choices["analyze"].format_help()
+    help_text = build_parser().subcommands["analyze"].format_help()
     for field in dataclasses.fields(AnalyzeConfig):
         assert (field.metadata.get("flag") or "--" + field.name.replace("_", "-")) in help_text
     # the Python API takes the same fields, and threshold names beside them
