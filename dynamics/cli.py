@@ -28,7 +28,7 @@ from dynamics import runs
 from dynamics.analyze_config import AnalyzeConfig
 from dynamics.config import ConfigError, ConfigWarning, RunConfig, config_fields, flag
 from dynamics.executors import BUSY
-from dynamics.files import UnreadableFile, did_you_mean, read_toml, write_atomic
+from dynamics.files import BAD_INPUT_ERRNOS, UnreadableFile, describe_os_error, did_you_mean, read_toml, write_atomic
 from dynamics.launch import torchrun_command
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 130}  # train's, by run status
@@ -443,6 +443,9 @@ def _run_command(command, args: argparse.Namespace) -> int:
         # points at devnull so that Python's flush at exit does not raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as error:  # the file system said no (full, read-only, no permission): one line, what to do
+        print(f"dynamics {args.command}: {describe_os_error(error)}", file=sys.stderr)
+        return 2 if error.errno in BAD_INPUT_ERRNOS else 1
 
 
 if __name__ == "__main__":

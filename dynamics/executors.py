@@ -41,7 +41,7 @@ from typing import Any
 
 from dynamics import runs
 from dynamics.config import ConfigError, RunConfig, config_flags
-from dynamics.files import first_line
+from dynamics.files import UnreadableFile, describe_os_error, first_line, open_no_follow, refuse_links
 from dynamics.launch import torchrun_command
 from dynamics.sweep_board import RunOutcome, SweepBoard
 
@@ -63,6 +63,9 @@ def run_one(cfg: RunConfig, nproc: int = 1) -> RunOutcome:
     cfg = dataclasses.replace(cfg, resume=True, overwrite=False, progress=False)
     run_id, run_dir = cfg.resolved_run_id, cfg.run_dir
     _wait_while_locked(run_dir)
+    finished = _finished_summary(run_dir)
+    if finished is not None:  # another driver trained it while we waited: its result, and no log section
+        return RunOutcome(run_id, finished["status"], finished.get("steps_done"))
     checkpoints = runs.checkpoint_steps(run_dir)
     start = (f"resuming from checkpoint step {checkpoints[-1]}" if checkpoints
              else "starting" if not run_dir.exists() else "starting over (no checkpoint)")
@@ -77,17 +80,49 @@ def run_one(cfg: RunConfig, nproc: int = 1) -> RunOutcome:
             summary = train(cfg).summary if nproc == 1 else launch_run(cfg, nproc, log)
             outcome = RunOutcome(run_id, summary["status"], summary.get("steps_done"), summary.get("error"))
         except KeyboardInterrupt:
-            outcome = RunOutcome(run_id, "interrupted", runs.read_summary(run_dir).get("steps_done"))
+            outcome = RunOutcome(run_id, "interrupted", _steps_done(run_dir))
         except (runs.ClaimLost, runs.RunInUse) as error:  # another driver or `train` has it: not ours
-            return RunOutcome(run_id, "skipped", runs.read_summary(run_dir).get("steps_done"),
+            return RunOutcome(run_id, "skipped", _steps_done(run_dir),
                               f"{BUSY}; {first_line(error)}")
         except Exception as error:  # a failing run is an outcome, not a crash of the sweep
             traceback.print_exc(file=log)
-            message = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
-            outcome = RunOutcome(run_id, "failed", runs.read_summary(run_dir).get("steps_done"), message)
-    if run_dir.exists():
-        _append_log(run_dir, start, log.getvalue(), caught)
+            outcome = RunOutcome(run_id, "failed", _steps_done(run_dir), failure_message(error))
+    if os.path.lexists(run_dir):
+        try:
+            _append_log(run_dir, start, log.getvalue(), caught)
+        except (OSError, UnreadableFile) as error:  # a full disk, a link: the outcome still says what happened
+            problem = describe_os_error(error) if isinstance(error, OSError) else str(error)
+            outcome = dataclasses.replace(outcome, error=f"{outcome.error or outcome.status}; log.txt not written: "
+                                                         f"{problem}")
     return outcome
+
+
+def failure_message(error: BaseException) -> str:
+    """One line for why a run failed: our own errors as they are, an OS error with its path and
+    remedy (``files.describe_os_error``), anything else with its type."""
+    if isinstance(error, (ConfigError, UnreadableFile)):
+        return str(error)
+    if isinstance(error, OSError):
+        return describe_os_error(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that is completed or diverged, else None (also when it does not read:
+    training it says why)."""
+    try:
+        summary = runs.read_summary(run_dir) if (run_dir / "summary.json").is_file() else {}
+    except (OSError, UnreadableFile):
+        return None
+    return summary if summary.get("status") in runs.FINISHED else None
+
+
+def _steps_done(run_dir: Path) -> int | None:
+    """The steps a run's summary records, None when it does not read (a full disk, a link)."""
+    try:
+        return runs.read_summary(run_dir).get("steps_done")
+    except (OSError, UnreadableFile):
+        return None
 
 
 def launch_run(cfg: RunConfig, nproc: int, log: io.StringIO) -> dict[str, Any]:
@@ -115,12 +150,14 @@ def launch_run(cfg: RunConfig, nproc: int, log: io.StringIO) -> dict[str, Any]:
 
 def _wait_while_locked(run_dir: Path, poll_s: float = 0.5) -> None:
     """Wait until no other process trains this run (e.g. a worker of a killed sweep checkpointing)."""
-    while (run_dir / ".lock").exists():
+    while os.path.lexists(run_dir / ".lock"):
         try:
             with runs.RunLock(run_dir):
                 return
-        except ConfigError:
+        except runs.RunInUse:
             time.sleep(poll_s)
+        except (OSError, UnreadableFile, ConfigError):  # a link, a read-only folder: train says so, once
+            return
 
 
 def _append_log(run_dir: Path, start: str, output: str, caught: Sequence[warnings.WarningMessage]) -> None:
@@ -129,7 +166,8 @@ def _append_log(run_dir: Path, start: str, output: str, caught: Sequence[warning
     status = runs.read_summary(run_dir).get("status")
     lines = [f"=== {runs.now_iso()} {socket.gethostname()} pid {os.getpid()}: {start}; ended {status}"]
     lines += [f"warning: {w.category.__name__}: {w.message}" for w in caught]
-    with open(run_dir / "log.txt", "a") as fh:
+    refuse_links(run_dir)  # never appended through a link, nor into a linked folder
+    with os.fdopen(open_no_follow(run_dir / "log.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as fh:
         fh.write("".join(line + "\n" for line in lines) + output)
 
 
@@ -143,6 +181,9 @@ def record_lost_worker(cfg: RunConfig, reason: str) -> RunOutcome:
                 summary = runs.update_summary(cfg.run_dir, status="failed", error=reason)
         except ConfigError:  # another process has it now; leave its summary alone
             pass
+        except (OSError, UnreadableFile) as error:  # a full disk, a link: failed in memory, said here
+            problem = describe_os_error(error) if isinstance(error, OSError) else str(error)
+            reason = f"{reason}; not recorded in the run folder: {problem}"
     return RunOutcome(cfg.resolved_run_id, "failed", summary.get("steps_done"), reason)
 
 

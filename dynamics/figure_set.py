@@ -321,7 +321,7 @@ def make_figures(paths: Sequence[str | Path], out: str | Path = "figures", only:
         try:
             drawn = spec.draw(data)
         except figures.NotEnoughRuns as reason:
-            log(f"figures: {spec.name:<13} skipped: {reason}; {spec.grid} makes such runs")
+            log(f"figures: {skip_line(spec, reason)}")
             continue
         files = write_figure(drawn, out, spec.name)
         written[spec.name] = files
@@ -333,3 +333,49 @@ def make_figures(paths: Sequence[str | Path], out: str | Path = "figures", only:
     if entries:
         log(f"figures: index        {write_index(out, entries)}")
     return written
+
+
+# --- in a notebook -------------------------------------------------------------------------------------
+def skip_line(spec: FigureSpec, reason: figures.NotEnoughRuns) -> str:
+    """Why a figure is not drawn and which grid makes runs that support it: the one line the
+    ``figures`` command prints and notebooks show."""
+    return f"{spec.name:<13} skipped: {reason}; such runs come from {spec.grid}"
+
+
+def show(name: str, where: str | Path | pd.DataFrame):
+    """The figure ``dynamics figures WHERE --only NAME`` draws, for a notebook: the matplotlib
+    Figure, or None after printing the one line that command prints when the runs cannot support
+    it. ``where`` is a runs folder, a run folder or a ``load_runs`` frame (damaged runs left out)."""
+    specs = {spec.name: spec for spec in FIGURES}
+    if name not in specs:
+        raise ConfigError(f"figure {name}: unknown; one of {', '.join(FIGURE_NAMES)}")
+    table = where if isinstance(where, pd.DataFrame) else find_runs([where])
+    if "status" in table:
+        table = table[table["status"] != runs.DAMAGED].reset_index(drop=True)
+    try:
+        return specs[name].draw(RunsData(figures.method_variants(table))).figure
+    except figures.NotEnoughRuns as reason:
+        print(skip_line(specs[name], reason))
+        return None
+
+
+LACKING = {  # load_metrics table -> (what it holds, the command that makes it)
+    "sharpness": ("top Hessian eigenvalues", "run `dynamics analyze` on the runs first"),
+    "trace": ("Hessian traces", "run `dynamics analyze --trace` on the runs first"),
+    "density": ("spectral densities", "run `dynamics analyze --density` on the runs first"),
+    "sharpness_during_training": ("top Hessian eigenvalues during training",
+                                  "train with --sharpness-every N (eval loss, every N steps)"),
+    "generations": ("greedy generations", "run `dynamics analyze --exact-match N` on gsm or tiny runs"),
+}
+
+
+def lacking(table: str, rows: pd.DataFrame, where: pd.DataFrame) -> str | None:
+    """For a notebook cell that draws ``rows`` (a ``load_metrics`` table of the runs ``where``):
+    None when there are rows, else the one line saying what is missing and how to make it, in the
+    words of the ``figures`` command (``_missing_curvature``)."""
+    if len(rows):
+        return None
+    what, remedy = LACKING[table]
+    lacking_ids = sorted(where["run_id"]) if "run_id" in where else []
+    shown = ", ".join(lacking_ids[:4]) + (f" and {len(lacking_ids) - 4} more" if len(lacking_ids) > 4 else "")
+    return f"{table}: needs {what}; {remedy} (lacking: {shown or 'none'})"

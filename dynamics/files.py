@@ -8,11 +8,13 @@ not UTF-8, not parseable, the wrong shape) into one exception with a one-line me
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import difflib
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -46,6 +48,100 @@ def did_you_mean(name: str, choices: Sequence[str], cutoff: float = 0.6) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# --- links: never written through ---------------------------------------------------------------------
+class LinkRefused(UnreadableFile):
+    """A path a command would write, replace or delete is a symbolic link (or lies under one); the
+    message is one line naming the link."""
+
+
+def refuse_links(folder: str | os.PathLike, what: str = "run folder") -> None:
+    """Raise ``LinkRefused`` naming the first symbolic link among ``folder`` itself and everything
+    under it; links are looked at (``lstat``), never followed (``os.walk`` lists a linked folder
+    without entering it). The one rule behind every write into a run folder (docs/design.md,
+    "The run folder": no links)."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise LinkRefused(_link_message(folder, what))
+    for parent, folders, names in os.walk(folder, onerror=None):
+        for name in sorted(folders + names):
+            path = Path(parent) / name
+            if path.is_symlink():
+                raise LinkRefused(_link_message(path, what))
+
+
+def _link_message(path: Path, what: str) -> str:
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return (f"{path}: is a symbolic link{target}; dynamics never writes through a link in a {what}: "
+            "put the real file or folder there, or remove the link")
+
+
+def open_no_follow(path: str | os.PathLike, flags: int, what: str = "run folder") -> int:
+    """``os.open(path, flags | O_NOFOLLOW)`` (mode 0o644 when it creates): a file descriptor, or
+    ``LinkRefused`` when ``path`` is a symbolic link."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise LinkRefused(_link_message(Path(path), what)) from None
+        raise
+
+
+# --- faults of the file system: one line each -----------------------------------------------------------
+# errno -> what to do; the ones in BAD_INPUT are the user's path, not the machine (exit 2, else 1)
+FAULT_REMEDIES = {
+    errno.ENOSPC: "free space on that file system, then run the command again (a run continues with --resume)",
+    errno.EDQUOT: "the disk quota is used up: free space, then run the command again (a run continues with --resume)",
+    errno.EROFS: "choose a folder on a writable file system (--runs-dir, --out)",
+    errno.EACCES: "no permission: check the owner and mode of that path, or choose another folder",
+    errno.EPERM: "not permitted (an immutable file? see lsattr): check that path, or choose another folder",
+    errno.ENAMETOOLONG: "a name is too long for the file system: choose a shorter one",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
+    errno.EISDIR: "that path is a folder, not a file: choose another path",
+    errno.EIO: "the disk reported an I/O error: check the device",
+}
+BAD_INPUT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR})
+_ERRNO_IN_TEXT = re.compile(r"(?:os error|errno)\s*(\d+)", re.IGNORECASE)
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OS error met on a file: the path, what the system said, what to do."""
+    path = error.filename if error.filename is not None else "a file"
+    said = (error.strerror or first_line(error)).rstrip(".")
+    said = said[0].lower() + said[1:] if said else "failed"
+    remedy = FAULT_REMEDIES.get(error.errno)
+    return f"{path}: {said}" + (f"; {remedy}" if remedy else "")
+
+
+def as_os_error(error: BaseException, folder: str | os.PathLike) -> OSError | None:
+    """The OS error behind a library's error while it wrote into ``folder`` (safetensors' "os
+    error 28", pyarrow's "errno 28", torch.save's "unexpected pos" on a full disk), as an
+    ``OSError`` naming ``folder``; None when it was not one. Libraries that say only that the write
+    failed are asked after the fact: a file system with no free blocks is ENOSPC, one mounted
+    read-only EROFS."""
+    if isinstance(error, OSError) and error.errno is not None and error.filename is not None \
+            and error.strerror == os.strerror(error.errno):
+        return error
+    if isinstance(error, OSError) and error.errno is not None:  # pyarrow's own words, or no path: ours
+        return OSError(error.errno, os.strerror(error.errno), str(folder))
+    if not isinstance(error, (OSError, RuntimeError)) and type(error).__name__ != "SafetensorError":
+        return None  # a bug or bad data, whatever the disk holds
+    found = _ERRNO_IN_TEXT.search(str(error))
+    code = int(found.group(1)) if found else None
+    if code is None:
+        try:
+            stats = os.statvfs(next(p for p in (Path(folder), *Path(folder).parents) if p.exists()))
+        except OSError:
+            return None
+        if stats.f_flag & os.ST_RDONLY:
+            code = errno.EROFS
+        elif stats.f_bavail * stats.f_frsize < 1 << 20:  # under 1 MiB left: the write ran out of room
+            code = errno.ENOSPC
+    return OSError(code, os.strerror(code), str(folder)) if code is not None else None
+
+
 # --- atomic writes -------------------------------------------------------------------------------------
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary path beside ``path`` and rename it into place; the
@@ -56,8 +152,14 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as error:
+        fault = as_os_error(error, path) if isinstance(error, Exception) else None  # before space is freed
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if fault is not None and fault is not error:
+            raise fault from error
+        if isinstance(error, OSError) and error.filename == str(tmp):  # name the file, not our temporary one
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
     return path
 
@@ -66,11 +168,25 @@ def staging_folder_beside(target: str | os.PathLike) -> Path:
     """A new hidden folder next to ``target`` (same file system, so renaming it onto ``target`` is
     atomic), with the permissions a plain ``mkdir`` would give."""
     target = Path(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as error:  # named as the folder it was for, not the temporary name
+        raise OSError(error.errno, error.strerror, str(target)) from error
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
     return staging
+
+
+def named_as_target(error: BaseException, staging: str | os.PathLike, target: str | os.PathLike) -> BaseException:
+    """``error`` with a path under the staging folder ``staging`` named as the same path under
+    ``target`` (what the user knows); other errors as they are."""
+    filename = getattr(error, "filename", None)
+    if not isinstance(error, OSError) or not isinstance(filename, str) or not filename.startswith(str(staging)):
+        return error
+    renamed = OSError(error.errno, error.strerror, str(target) + filename[len(str(staging)):])
+    renamed.__cause__ = error
+    return renamed
 
 
 def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> None:

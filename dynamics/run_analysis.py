@@ -24,7 +24,7 @@ from dynamics.analyze_config import AnalyzeConfig
 from dynamics.config import ConfigError
 from dynamics.curvature import measure_density, measure_sharpness, measure_trace
 from dynamics.data import load_task
-from dynamics.files import UnreadableFile, write_parquet
+from dynamics.files import LinkRefused, UnreadableFile, describe_os_error, write_parquet
 from dynamics.models import build_model, load_tokenizer
 from dynamics.runs.logs import DENSITY_SCHEMA, GENERATIONS_SCHEMA, PHASES_SCHEMA, SHARPNESS_SCHEMA, TRACE_SCHEMA
 from dynamics.training.evaluate import generations
@@ -230,22 +230,40 @@ def analyze_paths(paths: Sequence[str | Path], config: AnalyzeConfig | Mapping[s
     ``on_problem`` is passed to it as one line and the others go on; its files are left as they were.
     """
     settings = AnalyzeConfig.from_options(config, **options)
+    run_dirs = _run_dirs(paths)
+    _check_steps_somewhere(run_dirs, settings)
     rows = []
-    for run_dir in _run_dirs(paths):
+    for run_dir in run_dirs:
         try:
             result = analyze_run(run_dir, settings)
-        except (runs.DamagedRun, UnreadableFile, ConfigError) as error:
+        except (runs.DamagedRun, UnreadableFile, ConfigError, OSError) as error:
             if on_problem is None:
                 raise
             if isinstance(error, runs.DamagedRun):
                 on_problem(str(error))
-            elif isinstance(error, UnreadableFile):  # rows garbled behind an intact parquet footer
-                on_problem(f"{run_dir.name}: damaged: {error}")
+            elif isinstance(error, OSError):  # a full or read-only disk: its files are as they were
+                on_problem(f"{run_dir.name}: not analysed: {describe_os_error(error)}")
+            elif isinstance(error, UnreadableFile) and not isinstance(error, LinkRefused):
+                on_problem(f"{run_dir.name}: damaged: {error}")  # rows garbled behind an intact parquet footer
             else:
                 on_problem(f"{run_dir.name}: not analysed: " + str(error).removeprefix(f"{run_dir.name}: "))
             continue
         rows.append(_table_row(run_dir.name, result, settings.split))
     return pd.DataFrame(rows)
+
+
+def _check_steps_somewhere(run_dirs: Sequence[Path], options: AnalyzeConfig) -> None:
+    """``--checkpoints 10,20`` that no run has in full is a mistyped flag, not a fault of each run:
+    one ConfigError (exit 2) before any run is touched, with the steps the runs do have."""
+    wanted = options.checkpoint_steps
+    if not wanted or not options.measures_checkpoints:
+        return
+    held = {run_dir: set(runs.checkpoint_steps(run_dir)) for run_dir in run_dirs}
+    if not any(set(wanted) <= steps for steps in held.values()):
+        have = sorted(set().union(*held.values()))
+        shown = ", ".join(map(str, have[:12])) + (", ..." if len(have) > 12 else "") if have else "none"
+        raise ConfigError(f"--checkpoints {options.checkpoints}: no run has a checkpoint at every one of these steps; "
+                          f"the runs have step(s) {shown} (or use last, all)")
 
 
 def _run_dirs(paths: Sequence[str | Path]) -> list[Path]:

@@ -8,6 +8,7 @@ second command, or kills it at a moment that falls wherever it falls.
 import os
 import signal
 import time
+from pathlib import Path
 
 import launch
 import numpy as np
@@ -141,3 +142,25 @@ def test_analyze_refuses_a_live_run_in_one_line_and_marks_phases_with_their_step
     assert stored["step"] == 60 and run.phase_summary == stored
     runs.update_summary(run.path, steps_done=90)  # as if it had been resumed and gone on
     assert "step" not in run.phase_summary  # recomputed from the curve, not the stale entry
+
+
+def test_two_grid_drivers_started_together_train_each_run_once_and_neither_says_failed(tmp_path):
+    """Issue 33: two `dynamics grid` on one grid file at once. Every run is trained by exactly one
+    of them (one section in its log.txt, one row per step); a driver that lost a run to the other
+    reports it "skipped: another process has it", never failed, and both exit 0."""
+    grid = tmp_path / "race.toml"
+    base = {k: v for k, v in {**SHORT, "steps": 12, "checkpoint_every": 6}.items() if k != "progress"}
+    grid.write_text("[base]\n" + "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in base.items())
+                    + "\n[axes]\nseed = [0, 1, 2]\n")
+    root = tmp_path / "runs"
+    drivers = [popen("grid", str(grid), "--runs-dir", str(root)) for _ in range(2)]
+    outputs = [driver.communicate(timeout=240) for driver in drivers]
+    for driver, (_out, err) in zip(drivers, outputs):
+        assert driver.returncode == 0, err
+        assert "failed" not in err and "Traceback" not in err, err
+    table = dynamics.load_runs(root)
+    assert sorted(table["status"]) == ["completed"] * 3
+    for path in table["path"]:
+        log = (Path(path) / "log.txt").read_text()
+        assert log.count("===") == 1 and "Traceback" not in log, log  # trained once, by one driver
+        assert list(runs.load_metrics(path)["step"]) == list(range(1, 13))

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dynamics.files import first_line, replace_folder, staging_folder_beside
+from dynamics.files import as_os_error, first_line, named_as_target, replace_folder, staging_folder_beside
 from dynamics.runs.folder import INITIAL_ADAPTER
 
 CHECKPOINT_PREFIX = "step_"
@@ -42,8 +42,15 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict[str, An
     target = checkpoint_dir(run_dir, step)
     target.parent.mkdir(exist_ok=True)
     staging = staging_folder_beside(target)
-    save_weights(model, staging)
-    torch.save(trainer_state, staging / "trainer_state.pt")
+    try:
+        save_weights(model, staging)
+        torch.save(trainer_state, staging / "trainer_state.pt")
+    except Exception as error:  # a full disk: said as the OS error it is, and no half checkpoint left
+        fault = named_as_target(as_os_error(error, staging) or error, staging, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        if fault is not error:
+            raise fault from error
+        raise
     if target.exists():  # the same step saved again (a resumed run): never a moment without it
         replace_folder(staging, target)
     else:

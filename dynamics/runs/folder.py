@@ -23,7 +23,10 @@ Layout (docs/design.md, "The run folder")::
       .lock                the writer's flock                     (RunLock)
 
 Every file is written to a temporary file and renamed (``dynamics.files``), so readers never see
-half a file.
+half a file. A run folder holds no symbolic links: every writer (all take ``RunLock``) first checks
+the folder and everything in it (``files.refuse_links``) and refuses in one line naming a link, and
+opens ``.lock`` and ``log.txt`` with ``O_NOFOLLOW``; so nothing outside the folder is written,
+replaced or deleted through one.
 """
 
 from __future__ import annotations
@@ -44,7 +47,15 @@ from pathlib import Path
 from typing import Any
 
 from dynamics.config import ConfigError, RunConfig, flag
-from dynamics.files import read_json, replace_folder, staging_folder_beside, write_json
+from dynamics.files import (
+    named_as_target,
+    open_no_follow,
+    read_json,
+    refuse_links,
+    replace_folder,
+    staging_folder_beside,
+    write_json,
+)
 
 # How a run stands: ``running`` while trained (or killed while it was), then one of the others.
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
@@ -133,6 +144,8 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     or when ``--resume`` finds a run whose experiment settings differ from ``cfg``.
     """
     run_dir = cfg.run_dir
+    if os.path.lexists(run_dir):
+        refuse_links(run_dir)
     if not run_dir.exists() or cfg.overwrite:
         return RunPlan("new", run_dir)
     if not (run_dir / "config.json").exists():
@@ -195,6 +208,8 @@ def claim_run(cfg: RunConfig, runtime: dict[str, Any] | None = None,
             yield run_dir
         return
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(run_dir):
+        refuse_links(run_dir)  # a dangling link in the run's place: never replaced, never followed
     replacing = cfg.overwrite and run_dir.exists()  # without --overwrite an existing folder is never replaced
     with contextlib.ExitStack() as stack:
         if replacing:
@@ -216,8 +231,11 @@ def claim_run(cfg: RunConfig, runtime: dict[str, Any] | None = None,
                     raise ClaimLost(f"--run-id {run_dir.name}: another process started this run first; "
                                     "pass --resume to continue it, or choose another --run-id") from None
             lock.moved_to(run_dir)
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
+            fault = named_as_target(error, staging, run_dir)
+            if fault is not error:
+                raise fault from error
             raise
         yield run_dir
 
@@ -245,7 +263,8 @@ class RunLock:
         self._fh = None
 
     def __enter__(self) -> RunLock:
-        self._fh = open(self.path, "a+")
+        refuse_links(self.path.parent)  # LinkRefused: the one-line refusal, before anything is written
+        self._fh = os.fdopen(open_no_follow(self.path, os.O_RDWR | os.O_CREAT), "r+")
         try:
             fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -270,8 +289,11 @@ class RunLock:
 
 def lock_holder(run_dir: Path) -> tuple[int, str] | None:
     """``(pid, host)`` written by the last process that locked the run, if readable."""
+    lock = Path(run_dir) / ".lock"
+    if lock.is_symlink():
+        return None
     try:
-        pid, host = (Path(run_dir) / ".lock").read_text().split()
+        pid, host = lock.read_text().split()
         return int(pid), host
     except (OSError, ValueError):
         return None
@@ -287,7 +309,7 @@ def writer_alive(run_dir: Path) -> bool | None:
     a writer starting at that moment. None where it cannot be told (no ``/proc/locks``)."""
     lock = Path(run_dir) / ".lock"
     try:
-        inode = os.stat(lock).st_ino
+        inode = os.lstat(lock).st_ino
     except OSError:
         return False  # never locked: every writer creates the file
     try:

@@ -155,7 +155,11 @@ def _run_loop(cfg: RunConfig, run_dir, model: nn.Module, task: TaskData, device:
         save_summary(run_dir, cfg, logs, clock, "interrupted", world)
         raise
     except BaseException as error:
-        save_summary(run_dir, cfg, logs, clock, "failed", world, error=f"{type(error).__name__}: {error}")
+        # on a full or read-only disk the summary may not be writable either: the run then stays
+        # `running` with no writer, which readers and --resume treat as a killed run; the error that
+        # stopped it is what the caller hears
+        with contextlib.suppress(OSError):
+            save_summary(run_dir, cfg, logs, clock, "failed", world, error=f"{type(error).__name__}: {error}")
         raise
     finally:
         bar.close()
