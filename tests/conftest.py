@@ -75,8 +75,8 @@ def local_model_folder(tmp_path_factory):
 # workers take a file each as they free up (--dist loadfile), so long files started last would leave
 # one worker waiting on the other. Within a file, the order is the file's own.
 LONGEST_FIRST = ("test_distributed.py", "test_grid.py", "test_notebooks.py", "test_methods.py", "test_two_writers.py",
-                 "test_models.py", "test_figures.py", "test_interrupt.py", "test_damaged.py", "test_analyze.py",
-                 "test_architecture.py", "test_loraga.py")
+                 "test_models.py", "test_hostile_files.py", "test_figures.py", "test_interrupt.py", "test_damaged.py",
+                 "test_analyze.py", "test_architecture.py", "test_loraga.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

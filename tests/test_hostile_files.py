@@ -276,3 +276,54 @@ def test_a_checkpoint_no_run_has_is_bad_input_exit_2_and_nothing_written(pristin
                    "the runs have step(s) 6 (or use last, all)")
     assert contents(root / RUN_ID) == before
     assert main(["analyze", str(root), "--checkpoints", "6", "--k", "1", "--batches", "1", "--max-iter", "4"]) == 0
+
+
+def test_a_grid_worker_on_a_full_disk_reports_the_run_failed_and_never_raises(pristine, tmp_path, monkeypatch):
+    """The worker's side: the run fails with ENOSPC and its log.txt cannot be appended either."""
+    import dynamics.training
+
+    cfg = RunConfig.from_dict(tiny_config(tmp_path, method="lora", rank=4, run_id=RUN_ID, keep_checkpoints=2))
+    shutil.copytree(pristine, cfg.run_dir.parent)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(cfg.run_dir / "metrics.parquet"))
+
+    monkeypatch.setattr(dynamics.training, "train", full)
+    monkeypatch.setattr(os, "fdopen", full)  # log.txt's append
+    outcome = run_one(cfg)
+    assert outcome.status == "failed" and "\n" not in outcome.error
+    assert outcome.error.startswith(f"{cfg.run_dir / 'metrics.parquet'}: no space left on device")
+    assert "log.txt not written" in outcome.error
+
+
+def test_a_grid_driver_that_cannot_record_a_lost_worker_says_so_and_goes_on(pristine, tmp_path, monkeypatch):
+    from dynamics import executors
+
+    cfg = RunConfig.from_dict(tiny_config(tmp_path, method="lora", rank=4, run_id=RUN_ID, keep_checkpoints=2))
+    shutil.copytree(pristine, cfg.run_dir.parent)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(cfg.run_dir / "summary.json"))
+
+    monkeypatch.setattr(runs, "update_summary", full)
+    outcome = executors.record_lost_worker(cfg, "worker process died (killed by SIGKILL)")
+    assert outcome.status == "failed" and "not recorded in the run folder" in outcome.error
+    assert "no space left on device" in outcome.error
+
+
+def test_a_grid_on_a_real_full_disk_fails_each_run_in_one_line_and_finishes(tmp_path):
+    with small_filesystem(tmp_path / "small", "1500k") as small:
+        grid = tmp_path / "full.toml"
+        grid.write_text('[base]\nmodel = "tiny-llama"\ntask = "tiny"\nmethod = "lora"\nrank = 4\nsteps = 6\n'
+                        'batch_size = 4\nn_train = 64\nn_eval = 8\ncheckpoint_every = 3\nthreads = 1\n'
+                        '\n[axes]\nseed = [0, 1]\n')
+        filler = small / "filler"
+        free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+        filler.write_bytes(b"\0" * max(free - 60_000, 0))  # room to claim the runs, not to checkpoint them
+        result = launch.run(["grid", str(grid), "--runs-dir", str(small / "runs")])
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "2 runs: 2 failed" in result.stderr, result.stderr
+        assert result.stderr.count("no space left on device") >= 2, result.stderr
+        filler.unlink()
+        again = launch.run(["grid", str(grid), "--runs-dir", str(small / "runs"), "--retry-failed"])
+        assert again.returncode == 0, again.stderr
