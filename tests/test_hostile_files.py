@@ -324,6 +324,4 @@ def test_a_grid_on_a_real_full_disk_fails_each_run_in_one_line_and_finishes(tmp_
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert "2 runs: 2 failed" in result.stderr, result.stderr
         assert result.stderr.count("no space left on device") >= 2, result.stderr
-        filler.unlink()
-        again = launch.run(["grid", str(grid), "--runs-dir", str(small / "runs"), "--retry-failed"])
-        assert again.returncode == 0, again.stderr
+        # (that such a run resumes exactly once there is room: the injected faults above)

@@ -46,7 +46,7 @@ def demo_runs(tmp_path_factory) -> Path:
     """The demo grid's runs at the tiny scale: its methods and knobs, on tiny-llama / tiny."""
     root = tmp_path_factory.mktemp("demo-runs")
     tiny = dict(model="tiny-llama", task="tiny", steps=30, batch_size=4, seq_len=64, n_train=64, n_eval=8,
-                eval_every=10, progress=False)
+                eval_every=10, n_eval_generate=0, progress=False)  # bbc's demo scores no generations
     for cfg in load_grid(ROOT / "grids" / "demo.toml").configs(root):
         dynamics.train({**cfg.to_dict(), **tiny, "run_id": cfg.resolved_run_id})
     assert analyze_paths([root], k=1, max_iter=20).shape[0] == 4
