@@ -41,7 +41,10 @@ $(BIN)/python:
 # PIP_INSTALL: --no-compile leaves the bytecode of the installed packages to Python, which writes it
 # the first time a module is imported: compiling every file of torch, ray, scipy, ... up front was
 # most of the install (torch alone: 49 s -> 13 s on 2 cores), and most of those files are never imported.
+# So the venv's own processes must be allowed to write it: where the environment says never to
+# (PYTHONDONTWRITEBYTECODE), every test process would compile torch's modules again.
 PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile --disable-pip-version-check
+unexport PYTHONDONTWRITEBYTECODE
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(PIP_INSTALL) --upgrade pip
