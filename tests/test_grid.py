@@ -479,7 +479,7 @@ seed = 0
 def test_killed_sweep_restarts_and_loses_nothing(tmp_path):
     """SIGKILL the sweep's process mid-way: its workers checkpoint and stop; a restart skips what
     completed, resumes the rest, and every run ends with the losses of an uninterrupted run."""
-    path = tiny_grid(tmp_path, {"seed": [0, 1, 2, 3]}, method="lora", steps=60, checkpoint_every=10, eval_every=30,
+    path = tiny_grid(tmp_path, {"seed": [0, 1, 2, 3]}, method="lora", steps=40, checkpoint_every=10, eval_every=20,
                      n_eval_generate=0, n_train=256, lr=3e-2)
     runs_dir = tmp_path / "runs"
     configs = load_grid(path).configs(runs_dir)
