@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="DIR", help="new folder for the adapter (never replaced)")
     export.add_argument("--step", default=None, help="checkpoint step (default: the newest intact one)")
 
+    data = commands.add_parser("data", parents=[common], help="preview a data file as training would see it",
+                               description="Read a data file (JSON Lines, JSON, CSV, parquet, a folder of them, a "
+                                           "datasets save_to_disk folder or a hub id), tell its format from the "
+                                           "columns, and print the counts, token lengths and the first examples "
+                                           "with the tokens the loss is taken on marked. Trains nothing, writes "
+                                           "nothing. Exit status: 0, or 2 for data that cannot be trained on.")
+    add_data_arguments(data)
+
     table = commands.add_parser("runs", parents=[common], help="table of runs under a folder")
     table.add_argument("runs_dir", nargs="?", default="runs", help="folder of run folders (default: runs)")
     table.add_argument("--csv", metavar="FILE", help="also write every column of the run table, at full "
@@ -283,6 +291,42 @@ def report_damaged(frame) -> int:
     return len(damaged)
 
 
+# --- data ----------------------------------------------------------------------------------------------
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``dynamics data``: the data, the tokenizer's model, and the column mapping."""
+    from dynamics.data.formats import FORMATS, Columns  # lazy: kept beside the command that reads data
+
+    parser.add_argument("data", metavar="PATH_OR_ID", help="data file, folder of them, save_to_disk folder, or hub id")
+    parser.add_argument("--model", default="smollm2-135m", help="model whose tokenizer encodes the rows "
+                        "(default: smollm2-135m)")
+    parser.add_argument("--seq-len", default="256", help="maximum tokens per example (default: 256)")
+    parser.add_argument("--data-format", choices=FORMATS, default=None, help="row format (default: told from "
+                        "the columns, as TRL names them)")
+    parser.add_argument("--data-config", default=None, help="the dataset's configuration (hub ids)")
+    parser.add_argument("--data-split", default=None, help="split to train on (default: train)")
+    for name, default in ((f.name, f.default) for f in dataclasses.fields(Columns)):
+        parser.add_argument(f"--{name}-column", default=default, metavar="NAME",
+                            help=f"column that holds the {name}" + (f" (default: {default})" if default else
+                                                                  " (rows scored by exact match)"))
+    parser.add_argument("--examples", default="2", help="examples to show (default: 2)")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from dynamics.data.formats import Columns  # lazy: datasets and the tokenizer's libraries
+    from dynamics.data.preview import prepare, report
+    from dynamics.models import tokenizer_for
+
+    seq_len = int(_number("seq-len", args.seq_len, int, 1))
+    n_examples = int(_number("examples", args.examples, int, 0))
+    columns = Columns(**{f.name: getattr(args, f"{f.name}_column") for f in dataclasses.fields(Columns)})
+    if args.model == "tiny-llama":
+        raise ConfigError("--model tiny-llama: has no tokenizer; choose a model whose tokenizer encodes the rows")
+    tokenizer = tokenizer_for(args.model)
+    prepared = prepare(args.data, tokenizer, seq_len, columns, args.data_format, args.data_config, args.data_split)
+    print(report(prepared, tokenizer, args.data, seq_len, n_examples))
+    return 0
+
+
 # --- grid ----------------------------------------------------------------------------------------------
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``dynamics grid``."""
@@ -412,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     library_chatter(args.verbose)
     commands = {"train": cmd_train, "grid": cmd_grid, "analyze": cmd_analyze, "figures": cmd_figures, "runs": cmd_runs,
-                "export": cmd_export}
+                "export": cmd_export, "data": cmd_data}
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {signum: signal.signal(signum, _stop_once) for signum in (signal.SIGINT, signal.SIGTERM)}

@@ -127,19 +127,28 @@ def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
 
 def model_source(cfg: RunConfig) -> str | Path:
     """Where ``from_pretrained`` reads the base model from."""
-    if cfg.model == "smollm2-135m":
+    return source_of(cfg.model)
+
+
+def source_of(model: str) -> str | Path:
+    """Where ``from_pretrained`` reads the model named ``model`` (``--model``) from."""
+    if model == "smollm2-135m":
         return smollm2_folder()
-    if cfg.model == "minilm-l6":
+    if model == "minilm-l6":
         return minilm_folder()
-    return cfg.model
+    return model
 
 
 def load_tokenizer(cfg: RunConfig):
     """The model's tokenizer (None for tiny-llama), with a pad token set."""
-    if cfg.model == "tiny-llama":
-        return None
+    return tokenizer_for(cfg.model)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_source(cfg))
+
+def tokenizer_for(model: str):
+    """The tokenizer of ``--model`` (None for tiny-llama), with a pad token set."""
+    if model == "tiny-llama":
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(source_of(model))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -4,11 +4,15 @@ Hugging Face folder with a character-level tokenizer (for the from_pretrained pa
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub; read by huggingface_hub at import
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One thread per process: `make test` runs two pytest workers on the 2 cores, and most tests start
+# `datasets` keeps an Arrow copy of every file it reads under its cache: the tests' copies go to a
+# folder of their own, not the user's ~/.cache/huggingface
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="dynamics-tests-datasets-"))
+# One thread per process: `make test` runs three pytest workers on the 2 cores, and most tests start
 # more processes of their own; with torch's default of a thread per core they would be twice
 # oversubscribed, and its OpenMP threads spin while they wait. Set before torch is imported, so
 # every process the tests start (forked or launched) inherits it; runs that compare bit for bit
@@ -71,9 +75,9 @@ def local_model_folder(tmp_path_factory):
     return folder
 
 
-# The files that take longest first (measured with --durations=0 on 2 cores): `make test`'s two
+# The files that take longest first (measured with --durations=0 on 2 cores): `make test`'s
 # workers take a file each as they free up (--dist loadfile), so long files started last would leave
-# one worker waiting on the other. Within a file, the order is the file's own.
+# the other workers waiting on one. Within a file, the order is the file's own.
 LONGEST_FIRST = ("test_distributed.py", "test_grid.py", "test_notebooks.py", "test_methods.py", "test_two_writers.py",
                  "test_models.py", "test_hostile_files.py", "test_figures.py", "test_interrupt.py", "test_damaged.py",
                  "test_analyze.py", "test_architecture.py", "test_loraga.py")

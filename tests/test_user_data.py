@@ -209,3 +209,61 @@ def test_data_files_of_a_mixed_folder_are_refused(tmp_path):
     write(tmp_path / "mixed" / "b.csv")
     with pytest.raises(ConfigError, match="several kinds"):
         data_files(tmp_path / "mixed")
+
+
+# --- dynamics data: the preview ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chat_model_folder(tmp_path_factory, local_model_folder):
+    """The tiny local model folder, its tokenizer given the ChatML template."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("chat-model") / "model"
+    shutil.copytree(local_model_folder, folder)
+    tok = char_tokenizer()
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_data_previews_each_format_with_the_loss_tokens_marked_and_writes_nothing(tmp_path, chat_model_folder,
+                                                                                  capsys, monkeypatch):
+    from dynamics.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "pc.jsonl", [{"prompt": "Q: 2+2?", "completion": " 4"}, {"prompt": "Q: 1+1?", "completion": " 2"}])
+    write(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    write(tmp_path / "glue.csv", [{"sentence": "good film", "label": 1}, {"sentence": "dull", "label": 0}])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    model = ["--model", str(chat_model_folder)]
+    assert main(["data", "pc.jsonl", *model]) == 0
+    out = capsys.readouterr().out
+    assert "format    prompt_completion" in out
+    assert "rows      2: 2 kept, 0 truncated at --seq-len 256, 0 dropped" in out
+    assert "Q: 2+2?[[ 4</s>]]" in out and "10 tokens, 3 with a loss" in out
+    assert main(["data", "chat.jsonl", *model, "--examples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "format    messages" in out and "<|im_start|>assistant\n[[4<|im_end|>\n]]<|im_start|>user" in out
+    assert main(["data", "glue.csv", *model, "--text-column", "sentence", "--seq-len", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "format    classification" in out and "classes   0 1, 1 1" in out and "1 truncated at --seq-len 4" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["glue.csv"], "none of the known column sets"),
+    (["glue.csv", "--text-column", "sentence", "--data-format", "text"], None),
+    (["missing.jsonl"], "no such file or folder"),
+    (["glue.csv", "--seq-len", "0"], "--seq-len 0: must be an integer >= 1"),
+])
+def test_data_refuses_what_it_cannot_train_on_in_one_line(tmp_path, chat_model_folder, capsys, monkeypatch, argv,
+                                                          message):
+    from dynamics.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "glue.csv", [{"sentence": "good film", "label": 1}, {"sentence": "dull", "label": 0}])
+    code = main(["data", *argv, "--model", str(chat_model_folder)])
+    err = capsys.readouterr().err.strip()
+    if message is None:  # the text column given and the format forced: it previews as language modelling
+        assert code == 0 and not err
+        return
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err

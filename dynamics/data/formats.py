@@ -21,6 +21,7 @@ also counts what truncation did (``Accounting``), so nothing is dropped silently
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -49,7 +50,10 @@ class Columns:
         return own + ((self.answer,) if self.answer else ())
 
 
-def detect_format(column_names: Sequence[str], columns: Columns = Columns(), requested: str | None = None) -> str:
+DEFAULT_COLUMNS = Columns()
+
+
+def detect_format(column_names: Sequence[str], columns: Columns = DEFAULT_COLUMNS, requested: str | None = None) -> str:
     """The row format of a table with ``column_names``: ``requested`` (checked against the columns)
     or the first of TRL's column sets present. A one-line ConfigError names the columns found and
     the flags that map them."""
@@ -82,9 +86,25 @@ class Accounting:
     truncated: int = 0  # cut at seq_len, still with a supervised token
     dropped: int = 0  # no supervised token left after truncation
     labels: dict[str, int] = dataclasses.field(default_factory=dict)  # classification: rows per class
+    lengths: list[int] = dataclasses.field(default_factory=list, repr=False)  # tokens per row, before truncation
+
+    def length_percentiles(self) -> dict[str, int]:
+        """Tokens per row before truncation: p50, p90, p99 and max (nearest rank)."""
+        if not self.lengths:
+            return {}
+        ordered = sorted(self.lengths)
+        return {"p50": _nearest_rank(ordered, 0.5), "p90": _nearest_rank(ordered, 0.9),
+                "p99": _nearest_rank(ordered, 0.99), "max": ordered[-1]}
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """What ``config.json`` keeps: the counts, the classes and the length percentiles."""
+        counts = {k: v for k, v in dataclasses.asdict(self).items() if k != "lengths"}
+        return {**counts, "tokens_per_row": self.length_percentiles()}
+
+
+def _nearest_rank(ordered: Sequence[int], q: float) -> int:
+    """The ``q`` quantile of sorted ``ordered`` by the nearest-rank rule (a value that occurs)."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def label_names(values: Iterable[Any], what: str = "--label-column") -> tuple[str, ...]:
@@ -114,11 +134,12 @@ def encode_rows(rows: Iterable[Mapping[str, Any]], data_format: str, tokenizer, 
     examples, counts = [], Accounting(labels={name: 0 for name in labels})
     for number, row in enumerate(rows):
         counts.rows += 1
-        example, truncated = encode(row, tokenizer, seq_len, columns, index, f"{where}: row {number}")
+        example, length = encode(row, tokenizer, seq_len, columns, index, f"{where}: row {number}")
+        counts.lengths.append(length)
         if example is None:
             counts.dropped += 1
             continue
-        counts.truncated += truncated
+        counts.truncated += length > seq_len
         if columns.answer and data_format in CAUSAL_FORMATS:
             example["answer"] = _text(row, columns.answer, f"{where}: row {number}").strip()
         if data_format == "classification":
@@ -140,14 +161,15 @@ def _eos(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def _supervised(input_ids: list[int], labels: list[int], seq_len: int) -> tuple[Example | None, bool]:
-    """``input_ids`` / ``labels`` cut to ``seq_len``; None when no label survives the cut."""
-    truncated = len(input_ids) > seq_len
+def _supervised(input_ids: list[int], labels: list[int], seq_len: int) -> tuple[Example | None, int]:
+    """``input_ids`` / ``labels`` cut to ``seq_len``; None when no label survives the cut. Also
+    the row's length before the cut."""
+    length = len(input_ids)
     input_ids, labels = input_ids[:seq_len], labels[:seq_len]
     # the model predicts token t from tokens < t: a label at position 0 is never a loss term
     if all(label == IGNORE_INDEX for label in labels[1:]):
-        return None, truncated
-    return {"input_ids": input_ids, "labels": labels}, truncated
+        return None, length
+    return {"input_ids": input_ids, "labels": labels}, length
 
 
 def _encode_text(row, tokenizer, seq_len, columns, index, where):
@@ -159,11 +181,11 @@ def _encode_prompt_completion(row, tokenizer, seq_len, columns, index, where):
     prompt_ids = tokenizer(_text(row, columns.prompt, where))["input_ids"]
     completion_ids = tokenizer(_text(row, columns.completion, where), add_special_tokens=False)["input_ids"]
     completion_ids += _eos(tokenizer)
-    example, truncated = _supervised(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
-                                     seq_len)
+    example, length = _supervised(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+                                  seq_len)
     if example is not None:
         example["prompt_ids"] = prompt_ids
-    return example, truncated
+    return example, length
 
 
 def _encode_classification(row, tokenizer, seq_len, columns, index, where):
@@ -172,7 +194,7 @@ def _encode_classification(row, tokenizer, seq_len, columns, index, where):
         raise ConfigError(f"{where}: label {label!r} is not one of the training data's classes "
                           f"({', '.join(index)})")
     ids = tokenizer(_text(row, columns.text, where))["input_ids"]
-    return {"input_ids": ids[:seq_len], "label": index[str(label)]}, len(ids) > seq_len
+    return {"input_ids": ids[:seq_len], "label": index[str(label)]}, len(ids)
 
 
 def check_messages(value: Any, where: str) -> list[dict[str, str]]:
@@ -231,9 +253,9 @@ def _encode_messages(row, tokenizer, seq_len, columns, index, where):
                           "use prompt/completion rows, or a model whose tokenizer has one")
     messages = check_messages(row.get(columns.messages), where)
     ids, mask = assistant_mask(tokenizer, messages)
-    example, truncated = _supervised(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)], seq_len)
+    example, length = _supervised(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)], seq_len)
     if example is not None:
         last = max(i for i, turn in enumerate(messages) if turn["role"] == "assistant")
         example["prompt_ids"] = chat_ids(tokenizer, messages[:last], generation_prompt=True)
-    return example, truncated
+    return example, length
 
