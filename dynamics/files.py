@@ -62,7 +62,7 @@ def refuse_links(folder: str | os.PathLike, what: str = "run folder") -> None:
     folder = Path(folder)
     if folder.is_symlink():
         raise LinkRefused(_link_message(folder, what))
-    for parent, folders, names in os.walk(folder, onerror=None):
+    for parent, folders, names in os.walk(folder):
         for name in sorted(folders + names):
             path = Path(parent) / name
             if path.is_symlink():
