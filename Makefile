@@ -26,7 +26,7 @@ demo: $(STAMP)
 # Three pytest workers, a test file each at a time (--dist loadfile: a file's module fixtures, such
 # as its trained reference runs, are made once): a good part of the suite waits on the processes
 # its tests start (their start-up, a kill, a resume), so three files at once use the 2 cores that
-# fewer leave idle (594 tests: 5 min 17 s with two workers, 4 min 34 s with three). Every test
+# fewer leave idle (594 tests in one warm venv: 5 min 20 s with two workers, 4 min 34 s with three). Every test
 # seeds what it draws and sets its runs' threads where it compares them bit for bit, so the
 # results do not depend on the order.
 test: $(STAMP)

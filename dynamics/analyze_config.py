@@ -102,9 +102,11 @@ class AnalyzeConfig:
         if not self.exact_match:
             return
         generation_tasks = [task for task, kind in TASK_KIND.items() if kind == "causal_lm"]
-        if run_config.task not in generation_tasks:
+        scored = run_config.task in generation_tasks or (run_config.task == "data" and run_config.answer_column
+                                                         and run_config.task_kind == "causal_lm")
+        if not scored:
             raise ConfigError(f"--exact-match: task {run_config.task} is not a generation task; exact match needs "
-                              f"one of {', '.join(generation_tasks)}")
+                              f"one of {', '.join(generation_tasks)}, or --data rows with an --answer-column")
         if self.exact_match > run_config.n_eval:
             raise ConfigError(f"--exact-match {self.exact_match}: the run holds out {run_config.n_eval} problems "
                               "(n_eval); ask for at most that many")

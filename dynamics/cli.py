@@ -158,6 +158,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         stored = Path(values.get("runs_dir", "runs")) / values["run_id"] / "config.json"
         if stored.exists():
             experiment = runs.stored_config(stored.parent).experiment_dict()
+            experiment.pop("data_fingerprint")  # taken from the files as they are now: an edit is seen
             values = {**experiment, **values}
     return RunConfig.from_dict(values, source=args.config or "flags")
 
@@ -250,7 +251,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     options = AnalyzeConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "paths", "argv", "verbose")})
     problems: list[str] = []
     table = analyze_paths(args.paths, options,
-                          on_problem=lambda line: (problems.append(line), print(line, file=sys.stderr)))
+                          on_problem=lambda line: report_problem(line, problems))
     if len(table):
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
@@ -395,7 +396,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     problems: list[str] = []
     written = make_figures(args.paths, args.out, args.only, command=command,
                            log=lambda line: print(line, file=sys.stderr, flush=True),
-                           on_problem=lambda line: (problems.append(line), print(line, file=sys.stderr)))
+                           on_problem=lambda line: report_problem(line, problems))
     for files in written.values():
         print(files[0])
     return 1 if problems else 0
@@ -438,12 +439,32 @@ class Terminated(KeyboardInterrupt):
     as they were), then says so in one line. Exit status 143 (128 + SIGTERM), 130 for SIGINT."""
 
 
+_received: list[int] = []  # the SIGINT / SIGTERM this command got (set by _stop_once)
+
+
+def report_problem(line: str, problems: list[str]) -> None:
+    """A run a command could not handle, on one line of standard error (kept in ``problems`` for
+    the exit status); after a signal, the stop instead (``raise_if_stopping``)."""
+    raise_if_stopping()
+    problems.append(line)
+    print(line, file=sys.stderr)
+
+
+def raise_if_stopping() -> None:
+    """Raise the stop again where a library turned it into an error of its own (a signal inside a
+    native call can come back as "damaged checkpoint" or "cancelled"): once a signal came, what
+    follows is the stop, not a problem of the run."""
+    if _received:
+        raise Terminated() if _received[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
 def _stop_once(signum: int, frame) -> None:
     """The first SIGINT / SIGTERM stops the command; the ones after it are ignored while it cleans
     up, so a repeated signal never ends in a traceback. (The training loop installs its own for
     the steps: there the first asks for a checkpoint and a second Ctrl-C stops at once.)"""
     for other in (signal.SIGINT, signal.SIGTERM):
         signal.signal(other, signal.SIG_IGN)
+    _received.append(signum)
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
@@ -458,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"train": cmd_train, "grid": cmd_grid, "analyze": cmd_analyze, "figures": cmd_figures, "runs": cmd_runs,
                 "export": cmd_export, "data": cmd_data}
     handlers = {}
+    _received.clear()
     if threading.current_thread() is threading.main_thread():
         handlers = {signum: signal.signal(signum, _stop_once) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
+from dynamics.errors import ConfigError  # noqa: F401  (re-exported: dynamics.config.ConfigError)
 from dynamics.files import did_you_mean
+from dynamics.user_data import FORMATS, sniff
 
 ADAPTERS = ("full", "lora", "rslora", "dora", "pissa", "loraplus", "adalora", "loraga")
 PERTURBATIONS = ("mgpo", "mgpo-noapn", "msam", "sam", "noise")
@@ -36,9 +38,14 @@ LORA_FAMILY = ADAPTERS[1:]
 # Perturbations defined in the merged weight space of a low-rank adapter (no meaning for ``full``).
 WEIGHT_SPACE_PERTURBATIONS = ("mgpo", "mgpo-noapn")
 LORAGA_FIELDS = ("loraga_batches", "loraga_direction", "loraga_scale", "loraga_stable_gamma")
-ADDED_LATER = {"autocast": False}  # experiment fields newer than the first runs: field -> the value they had
+# experiment fields newer than the first runs: field -> the value they had (left out of the run id there)
+ADDED_LATER = {"autocast": False, "data": None, "data_format": None, "data_config": None, "data_split": None,
+               "eval_data": None, "eval_fraction": 0.1, "text_column": "text", "label_column": "label",
+               "prompt_column": "prompt", "completion_column": "completion", "messages_column": "messages",
+               "answer_column": None, "data_fingerprint": None}
+DATA_FORMATS = FORMATS  # the row formats of --data (dynamics.user_data)
 BUILTIN_MODELS = ("smollm2-135m", "minilm-l6", "tiny-llama")
-TASKS = ("gsm", "bbc", "tiny")
+TASKS = ("gsm", "bbc", "tiny", "data")  # data: the rows of --data
 TASK_KIND = {"gsm": "causal_lm", "tiny": "causal_lm", "bbc": "classification"}
 # Model families by what they can do: an encoder has no causal LM head, tiny-llama has no tokenizer.
 ENCODER_MODELS = ("minilm-l6",)
@@ -49,11 +56,7 @@ PAPER_DEFAULTS = {
     "classification": {"rho": 0.05, "mu": 0.9, "beta": 0.9},
     "causal_lm": {"rho": 0.01, "mu": 0.8, "beta": 0.8},
 }
-DEFAULT_N_TRAIN = {"gsm": 2000, "tiny": 2048, "bbc": None}  # bbc: every article not held out
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line naming the field and what is allowed."""
+DEFAULT_N_TRAIN = {"gsm": 2000, "tiny": 2048, "bbc": None, "data": None}  # None: every row not held out
 
 
 class ConfigWarning(UserWarning):
@@ -84,7 +87,7 @@ def parse_method(text: str) -> Method:
 
 def _task_defaults(cfg: RunConfig) -> dict[str, Any]:
     """The ``None`` fields of ``cfg`` that the task gives a value (paper defaults, data sizes)."""
-    kind = TASK_KIND[cfg.task]
+    kind = cfg.task_kind
     values = {name: value for name, value in PAPER_DEFAULTS[kind].items() if getattr(cfg, name) is None}
     if cfg.n_train is None and DEFAULT_N_TRAIN[cfg.task] is not None:
         values["n_train"] = DEFAULT_N_TRAIN[cfg.task]
@@ -133,6 +136,25 @@ class RunConfig:
     max_grad_norm: float = _field(1.0, "clip the global gradient norm to this value; 0 turns clipping off")
     seed: int = _field(0, "seed for adapter init, data order and every other draw")
     data_seed: int = _field(0, "seed of the train/eval split and of generated data (kept fixed across seeds)")
+    # A researcher's own data (dynamics.data.user_data / formats): trains on it instead of a built-in task.
+    data: str | None = _field(None, "your own data: a .jsonl/.json/.csv/.parquet file, a folder of them, a datasets "
+                                    "save_to_disk folder, or a hub id (sets --task data)")
+    data_format: str | None = _field(None, "row format of --data (default: told from the columns, as TRL names "
+                                           "them)", DATA_FORMATS)
+    data_config: str | None = _field(None, "configuration of a hub dataset (--data ID)")
+    data_split: str | None = _field(None, "split of --data to train on (default: train)")
+    eval_data: str | None = _field(None, "held-out data in --data's format (default: its validation/test split, "
+                                         "else --eval-fraction of its rows)")
+    eval_fraction: float = _field(0.1, "fraction of --data's rows held out (seeded by --data-seed) when it has no "
+                                       "eval split and no --eval-data is given")
+    text_column: str = _field("text", "--data column with the text (text and classification rows)")
+    label_column: str = _field("label", "--data column with the class (classification rows)")
+    prompt_column: str = _field("prompt", "--data column with the prompt (prompt/completion rows)")
+    completion_column: str = _field("completion", "--data column with the completion (prompt/completion rows)")
+    messages_column: str = _field("messages", "--data column with the conversation (messages rows)")
+    answer_column: str | None = _field(None, "--data column with a reference answer: exact match by greedy decoding")
+    data_fingerprint: str | None = _field(None, "content hash of --data's files (set from them; part of the run id, "
+                                                "so an edited file is a new run)")
     # MGPO / perturbation hyper-parameters (None: paper default for the task; see module doc).
     rho: float | None = _field(None, "perturbation radius (default: 0.01 for gsm/tiny, 0.05 for bbc)")
     mu: float | None = _field(None, "AdamW beta1, the momentum MGPO reuses (default: 0.8 for gsm/tiny, 0.9 for bbc)")
@@ -196,6 +218,8 @@ class RunConfig:
             object.__setattr__(self, f.name, coerce_field(f, getattr(self, f.name)))
         # Parsed and resolved once, here (module doc).
         object.__setattr__(self, "_method", parse_method(self.method))
+        if self.data is not None:
+            _resolve_data(self)
         _validate(self)
         for name, value in _task_defaults(self).items():
             object.__setattr__(self, name, value)
@@ -211,6 +235,8 @@ class RunConfig:
 
     @property
     def task_kind(self) -> str:
+        if self.task == "data":
+            return "classification" if self.data_format == "classification" else "causal_lm"
         return TASK_KIND[self.task]
 
     def to_dict(self) -> dict[str, Any]:
@@ -346,6 +372,19 @@ def _shown(value: Any) -> str:
 MAX_RUN_ID = 200
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def _resolve_data(cfg: RunConfig) -> None:
+    """``--data``: the task becomes ``data``, its row format is told from the columns and its
+    files fingerprinted (``dynamics.data.user_data``), before anything else is checked."""
+    if cfg.task not in ("gsm", "data"):  # gsm: the default, left as it is
+        raise ConfigError(f"--data {cfg.data}: trains on your data instead of --task {cfg.task}; leave out --task")
+    check_value(0 < cfg.eval_fraction < 1, "eval_fraction", cfg.eval_fraction, "must be in (0, 1)")
+    object.__setattr__(cfg, "task", "data")
+    if cfg.data_format is None or cfg.data_fingerprint is None:  # a stored run's config has both: no file read
+        data_format, fingerprint = sniff(cfg)
+        object.__setattr__(cfg, "data_format", data_format)
+        object.__setattr__(cfg, "data_fingerprint", fingerprint)
 
 
 def _validate(cfg: RunConfig) -> None:

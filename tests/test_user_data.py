@@ -15,9 +15,10 @@ from conftest import char_tokenizer
 from dynamics.config import ConfigError
 from dynamics.data.formats import Columns, detect_format, encode_rows, label_names
 from dynamics.data.task import IGNORE_INDEX
-from dynamics.data.user_data import data_files, fingerprint, load_rows
+from dynamics.user_data import data_files, fingerprint, load_rows
 
 datasets = pytest.importorskip("datasets")
+datasets.disable_progress_bars()  # the test's own writes of CSV / parquet files: no bars on stderr
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -267,3 +268,110 @@ def test_data_refuses_what_it_cannot_train_on_in_one_line(tmp_path, chat_model_f
         assert code == 0 and not err
         return
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+# --- train --data ----------------------------------------------------------------------------------------
+def data_run(root, data, model, *extra) -> list[str]:
+    return ["train", "--data", str(data), "--model", str(model), "--steps", "4", "--batch-size", "4", "--runs-dir",
+            str(root / "runs"), "--no-progress", "--eval-every", "0", "--checkpoint-every", "0", *extra]
+
+
+QA = [{"prompt": f"Q: {i}+{i}?", "completion": f" {2 * i}"} for i in range(40)]
+
+
+def test_train_on_a_prompt_completion_file_records_the_data_and_scores_exact_match(tmp_path, chat_model_folder):
+    import dynamics
+    from dynamics.cli import main
+
+    data = write(tmp_path / "qa.jsonl", QA)
+    assert main(data_run(tmp_path, data, chat_model_folder, "--answer-column", "completion",
+                         "--n-eval-generate", "2", "--max-new-tokens", "4")) == 0
+    [run] = [dynamics.load_run(p) for p in dynamics.load_runs(tmp_path / "runs")["path"]]
+    assert run.config["task"] == "data" and run.config["data_format"] == "prompt_completion"
+    recorded = run.info["runtime"]["data"]
+    assert recorded["fingerprint"] == run.config["data_fingerprint"] == fingerprint([data])
+    assert recorded["train"]["examples"] == 36 and recorded["eval"]["examples"] == 4  # 10 % held out
+    assert recorded["eval_from"] == "0.1 of the rows (--data-seed 0)"
+    assert "exact_match" in run.evals and run.evals["exact_match"].notna().all()
+    # analysed like any run: phases, the top eigenvalue at its checkpoint, exact match by greedy decoding
+    assert main(["analyze", str(run.path), "--k", "1", "--batches", "1", "--max-iter", "4", "--exact-match", "2",
+                 "--max-new-tokens", "4"]) == 0
+    analysed = dynamics.load_run(run.path)
+    assert len(analysed.sharpness) == 1 and len(analysed.generations) == 2
+
+
+def test_an_edited_data_file_is_a_new_run_and_never_a_silent_resume(tmp_path, chat_model_folder, capsys):
+    import dynamics
+    from dynamics.cli import main
+
+    data = write(tmp_path / "qa.jsonl", QA)
+    assert main(data_run(tmp_path, data, chat_model_folder)) == 0
+    assert main(data_run(tmp_path, data, chat_model_folder, "--resume")) == 0  # unchanged: already completed
+    write(data, QA[:-1])
+    assert main(data_run(tmp_path, data, chat_model_folder)) == 0  # its default run id is another one
+    assert len(dynamics.load_runs(tmp_path / "runs")) == 2
+    named = data_run(tmp_path, data, chat_model_folder, "--run-id", "mine")
+    assert main(named) == 0
+    write(data, QA)
+    capsys.readouterr()
+    assert main([*named, "--resume"]) == 2
+    assert "--data-fingerprint" in capsys.readouterr().err
+
+
+def test_train_on_messages_and_on_a_classification_csv(tmp_path, chat_model_folder):
+    import dynamics
+    from dynamics.cli import main
+
+    chat = write(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 12)
+    assert main(data_run(tmp_path, chat, chat_model_folder, "--eval-fraction", "0.25")) == 0
+    glue = write(tmp_path / "glue.csv", [{"sentence": f"film {i}", "label": i % 2} for i in range(24)])
+    assert main(data_run(tmp_path, glue, chat_model_folder, "--text-column", "sentence")) == 0
+    runs_by_format = {dynamics.load_run(p).config["data_format"]: dynamics.load_run(p)
+                      for p in dynamics.load_runs(tmp_path / "runs")["path"]}
+    assert set(runs_by_format) == {"messages", "classification"}
+    assert runs_by_format["messages"].info["runtime"]["data"]["eval"]["examples"] == 3  # a quarter of 12
+    labels = runs_by_format["classification"].info["runtime"]["data"]["train"]["labels"]
+    assert set(labels) == {"0", "1"} and sum(labels.values()) == 22  # 24 rows, 2 held out
+    assert runs_by_format["classification"].evals["accuracy"].notna().all()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--task", "bbc"], "trains on your data instead of --task bbc"),
+    (["--eval-fraction", "1.5"], "--eval-fraction 1.5: must be in (0, 1)"),
+    (["--data-format", "messages"], "--data-format messages: the data has no column(s) messages"),
+])
+def test_train_data_refuses_bad_settings_in_one_line_and_writes_nothing(tmp_path, chat_model_folder, capsys, extra,
+                                                                        message):
+    from dynamics.cli import main
+
+    data = write(tmp_path / "qa.jsonl", QA)
+    assert main(data_run(tmp_path, data, chat_model_folder, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_eval_data_in_another_format_is_refused(tmp_path, chat_model_folder, capsys):
+    from dynamics.cli import main
+
+    data = write(tmp_path / "qa.jsonl", QA)
+    other = write(tmp_path / "text.jsonl", [{"text": "hello"}] * 4)
+    assert main(data_run(tmp_path, data, chat_model_folder, "--eval-data", str(other))) == 2
+    assert "holds text rows, --data" in capsys.readouterr().err
+
+
+def test_a_grid_over_two_data_files(tmp_path, chat_model_folder):
+    import dynamics
+    from dynamics.grid import load_grid, run_grid
+
+    first = write(tmp_path / "a.jsonl", QA[:20])
+    second = write(tmp_path / "b.jsonl", QA[20:])
+    grid = tmp_path / "data.toml"
+    grid.write_text(f'[base]\nmodel = "{chat_model_folder}"\nsteps = 3\nbatch_size = 4\neval_every = 0\n'
+                    f'checkpoint_every = 0\n\n[axes]\ndata = ["{first}", "{second}"]\n')
+    configs = load_grid(grid).configs(tmp_path / "runs")
+    assert len({c.resolved_run_id for c in configs}) == 2 and {c.data_fingerprint for c in configs} == {
+        fingerprint([first]), fingerprint([second])}
+    run_grid(configs, workers=1)
+    table = dynamics.load_runs(tmp_path / "runs")
+    assert sorted(table["status"]) == ["completed", "completed"]

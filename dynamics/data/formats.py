@@ -25,56 +25,11 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dynamics.config import ConfigError
 from dynamics.data.task import IGNORE_INDEX, Example
+from dynamics.errors import ConfigError
+from dynamics.user_data import DEFAULT_COLUMNS, FORMATS, Columns, detect_format  # noqa: F401  (re-exported)
 
-FORMATS = ("text", "prompt_completion", "messages", "classification")
 CAUSAL_FORMATS = ("text", "prompt_completion", "messages")
-
-
-@dataclasses.dataclass(frozen=True)
-class Columns:
-    """Which column holds what (the flags ``--text-column`` ... ``--answer-column``)."""
-
-    text: str = "text"
-    label: str = "label"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    messages: str = "messages"
-    answer: str | None = None  # a reference answer per row: exact match by greedy decoding
-
-    def needed(self, data_format: str) -> tuple[str, ...]:
-        """The columns a format reads (the answer column too, when one is named)."""
-        own = {"text": (self.text,), "prompt_completion": (self.prompt, self.completion),
-               "messages": (self.messages,), "classification": (self.text, self.label)}[data_format]
-        return own + ((self.answer,) if self.answer else ())
-
-
-DEFAULT_COLUMNS = Columns()
-
-
-def detect_format(column_names: Sequence[str], columns: Columns = DEFAULT_COLUMNS, requested: str | None = None) -> str:
-    """The row format of a table with ``column_names``: ``requested`` (checked against the columns)
-    or the first of TRL's column sets present. A one-line ConfigError names the columns found and
-    the flags that map them."""
-    names = set(column_names)
-    if requested is not None:
-        if requested not in FORMATS:
-            raise ConfigError(f"--data-format {requested}: must be one of {', '.join(FORMATS)}")
-        candidates = [requested]
-    else:
-        candidates = ["messages", "prompt_completion", "classification", "text"]
-    for data_format in candidates:
-        missing = [name for name in columns.needed(data_format) if name not in names]
-        if not missing:
-            return data_format
-        if requested is not None:
-            raise ConfigError(f"--data-format {requested}: the data has no column(s) {', '.join(missing)}; its "
-                              f"columns: {', '.join(sorted(names)) or 'none'} (map them with --text-column, "
-                              "--label-column, --prompt-column, --completion-column, --messages-column)")
-    raise ConfigError(f"--data: none of the known column sets (text; prompt + completion; messages; text + label) "
-                      f"in the columns {', '.join(sorted(names)) or 'none'}; map yours with --text-column, "
-                      "--prompt-column, --completion-column, --messages-column or --label-column")
 
 
 @dataclasses.dataclass

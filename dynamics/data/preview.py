@@ -13,7 +13,7 @@ from typing import Any
 
 from dynamics.data.formats import DEFAULT_COLUMNS, Accounting, Columns, detect_format, encode_rows, label_names
 from dynamics.data.task import IGNORE_INDEX, Example
-from dynamics.data.user_data import load_rows
+from dynamics.user_data import load_rows
 
 OPEN, CLOSE = "[[", "]]"  # around the tokens the loss is taken on
 

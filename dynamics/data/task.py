@@ -27,6 +27,8 @@ class TaskData:
     eos_token_id: int | None = None
     # Text of generated token ids (special tokens dropped), for reading generations; None: ids as text
     decode: Callable[[list[int]], str] | None = None
+    # What the data was and what encoding counted (a --data task: user_task.build); config.json keeps it
+    info: dict[str, Any] | None = None
 
     def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """Right-padded batch: ``input_ids`` and ``attention_mask`` (B, T) with T the longest

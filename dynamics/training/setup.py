@@ -112,4 +112,5 @@ def runtime_info(cfg: RunConfig, model: nn.Module, task: TaskData, device: torch
             "n_train": len(task.train), "n_eval": len(task.eval),
             # parameters of the model as trained (base + adapter; tied weights once)
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total_params": sum(p.numel() for p in model.parameters())}
+            "total_params": sum(p.numel() for p in model.parameters()),
+            **({"data": task.info} if task.info else {})}

@@ -18,17 +18,65 @@ The fingerprint hashes the bytes of every file read, so an edited file is anothe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dynamics.config import ConfigError
+from dynamics.errors import ConfigError
 
+FORMATS = ("text", "prompt_completion", "messages", "classification")  # the row formats (dynamics.data.formats)
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 EVAL_SPLITS = ("validation", "test")  # the split a dataset holds out, in the order looked for
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """Which column holds what (the flags ``--text-column`` ... ``--answer-column``)."""
+
+    text: str = "text"
+    label: str = "label"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"
+    answer: str | None = None  # a reference answer per row: exact match by greedy decoding
+
+    def needed(self, data_format: str) -> tuple[str, ...]:
+        """The columns a format reads (the answer column too, when one is named)."""
+        own = {"text": (self.text,), "prompt_completion": (self.prompt, self.completion),
+               "messages": (self.messages,), "classification": (self.text, self.label)}[data_format]
+        return own + ((self.answer,) if self.answer else ())
+
+
+DEFAULT_COLUMNS = Columns()
+
+
+def detect_format(column_names: Sequence[str], columns: Columns = DEFAULT_COLUMNS, requested: str | None = None) -> str:
+    """The row format of a table with ``column_names``: ``requested`` (checked against the columns)
+    or the first of TRL's column sets present. A one-line ConfigError names the columns found and
+    the flags that map them."""
+    names = set(column_names)
+    if requested is not None:
+        if requested not in FORMATS:
+            raise ConfigError(f"--data-format {requested}: must be one of {', '.join(FORMATS)}")
+        candidates = [requested]
+    else:
+        candidates = ["messages", "prompt_completion", "classification", "text"]
+    for data_format in candidates:
+        missing = [name for name in columns.needed(data_format) if name not in names]
+        if not missing:
+            return data_format
+        if requested is not None:
+            raise ConfigError(f"--data-format {requested}: the data has no column(s) {', '.join(missing)}; its "
+                              f"columns: {', '.join(sorted(names)) or 'none'} (map them with --text-column, "
+                              "--label-column, --prompt-column, --completion-column, --messages-column)")
+    raise ConfigError(f"--data: none of the known column sets (text; prompt + completion; messages; text + label) "
+                      f"in the columns {', '.join(sorted(names)) or 'none'}; map yours with --text-column, "
+                      "--prompt-column, --completion-column, --messages-column or --label-column")
 
 
 def data_files(path: str | os.PathLike, flag: str = "--data") -> tuple[str, list[Path]]:
@@ -157,3 +205,17 @@ def _load_hub(dataset_id: str, data_config: str | None, data_split: str | None, 
     splits = _splits(loaded, data_split, f"{flag} {dataset_id}")
     revision = getattr(splits["train"], "_fingerprint", None)
     return splits, {"builder": "hub", "files": [dataset_id], "fingerprint": revision, "config": data_config}
+
+
+def columns_of(cfg) -> Columns:
+    """The column mapping a RunConfig names (``--text-column`` ... ``--answer-column``)."""
+    return Columns(text=cfg.text_column, label=cfg.label_column, prompt=cfg.prompt_column,
+                   completion=cfg.completion_column, messages=cfg.messages_column, answer=cfg.answer_column)
+
+
+def sniff(cfg) -> tuple[str, str]:
+    """``(data_format, fingerprint)`` of ``cfg.data``: the format told from its training split's
+    columns (or ``cfg.data_format`` checked against them), and its content fingerprint."""
+    splits, source = load_rows(cfg.data, cfg.data_config, cfg.data_split)
+    data_format = detect_format(splits["train"].column_names, columns_of(cfg), cfg.data_format)
+    return data_format, source["fingerprint"] or "unknown"
