@@ -279,13 +279,16 @@ def data_run(root, data, model, *extra) -> list[str]:
 QA = [{"prompt": f"Q: {i}+{i}?", "completion": f" {2 * i}"} for i in range(40)]
 
 
-def test_train_on_a_prompt_completion_file_records_the_data_and_scores_exact_match(tmp_path, chat_model_folder):
+def test_train_on_a_prompt_completion_file_records_the_data_and_scores_exact_match(tmp_path, chat_model_folder,
+                                                                                    capsys):
     import dynamics
     from dynamics.cli import main
 
     data = write(tmp_path / "qa.jsonl", QA)
     assert main(data_run(tmp_path, data, chat_model_folder, "--answer-column", "completion",
                          "--n-eval-generate", "2", "--max-new-tokens", "4")) == 0
+    assert (f"new run; --data {data}: prompt_completion, 36 train / 4 eval examples (eval from 0.1 of the rows "
+            "(--data-seed 0)), 0 truncated, 0 dropped") in capsys.readouterr().err  # said once, at the start
     [run] = [dynamics.load_run(p) for p in dynamics.load_runs(tmp_path / "runs")["path"]]
     assert run.config["task"] == "data" and run.config["data_format"] == "prompt_completion"
     recorded = run.info["runtime"]["data"]
@@ -375,3 +378,14 @@ def test_a_grid_over_two_data_files(tmp_path, chat_model_folder):
     run_grid(configs, workers=1)
     table = dynamics.load_runs(tmp_path / "runs")
     assert sorted(table["status"]) == ["completed", "completed"]
+
+
+def test_data_with_nothing_left_to_learn_after_truncation_is_refused(tmp_path, chat_model_folder, capsys):
+    from dynamics.cli import main
+
+    data = write(tmp_path / "long.jsonl", [{"prompt": "x" * 40, "completion": " y"}] * 10)
+    assert main(data_run(tmp_path, data, chat_model_folder, "--seq-len", "16")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"dynamics train: --data {data}: no training example left (9 rows, 9 with no supervised "
+                       "token within --seq-len 16)")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -71,3 +71,11 @@ def build(cfg: RunConfig, tokenizer) -> TaskData:
                     eval=evals, pad_token_id=pad, label_names=names, eos_token_id=tokenizer.eos_token_id,
                     score_generation=score if cfg.answer_column and not classification else None,
                     decode=decode, info=info)
+
+
+def describe_data(info: dict) -> str:
+    """One line of what a data run trains on (``TaskData.info``), printed once at its start."""
+    train, held = info["train"], info["eval"]
+    classes = f", classes {', '.join(f'{k} {v}' for k, v in train['labels'].items())}" if train["labels"] else ""
+    return (f"--data {info['data']}: {info['format']}, {train['examples']} train / {held['examples']} eval examples "
+            f"(eval from {info['eval_from']}), {train['truncated']} truncated, {train['dropped']} dropped{classes}")

@@ -27,6 +27,7 @@ from dynamics.adapters import save_initial
 from dynamics.config import ConfigError, RunConfig, as_config, warn_ineffective
 from dynamics.curvature import measure_sharpness
 from dynamics.data import TaskData
+from dynamics.data.user_task import describe_data
 from dynamics.distributed import ONE_PROCESS, World, backend_for
 from dynamics.models import resolve_device
 from dynamics.runs.logs import RunLogs
@@ -109,8 +110,9 @@ def _run_loop(cfg: RunConfig, run_dir, model: nn.Module, task: TaskData, device:
         # step-0 evaluation too: kept, it would be logged twice)
         logs.load(keep_through_step=progress.step if progress.step else -1)
     if on_start is not None and world.is_main:
-        on_start(f"resuming from checkpoint step {progress.step}" if progress.step
-                 else "resuming from the start (no checkpoint yet)" if resume else "new run")
+        what = (f"resuming from checkpoint step {progress.step}" if progress.step
+                else "resuming from the start (no checkpoint yet)" if resume else "new run")
+        on_start(what + (f"; {describe_data(task.info)}" if task.info else ""))
     order = DataOrder(len(task.train), cfg.seed)
     clock = SessionClock(progress)
     bar = tqdm(total=cfg.steps, initial=progress.step, disable=not (cfg.progress and world.is_main), unit="step",
