@@ -5,7 +5,9 @@ Held-out rows, in order of preference: ``--eval-data`` (same format), the data's
 disjoint from training by row). Of these the first ``--n-eval`` are evaluated; ``--n-train`` (default:
 all) of the rest train, in the file's order. Classification labels are the training rows' classes;
 with ``--answer-column`` the causal-LM rows are scored by exact match of the greedy continuation
-(stripped text) against it. What encoding counted (``formats.Accounting``) is kept in ``info``.
+against it: the stripped text equals the answer, or the number after its ``####`` (GSM8K's
+convention, ``gsm.final_number``) equals the answer's number. What encoding counted
+(``formats.Accounting``) is kept in ``info``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from dynamics.config import ConfigError, RunConfig
 from dynamics.data.formats import detect_format, encode_rows, label_names
+from dynamics.data.gsm import final_number
 from dynamics.data.task import Example, TaskData
 from dynamics.user_data import columns_of, load_rows
 
@@ -61,7 +64,11 @@ def build(cfg: RunConfig, tokenizer) -> TaskData:
         return tokenizer.decode(generated_ids, skip_special_tokens=True)
 
     def score(example: Example, generated_ids: list[int]) -> bool:
-        return decode(generated_ids).strip() == example["answer"]
+        text = decode(generated_ids)
+        if text.strip() == example["answer"]:
+            return True
+        final = final_number(text)  # a worked answer ending in `#### N` (GSM8K's convention) scores on N
+        return final is not None and final == final_number(f"#### {example['answer']}")
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     info = {"data": cfg.data, "format": cfg.data_format, "fingerprint": cfg.data_fingerprint,
