@@ -148,8 +148,11 @@ def _encode_classification(row, tokenizer, seq_len, columns, index, where):
     if str(label) not in index:
         raise ConfigError(f"{where}: label {label!r} is not one of the training data's classes "
                           f"({', '.join(index)})")
-    ids = tokenizer(_text(row, columns.text, where))["input_ids"]
-    return {"input_ids": ids[:seq_len], "label": index[str(label)]}, len(ids)
+    text = _text(row, columns.text, where)
+    ids = tokenizer(text)["input_ids"]
+    # cut by the tokenizer itself, so an encoder keeps its closing special token ([SEP]) as bbc's rows do
+    kept = tokenizer(text, truncation=True, max_length=seq_len)["input_ids"] if len(ids) > seq_len else ids
+    return {"input_ids": kept, "label": index[str(label)]}, len(ids)
 
 
 def check_messages(value: Any, where: str) -> list[dict[str, str]]:
