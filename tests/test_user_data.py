@@ -389,3 +389,31 @@ def test_data_with_nothing_left_to_learn_after_truncation_is_refused(tmp_path, c
     assert err[-1] == (f"dynamics train: --data {data}: no training example left (9 rows, 9 with no supervised "
                        "token within --seq-len 16)")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_an_encoder_keeps_its_closing_token_when_a_row_is_cut():
+    from dynamics.models import tokenizer_for
+
+    tokenizer = tokenizer_for("minilm-l6")
+    [example], counts = encode_rows([{"text": "a long article " * 20, "label": "x"}], "classification", tokenizer, 8,
+                                    Columns(), ("x", "y"))
+    assert len(example["input_ids"]) == 8 and example["input_ids"][-1] == tokenizer.sep_token_id
+    assert counts.truncated == 1
+
+
+@pytest.mark.parametrize("kind", ["parquet", "save_to_disk"])
+def test_train_on_a_parquet_file_and_a_save_to_disk_folder(tmp_path, chat_model_folder, kind):
+    import dynamics
+    from dynamics.cli import main
+
+    if kind == "parquet":
+        data = write(tmp_path / "qa.parquet", QA)
+    else:
+        data = tmp_path / "saved"
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(QA[:32]),
+                              "validation": datasets.Dataset.from_list(QA[32:])}).save_to_disk(str(data))
+    assert main(data_run(tmp_path, data, chat_model_folder)) == 0
+    [path] = dynamics.load_runs(tmp_path / "runs")["path"]
+    recorded = dynamics.load_run(path).info["runtime"]["data"]
+    expected = ("0.1 of the rows (--data-seed 0)", 36) if kind == "parquet" else ("the data's validation split", 32)
+    assert (recorded["eval_from"], recorded["train"]["examples"]) == expected
