@@ -608,9 +608,9 @@ def sharpness_by_method(sharpness_rows: pd.DataFrame, trace_rows: pd.DataFrame |
                 ax.grid(axis="y", alpha=0.25, lw=0.5)
         loss, examples_of = CURVATURE_OF[split]
         shown = f" on {examples[0]} {examples_of} examples" if len(examples) == 1 else ""
+        bars = " (error bars: the trace estimate's standard error)" if len(measures) > 1 else ""
         figure.suptitle(f"Curvature of the final minimum by method: {loss} Hessian{shown}, trainable "
-                        "parameters\nlines: seed mean, points: seeds (error bars: the trace estimate's standard "
-                        "error)", fontsize=10.5)
+                        f"parameters\nlines: seed mean, points: seeds{bars}", fontsize=10.5)
     return figure
 
 
